@@ -1,0 +1,13 @@
+"""attnguide: Self-Attention Guidance, blur guidance and Perturbed-Attention Guidance for diffusion models.
+
+The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that any pipeline calls is
+:class:`attnguide.Guider`; drop-in diffusers pipelines are in :mod:`attnguide.pipelines`.
+"""
+
+from .guidance import PAG, SAG
+from .pipelines import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from .sampling import Guider
+
+__version__ = "0.1.0"
+
+__all__ = ["SAG", "PAG", "Guider", "StableDiffusionSAGPipeline", "StableDiffusionPAGPipeline", "__version__"]

@@ -1,0 +1,318 @@
+"""Attention processors and layer selection.
+
+* :class:`AttentionMapCapture` computes a self-attention layer as usual and records its aggregated map
+  (mean over heads, sum over queries: SAG paper Eq. 13 before reshaping) for the guidance step.
+* :class:`IdentityPerturbation` replaces a layer's attention by the identity for the trailing, perturbed
+  rows of the batch (PAG): output = to_out(to_v(x)).
+* :func:`resolve_layers` chooses layers by exact module path or by a pattern that matches on number
+  boundaries ("blocks.1" matches "blocks.1.attn1", not "blocks.10.attn1").
+* :class:`ProcessorSwap` installs processors and always restores the originals.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+# Above this many attention-probability elements (batch x heads x N x N) the map is computed in query
+# chunks, beside a fused attention call, so the N x N matrix is never held whole.
+EXACT_MAP_MAX_ELEMENTS = 2**26
+MAP_CHUNK_ELEMENTS = 2**24
+
+
+def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
+    """Every self-attention module of ``model`` by its module path, in model order."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, Attention) and not getattr(m, "is_cross_attention", False)
+    }
+
+
+def _bounded(pattern: str) -> re.Pattern:
+    # A number at either end of a match must not continue in the name: "blocks.1" must not match inside
+    # "blocks.10". The assertion "(?!(?<=\d)\d)" fails only between two digits.
+    return re.compile(r"(?!(?<=\d)\d)(?:" + pattern + r")(?!(?<=\d)\d)")
+
+
+def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument: str = "layers") -> list[str]:
+    """Module paths of the self-attention layers chosen by ``patterns``.
+
+    Each pattern is an exact module path, a parent path ("mid_block.attentions.0"), or a regular
+    expression searched in the module paths (diffusers' PAG convention: "mid", "down", "up",
+    "blocks.1", "blocks.(1|2)"), with the one difference that a number in the pattern never matches the
+    start of a longer number. A pattern that matches nothing raises ValueError listing the layers there are.
+    """
+    layers = self_attention_layers(model)
+    if not layers:
+        raise ValueError(
+            f"`{argument}`: {type(model).__name__} has no self-attention layer, so it cannot be guided "
+            "by SAG or PAG"
+        )
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if len(patterns) == 0:
+        raise ValueError(f"`{argument}` is empty; name at least one self-attention layer")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"`{argument}` must hold non-empty strings, got {pattern!r}")
+        if pattern in layers:
+            chosen.add(pattern)
+            continue
+        try:
+            rx = _bounded(pattern)
+        except re.error as err:
+            raise ValueError(f"`{argument}`: {pattern!r} is not a valid pattern ({err})") from None
+        hits = [name for name in layers if name.startswith(pattern + ".") or rx.search(name)]
+        if not hits:
+            listing = "\n  ".join(layers)
+            raise ValueError(
+                f"`{argument}`: {pattern!r} matches no self-attention layer of {type(model).__name__}. "
+                f"Available self-attention layers:\n  {listing}"
+            )
+        chosen.update(hits)
+    return [name for name in layers if name in chosen]
+
+
+def default_sag_layer(model: nn.Module) -> str:
+    """The SAG layer used when none is named: the first self-attention of the mid block (diffusers'
+    choice for Stable Diffusion), else the middle self-attention layer of the model."""
+    layers = list(self_attention_layers(model))
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no self-attention layer, so it cannot be guided by SAG or PAG"
+        )
+    for name in layers:
+        if name.startswith("mid_block."):
+            return name
+    return layers[len(layers) // 2]
+
+
+@dataclass
+class GuidanceState:
+    """Mutable state shared by the installed processors and the sampling step.
+
+    ``perturbed_rows``: how many trailing batch rows the PAG processors perturb in the next call (0: none).
+    ``maps``: aggregated maps recorded by capture processors, per layer path: (rows, N) and the grid.
+    """
+
+    perturbed_rows: int = 0
+    capture: bool = False
+    maps: dict[str, tuple[Tensor, tuple[int, int] | None]] = field(default_factory=dict)
+
+
+def aggregated_map_chunked(query: Tensor, key: Tensor, scale: float, chunk_elements: int = MAP_CHUNK_ELEMENTS) -> Tensor:
+    """Mean over heads of sum over queries of softmax(q k^T * scale), without the full N x N matrix.
+
+    query, key: (B, heads, N, d). Returns (B, N) in float32. Rows are processed in chunks so that at most
+    about ``chunk_elements`` probabilities exist at once.
+    """
+    b, h, n, _ = query.shape
+    rows = max(1, chunk_elements // max(1, b * h * key.shape[2]))
+    total = torch.zeros(b, h, key.shape[2], device=query.device, dtype=torch.float32)
+    for start in range(0, n, rows):
+        scores = torch.matmul(query[:, :, start : start + rows].float(), key.float().transpose(-1, -2)) * scale
+        total += scores.softmax(dim=-1).sum(dim=2)
+    return total.mean(dim=1)
+
+
+class AttentionMapCapture:
+    """Self-attention processor that also records the aggregated attention map of its layer.
+
+    Below ``EXACT_MAP_MAX_ELEMENTS`` it follows diffusers' ``AttnProcessor`` (explicit probabilities,
+    ``attn.get_attention_scores`` then ``bmm``), which is also how diffusers' SAG pipeline computes its
+    map, so masks match the reference bit for bit. Above it, the output comes from fused scaled-dot-product
+    attention and the map from :func:`aggregated_map_chunked` (memory-flat). The head count is the
+    module's own (``attn.heads``).
+    """
+
+    def __init__(self, name: str, state: GuidanceState):
+        self.name = name
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        grid = None
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            grid = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        heads = attn.heads
+        n_probs = batch_size * heads * sequence_length * sequence_length
+
+        if n_probs <= EXACT_MAP_MAX_ELEMENTS:
+            query = attn.head_to_batch_dim(query)
+            key = attn.head_to_batch_dim(key)
+            value = attn.head_to_batch_dim(value)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            probs = attn.get_attention_scores(query, key, attention_mask)
+            if self.state.capture:
+                agg = probs.reshape(batch_size, heads, sequence_length, -1).mean(1).sum(1)
+                self.state.maps[self.name] = (agg, grid)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        else:
+            head_dim = key.shape[-1] // heads
+            query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if attention_mask is not None:
+                attention_mask = attention_mask.view(batch_size, heads, -1, attention_mask.shape[-1])
+            if self.state.capture:
+                if attention_mask is not None:
+                    raise NotImplementedError("memory-flat attention maps do not support attention masks")
+                agg = aggregated_map_chunked(query, key, attn.scale).to(query.dtype)
+                self.state.maps[self.name] = (agg, grid)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _accepts(processor: object) -> set[str]:
+    return set(inspect.signature(processor.__call__).parameters)
+
+
+class IdentityPerturbation:
+    """PAG processor: the trailing ``state.perturbed_rows`` rows of the batch get identity self-attention.
+
+    The other rows go through the processor that was installed before (``inner``), unchanged. For the
+    perturbed rows the attention matrix is the identity, so the output is ``to_out(to_v(x))``, as in the
+    PAG paper and diffusers' ``PAGIdentitySelfAttnProcessor2_0``.
+    """
+
+    def __init__(self, inner: object, state: GuidanceState):
+        self.inner = inner
+        self.state = state
+        self._inner_takes_temb = "temb" in _accepts(inner)
+
+    def _call_inner(self, attn, hidden_states, attention_mask, temb):
+        kwargs = {"temb": temb} if (self._inner_takes_temb and temb is not None) else {}
+        return self.inner(attn, hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        n = self.state.perturbed_rows
+        if n <= 0:
+            return self._call_inner(attn, hidden_states, attention_mask, temb)
+        total = hidden_states.shape[0]
+        keep = total - n
+
+        def rows(t: Tensor | None, sl: slice) -> Tensor | None:
+            return t[sl] if (t is not None and t.shape[0] == total) else t
+
+        out_keep = (
+            self._call_inner(attn, hidden_states[:keep], rows(attention_mask, slice(0, keep)), rows(temb, slice(0, keep)))
+            if keep > 0
+            else None
+        )
+        out_ptb = identity_attention(attn, hidden_states[keep:], rows(temb, slice(keep, None)))
+        return out_ptb if out_keep is None else torch.cat([out_keep, out_ptb])
+
+
+def identity_attention(attn: Attention, hidden_states: Tensor, temb: Tensor | None = None) -> Tensor:
+    """A self-attention layer whose attention matrix is the identity: to_out(to_v(x)), with the module's
+    own norms, residual connection and output rescaling."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    hidden_states = attn.to_v(hidden_states)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class ProcessorSwap:
+    """Context manager: install processors on named attention modules, restore the originals on exit,
+    also when the body raises."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._originals: dict[str, object] = {}
+        self._modules = dict(model.named_modules())
+
+    def install(self, name: str, make: callable) -> None:
+        """Replace the processor of module ``name`` by ``make(current_processor)``."""
+        module = self._modules[name]
+        if name not in self._originals:
+            self._originals[name] = module.processor
+        module.set_processor(make(module.processor))
+
+    def restore(self) -> None:
+        for name, proc in self._originals.items():
+            self._modules[name].set_processor(proc)
+        self._originals.clear()
+
+    def __enter__(self) -> ProcessorSwap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def install_guidance_processors(
+    swap: ProcessorSwap, state: GuidanceState, capture_layers: Iterable[str], perturb_layers: Iterable[str]
+) -> None:
+    """Capture processors first, then PAG wrappers around whatever is installed (a capture processor where
+    a layer is both), so the captured map always comes from the unperturbed rows."""
+    for name in capture_layers:
+        swap.install(name, lambda _old, name=name: AttentionMapCapture(name, state))
+    for name in perturb_layers:
+        swap.install(name, lambda old: IdentityPerturbation(old, state))

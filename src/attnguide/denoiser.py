@@ -1,0 +1,90 @@
+"""Model-output conversions and the noise level of the current step, for any diffusers scheduler.
+
+Everything here works in the model's input space, where x_in = sqrt(abar) x0 + sqrt(1 - abar) eps
+(variance preserving; paper Eq. 2). For schedulers whose samples are variance exploding (Euler, Heun,
+LMS: x = x0 + sigma eps), ``scheduler.scale_model_input`` maps the sample into that space and
+abar = 1 / (1 + sigma^2), with sigma the scheduler's sigma at the current step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_SIGMA_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
+
+def uses_sigma_schedule(scheduler, timesteps: Tensor) -> bool:
+    """True where the step's noise level must be read from ``scheduler.sigmas`` rather than from
+    ``alphas_cumprod[t]``: float timesteps, variance-exploding samples, or a resampled sigma schedule."""
+    if not hasattr(scheduler, "sigmas"):
+        return False
+    if torch.is_floating_point(timesteps):
+        return True
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        return True
+    return any(bool(getattr(scheduler.config, flag, False)) for flag in _SIGMA_SCHEDULE_FLAGS)
+
+
+def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool) -> Tensor:
+    """abar_t of the current step, a 0-d float32 tensor on the scheduler's device.
+
+    With ``sigma_schedule`` the scheduler's current sigma gives abar = 1 / (1 + sigma^2); otherwise
+    ``alphas_cumprod[t]`` (what diffusers' SAG pipeline uses, so results match it).
+    """
+    if sigma_schedule:
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = scheduler.index_for_timestep(t)
+        sigma = scheduler.sigmas[index].to(torch.float32)
+        return 1.0 / (1.0 + sigma**2)
+    return scheduler.alphas_cumprod[int(t)]
+
+
+def predict_x0(x_in: Tensor, model_output: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """x0_hat from the model output (paper Eq. 2 for epsilon); same operations as diffusers' SAG."""
+    alpha_bar = alpha_bar.to(x_in.device)
+    beta = 1 - alpha_bar
+    if prediction_type == "epsilon":
+        return (x_in - beta**0.5 * model_output) / alpha_bar**0.5
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return (alpha_bar**0.5) * x_in - (beta**0.5) * model_output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predict_eps(x_in: Tensor, model_output: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """eps_hat from the model output; same operations as diffusers' SAG."""
+    alpha_bar = alpha_bar.to(x_in.device)
+    beta = 1 - alpha_bar
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (x_in - (alpha_bar**0.5) * model_output) / (beta**0.5)
+    if prediction_type == "v_prediction":
+        return (beta**0.5) * x_in + (alpha_bar**0.5) * model_output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def renoise(x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """q(x_t | x0) with a given eps: sqrt(abar) x0 + sqrt(1 - abar) eps (as ``scheduler.add_noise``)."""
+    alpha_bar = alpha_bar.to(device=x0.device, dtype=x0.dtype)
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
+
+
+def split_learned_variance(model_output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+    """Split an output with learned variance (2C channels, IDDPM/ADM/DiT) into (prediction, variance).
+
+    Outputs with C channels come back as (output, None). Any other channel count raises ValueError.
+    """
+    c = model_output.shape[1]
+    if c == channels:
+        return model_output, None
+    if c == 2 * channels:
+        return model_output[:, :channels], model_output[:, channels:]
+    raise ValueError(
+        f"the model returned {c} channels for an input of {channels}; attnguide understands C channels "
+        "(a prediction) or 2C channels (a prediction and a learned variance)"
+    )

@@ -1,0 +1,193 @@
+"""The guidance terms and how they combine: the formulas, in one place.
+
+Notation of the SAG paper (Hong et al., ICCV 2023). Every term is "prediction minus a weaker
+prediction", times its own scale s (diffusers' and ComfyUI's convention; the official ADM code passes
+1 + s instead). Predictions are the model's raw outputs (eps, v or x0, whichever it predicts), as in
+diffusers' SAG and PAG pipelines.
+
+    CFG   (Ho & Salimans, paper Eq. 4):  out = u + w (c - u)                       [w = guidance_scale]
+    SAG   (Alg. 1, Eq. 16):              out += s_sag (ref - model(x_tilde_t))     [ref = u with CFG, else c]
+    blur  (Sec. 5.1):                    as SAG with the mask M = 1 everywhere
+    PAG   (Ahn et al. 2024):             out += s_pag (c - model_identity_attn(x_t))
+
+where x_tilde_t comes from :func:`sag_degraded_input` (Alg. 1 / Eq. 13-15):
+
+    x0_hat   = (x_t - sqrt(1 - abar) eps) / sqrt(abar)                              (Eq. 2)
+    x0_tilde = M * Blur(x0_hat) + (1 - M) * x0_hat                                   (Eq. 15, M from Eq. 14)
+    x_tilde  = sqrt(abar) x0_tilde + sqrt(1 - abar) eps                              (re-noise with the model's eps)
+
+Eq. 15 written on x0 (blur x0_hat under the mask, then re-noise) equals the paper's form on x_t
+(mix x_t and the re-noised blur with M), because re-noising is affine with the same eps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .degrade import MASK_KINDS, gaussian_blur_2d
+from .denoiser import predict_eps, predict_x0, renoise
+
+
+def check_scale(name: str, value: float, *, minimum: float = 0.0) -> float:
+    """Validate a guidance scale: a finite real number >= ``minimum``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_window(name: str, start: float, stop: float) -> None:
+    for which, v in (("start", start), ("stop", stop)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"`{name}` {which} must be a fraction in [0, 1], got {v!r}")
+    if start > stop:
+        raise ValueError(f"`{name}` start ({start}) must not exceed stop ({stop})")
+
+
+@dataclass(frozen=True)
+class SAG:
+    """Self-Attention Guidance (mask="attention") or blur guidance (mask="global") and its ablations.
+
+    scale: s of Eq. 16 (diffusers convention; 0 disables). layers: self-attention layer path(s) or
+    pattern(s) whose map gives the mask (None: the model's default, the mid block's first
+    self-attention). threshold: psi of Eq. 14 (1.0 = the mean of the map). blur_kernel_size,
+    blur_sigma: the Gaussian blur (diffusers: 9 and 1.0). mask: "attention" (SAG), "global" (blur
+    guidance), or the Table 5 ablations "random", "square", "highfreq" that mask ``mask_fraction`` of
+    the pixels. window: (start, stop) fractions of the sampling steps where the term is applied; outside
+    it the extra model pass is skipped.
+    """
+
+    scale: float = 0.75
+    layers: str | Sequence[str] | None = None
+    threshold: float = 1.0
+    blur_kernel_size: int = 9
+    blur_sigma: float = 1.0
+    mask: str = "attention"
+    mask_fraction: float = 0.4
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_scale("sag_scale", self.scale, minimum=-math.inf)
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise ValueError(f"`sag_threshold` must be a finite number, got {self.threshold!r}")
+        k = self.blur_kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"`sag_blur_kernel_size` must be an odd positive integer, got {k!r}")
+        if not isinstance(self.blur_sigma, (int, float)) or not math.isfinite(self.blur_sigma) or self.blur_sigma <= 0:
+            raise ValueError(f"`sag_blur_sigma` must be a finite number > 0, got {self.blur_sigma!r}")
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"`sag_mask` must be one of {MASK_KINDS}, got {self.mask!r}")
+        if not 0.0 < self.mask_fraction <= 1.0:
+            raise ValueError(f"`sag_mask_fraction` must be in (0, 1], got {self.mask_fraction!r}")
+        _check_window("sag_window", *self.window)
+
+    @property
+    def needs_map(self) -> bool:
+        return self.mask == "attention"
+
+
+@dataclass(frozen=True)
+class PAG:
+    """Perturbed-Attention Guidance: identity self-attention in ``layers`` for the perturbed pass.
+
+    scale: s_pag (diffusers' pag_scale). adaptive_scale: a, giving s_t = max(0, s - a (1000 - t)) as in
+    diffusers. layers: paths or patterns (default "mid"). window: as for :class:`SAG`.
+    """
+
+    scale: float = 3.0
+    adaptive_scale: float = 0.0
+    layers: str | Sequence[str] = "mid"
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_scale("pag_scale", self.scale, minimum=-math.inf)
+        check_scale("pag_adaptive_scale", self.adaptive_scale)
+        _check_window("pag_window", *self.window)
+
+    def scale_at(self, t: Tensor | float) -> float:
+        """s_t, diffusers' adaptive PAG scale."""
+        if self.adaptive_scale > 0 and self.scale > 0:
+            return max(0.0, self.scale - self.adaptive_scale * (1000 - float(t)))
+        return self.scale
+
+
+def in_window(window: tuple[float, float], step: int, num_steps: int) -> bool:
+    """Whether sampling step ``step`` (0-based, of ``num_steps``) falls inside a (start, stop) window."""
+    if window == (0.0, 1.0):
+        return True
+    frac = step / max(1, num_steps)
+    return window[0] <= frac < window[1]
+
+
+def cfg(out_cond: Tensor, out_uncond: Tensor | None, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: u + w (c - u); the conditional output alone without an unconditional one."""
+    if out_uncond is None:
+        return out_cond
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def rescale_cfg(guided: Tensor, out_cond: Tensor, guidance_rescale: float) -> Tensor:
+    """CFG rescale (Lin et al. 2023, Sec. 3.4), as diffusers' ``rescale_noise_cfg``."""
+    std_cond = out_cond.std(dim=list(range(1, out_cond.ndim)), keepdim=True)
+    std_cfg = guided.std(dim=list(range(1, guided.ndim)), keepdim=True)
+    rescaled = guided * (std_cond / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def combine(
+    out_cond: Tensor,
+    *,
+    out_uncond: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    sag_ref: Tensor | None = None,
+    out_sag: Tensor | None = None,
+    sag_scale: float = 0.0,
+    out_ptb: Tensor | None = None,
+    pag_scale: float = 0.0,
+) -> Tensor:
+    """The guided prediction: CFG, then the SAG term s_sag (ref - degraded), then the PAG term
+    s_pag (c - perturbed); each term only where its weak prediction is given."""
+    out = cfg(out_cond, out_uncond, guidance_scale)
+    if out_sag is not None:
+        out = out + sag_scale * (sag_ref - out_sag)
+    if out_ptb is not None:
+        out = out + pag_scale * (out_cond - out_ptb)
+    return out
+
+
+def sag_degraded_input(
+    x_in: Tensor,
+    model_output: Tensor,
+    alpha_bar: Tensor,
+    prediction_type: str,
+    mask: Tensor,
+    blur_kernel_size: int = 9,
+    blur_sigma: float = 1.0,
+) -> Tensor:
+    """x_tilde_t of Alg. 1: blur x0_hat where ``mask`` is 1 and re-noise with the model's own eps.
+
+    ``x_in`` is the model input at this step (after ``scale_model_input``), ``model_output`` the raw
+    output for it, ``mask`` (B, 1 or C, H, W) in {0, 1} (all ones: blur guidance). Returns a model input.
+    """
+    x0 = predict_x0(x_in, model_output, alpha_bar, prediction_type)
+    eps = predict_eps(x_in, model_output, alpha_bar, prediction_type)
+    blurred = gaussian_blur_2d(x0, blur_kernel_size, blur_sigma)
+    x0_tilde = blurred * mask + x0 * (1 - mask)
+    return renoise(x0_tilde, eps, alpha_bar)
+
+
+__all__ = [
+    "SAG",
+    "PAG",
+    "cfg",
+    "rescale_cfg",
+    "combine",
+    "sag_degraded_input",
+    "check_scale",
+    "in_window",
+]

@@ -1,0 +1,203 @@
+"""The guided denoising step, shared by every pipeline.
+
+A pipeline gathers its inputs into a *model function* ``model_fn(x, t, branches) -> output``: ``x`` is
+``len(branches)`` chunks of the batch stacked on dim 0, and ``branches[i]`` ("cond" or "uncond") says
+which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batchable terms
+([uncond, cond, perturbed cond]) and once more for SAG's degraded input, and combines the outputs with
+:mod:`attnguide.guidance`. Any diffusers scheduler works: the guided output goes to ``scheduler.step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import (
+    GuidanceState,
+    ProcessorSwap,
+    default_sag_layer,
+    install_guidance_processors,
+    resolve_layers,
+)
+from .degrade import (
+    attention_mask,
+    combine_attention_maps,
+    highfreq_mask,
+    infer_grid,
+    random_mask,
+    square_mask,
+)
+from .denoiser import PREDICTION_TYPES, alpha_bar_at, predict_x0, split_learned_variance, uses_sigma_schedule
+from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
+
+ModelFn = Callable[[Tensor, Tensor, Sequence[str]], Tensor]
+
+
+class Guider:
+    """Guidance for one sampling run: validates and installs the attention processors (as a context
+    manager that always restores them) and computes the guided model output at each step.
+
+    model: the denoiser module (UNet or transformer) whose self-attention layers are used.
+    scheduler: any diffusers scheduler (its ``prediction_type`` unless ``prediction_type`` is given).
+    guidance_scale: CFG weight w, or None for no CFG (the model function then only sees "cond").
+    sag, pag: the terms, or None. guidance_rescale: CFG rescale phi (diffusers' ``guidance_rescale``).
+    record_masks: keep the sum of the SAG masks over the steps in ``mask_sum`` (paper Fig. 4).
+    generator: randomness for the "random" and "square" ablation masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler,
+        *,
+        guidance_scale: float | None = None,
+        sag: SAG | None = None,
+        pag: PAG | None = None,
+        guidance_rescale: float = 0.0,
+        prediction_type: str | None = None,
+        record_masks: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        self.model = model
+        self.scheduler = scheduler
+        self.guidance_scale = guidance_scale
+        self.sag = sag if (sag is not None and sag.scale != 0) else None
+        self.pag = pag if (pag is not None and pag.scale != 0) else None
+        self.guidance_rescale = guidance_rescale
+        ptype = prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
+        if ptype not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {ptype!r}")
+        self.prediction_type = ptype
+        self.record_masks = record_masks
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.mask_sum: Tensor | None = None
+        self.last_mask: Tensor | None = None
+        self.state = GuidanceState()
+        # Resolve layers now, so a bad name fails before any model call.
+        self.sag_layers: list[str] = []
+        if self.sag is not None and self.sag.needs_map:
+            names = self.sag.layers if self.sag.layers is not None else default_sag_layer(model)
+            self.sag_layers = resolve_layers(model, names, argument="sag_layers")
+        self.pag_layers: list[str] = (
+            resolve_layers(model, self.pag.layers, argument="pag_applied_layers") if self.pag is not None else []
+        )
+        self._swap = ProcessorSwap(model)
+        self._sigma_schedule: bool | None = None
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale is not None
+
+    def __enter__(self) -> Guider:
+        try:
+            install_guidance_processors(self._swap, self.state, self.sag_layers, self.pag_layers)
+        except BaseException:
+            self._swap.restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._swap.restore()
+        self.state.maps.clear()
+
+    # ------------------------------------------------------------------ one step
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        sample: Tensor,
+        t: Tensor,
+        *,
+        step: int = 0,
+        num_steps: int = 1,
+        model_input: Tensor | None = None,
+    ) -> Tensor:
+        """The guided model output for ``sample`` at timestep ``t`` (to hand to ``scheduler.step``).
+
+        ``model_input`` is ``scheduler.scale_model_input(sample, t)`` when the caller already has it.
+        With a learned variance, the variance channels of the conditional pass are kept.
+        """
+        if self._sigma_schedule is None:
+            self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
+        x_in = model_input if model_input is not None else self.scheduler.scale_model_input(sample, t)
+        b = sample.shape[0]
+        do_sag = self.sag is not None and in_window(self.sag.window, step, num_steps)
+        pag_scale = self.pag.scale_at(t) if self.pag is not None else 0.0
+        do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
+
+        branches = (["uncond"] if self.do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
+        x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
+        st = self.state
+        st.maps.clear()
+        st.perturbed_rows = b if do_pag else 0
+        st.capture = do_sag and self.sag.needs_map
+        try:
+            out = model_fn(x_main, t, branches)
+        finally:
+            st.perturbed_rows = 0
+            st.capture = False
+        chunks = out.chunk(len(branches))
+        channels = sample.shape[1]
+        preds, variances = zip(*(split_learned_variance(c, channels) for c in chunks))
+        i_cond = 1 if self.do_cfg else 0
+        out_uncond = preds[0] if self.do_cfg else None
+        out_cond = preds[i_cond]
+
+        sag_ref = out_sag = None
+        if do_sag:
+            sag_ref = out_uncond if self.do_cfg else out_cond
+            alpha_bar = alpha_bar_at(self.scheduler, t, sigma_schedule=self._sigma_schedule)
+            mask = self._mask(x_in, sag_ref, alpha_bar, b)
+            x_deg = sag_degraded_input(
+                x_in, sag_ref, alpha_bar, self.prediction_type, mask, self.sag.blur_kernel_size, self.sag.blur_sigma
+            )
+            out_sag, _ = split_learned_variance(model_fn(x_deg, t, [branches[0]]), channels)
+
+        guided = combine(
+            out_cond,
+            out_uncond=out_uncond,
+            guidance_scale=self.guidance_scale if self.do_cfg else 1.0,
+            sag_ref=sag_ref,
+            out_sag=out_sag,
+            sag_scale=self.sag.scale if self.sag is not None else 0.0,
+            out_ptb=preds[-1] if do_pag else None,
+            pag_scale=pag_scale,
+        )
+        if self.do_cfg and self.guidance_rescale > 0.0:
+            guided = rescale_cfg(guided, out_cond, self.guidance_rescale)
+        variance = variances[i_cond]
+        return guided if variance is None else torch.cat([guided, variance], dim=1)
+
+    # ------------------------------------------------------------------ masks
+    def _mask(self, x_in: Tensor, ref: Tensor, alpha_bar: Tensor, b: int) -> Tensor:
+        """M of Eq. 14 for the first ``b`` rows (the SAG reference branch), shape (B, 1, H, W)."""
+        size = tuple(x_in.shape[-2:])
+        kind = self.sag.mask
+        opts = {"device": x_in.device, "dtype": x_in.dtype}
+        if kind == "attention":
+            maps = []
+            for name in self.sag_layers:
+                if name not in self.state.maps:
+                    raise RuntimeError(f"SAG layer {name!r} was not called during the model pass")
+                agg, grid = self.state.maps[name]
+                agg = agg[:b]
+                maps.append((agg, grid if grid is not None else infer_grid(agg.shape[1], *size)))
+            if len(maps) == 1:
+                mask = attention_mask(maps[0][0], maps[0][1], size, self.sag.threshold)
+            else:
+                mask = (combine_attention_maps(maps, size) > self.sag.threshold).to(maps[0][0].dtype)
+        elif kind == "global":
+            mask = torch.ones((b, 1, *size), **opts)
+        elif kind == "random":
+            mask = random_mask((b, 1, *size), self.sag.mask_fraction, self.generator).to(**opts)
+        elif kind == "square":
+            mask = square_mask((b, 1, *size), self.sag.mask_fraction, self.generator).to(**opts)
+        else:  # highfreq
+            x0 = predict_x0(x_in, ref, alpha_bar, self.prediction_type)
+            mask = highfreq_mask(x0, self.sag.mask_fraction)
+        if self.record_masks:
+            m = mask.detach().float()
+            self.last_mask = m
+            self.mask_sum = m if self.mask_sum is None else self.mask_sum + m
+        return mask
