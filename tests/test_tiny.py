@@ -104,7 +104,7 @@ def test_each_scheduler_builds(name, prediction_type):
 
 
 def test_unknown_scheduler_lists_names():
-    with pytest.raises(ValueError, match="ddim.*euler_a"):
+    with pytest.raises(ValueError, match=r"ddim.*euler_a"):
         make_scheduler("nope")
 
 

@@ -10,4 +10,4 @@ from .sampling import Guider
 
 __version__ = "0.1.0"
 
-__all__ = ["SAG", "PAG", "Guider", "StableDiffusionSAGPipeline", "StableDiffusionPAGPipeline", "__version__"]
+__all__ = ["PAG", "SAG", "Guider", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline", "__version__"]

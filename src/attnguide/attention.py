@@ -109,7 +109,9 @@ class GuidanceState:
     maps: dict[str, tuple[Tensor, tuple[int, int] | None]] = field(default_factory=dict)
 
 
-def aggregated_map_chunked(query: Tensor, key: Tensor, scale: float, chunk_elements: int = MAP_CHUNK_ELEMENTS) -> Tensor:
+def aggregated_map_chunked(
+    query: Tensor, key: Tensor, scale: float, chunk_elements: int = MAP_CHUNK_ELEMENTS
+) -> Tensor:
     """Mean over heads of sum over queries of softmax(q k^T * scale), without the full N x N matrix.
 
     query, key: (B, heads, N, d). Returns (B, N) in float32. Rows are processed in chunks so that at most
@@ -119,7 +121,9 @@ def aggregated_map_chunked(query: Tensor, key: Tensor, scale: float, chunk_eleme
     rows = max(1, chunk_elements // max(1, b * h * key.shape[2]))
     total = torch.zeros(b, h, key.shape[2], device=query.device, dtype=torch.float32)
     for start in range(0, n, rows):
-        scores = torch.matmul(query[:, :, start : start + rows].float(), key.float().transpose(-1, -2)) * scale
+        scores = (
+            torch.matmul(query[:, :, start : start + rows].float(), key.float().transpose(-1, -2)) * scale
+        )
         total += scores.softmax(dim=-1).sum(dim=2)
     return total.mean(dim=1)
 
@@ -229,7 +233,9 @@ class IdentityPerturbation:
 
     def _call_inner(self, attn, hidden_states, attention_mask, temb):
         kwargs = {"temb": temb} if (self._inner_takes_temb and temb is not None) else {}
-        return self.inner(attn, hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs)
+        return self.inner(
+            attn, hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs
+        )
 
     def __call__(
         self,
@@ -249,7 +255,9 @@ class IdentityPerturbation:
             return t[sl] if (t is not None and t.shape[0] == total) else t
 
         out_keep = (
-            self._call_inner(attn, hidden_states[:keep], rows(attention_mask, slice(0, keep)), rows(temb, slice(0, keep)))
+            self._call_inner(
+                attn, hidden_states[:keep], rows(attention_mask, slice(0, keep)), rows(temb, slice(0, keep))
+            )
             if keep > 0
             else None
         )

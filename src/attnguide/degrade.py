@@ -48,7 +48,7 @@ def infer_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
     embedding with patch size p maps it to s / p. Powers of two are tried first (the UNet case), then every
     integer factor. Raises ValueError where no factor fits.
     """
-    factors = [2**k for k in range(0, 12)] + list(range(3, max(height, width) + 1))
+    factors = [2**k for k in range(12)] + list(range(3, max(height, width) + 1))
     for f in factors:
         h, w = math.ceil(height / f), math.ceil(width / f)
         if h * w == num_tokens:
@@ -83,8 +83,12 @@ def combine_attention_maps(maps: list[tuple[Tensor, tuple[int, int]]], size: tup
 
 
 def random_mask(
-    shape: tuple[int, int, int, int], fraction: float, generator: torch.Generator | None = None,
-    *, device=None, dtype=None,
+    shape: tuple[int, int, int, int],
+    fraction: float,
+    generator: torch.Generator | None = None,
+    *,
+    device=None,
+    dtype=None,
 ) -> Tensor:
     """Each pixel masked independently with probability ``fraction`` (Table 5, "Random")."""
     b, _, h, w = shape
@@ -93,10 +97,17 @@ def random_mask(
 
 
 def square_mask(
-    shape: tuple[int, int, int, int], fraction: float, generator: torch.Generator | None = None,
-    *, device=None, dtype=None,
+    shape: tuple[int, int, int, int],
+    fraction: float,
+    generator: torch.Generator | None = None,
+    *,
+    device=None,
+    dtype=None,
 ) -> Tensor:
-    """One axis-aligned square per image covering about ``fraction`` of it, at a random place (Table 5, "Square")."""
+    """One axis-aligned square per image covering about ``fraction`` of it, at a random place.
+
+    Table 5, "Square".
+    """
     b, _, h, w = shape
     side = max(1, min(h, w, round(math.sqrt(fraction * h * w))))
     mask = torch.zeros((b, 1, h, w), device=device, dtype=dtype or torch.float32)
@@ -109,7 +120,7 @@ def square_mask(
 
 
 def highfreq_mask(x0: Tensor, fraction: float, cutoff: float = 0.25) -> Tensor:
-    """Mask the ``fraction`` of pixels with the largest high-frequency energy of x0 (Table 5, "High-frequency").
+    """Mask the ``fraction`` of pixels with the most high-frequency energy in x0 (Table 5, "High-frequency").
 
     High-pass: zero the centred FFT inside a disc of radius ``cutoff`` (relative to the Nyquist frequency),
     invert, take the magnitude summed over channels, and keep the top ``fraction`` pixels per image.

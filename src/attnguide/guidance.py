@@ -14,7 +14,7 @@ where x_tilde_t comes from :func:`sag_degraded_input` (Alg. 1 / Eq. 13-15):
 
     x0_hat   = (x_t - sqrt(1 - abar) eps) / sqrt(abar)                              (Eq. 2)
     x0_tilde = M * Blur(x0_hat) + (1 - M) * x0_hat                                   (Eq. 15, M from Eq. 14)
-    x_tilde  = sqrt(abar) x0_tilde + sqrt(1 - abar) eps                              (re-noise with the model's eps)
+    x_tilde  = sqrt(abar) x0_tilde + sqrt(1 - abar) eps                              (re-noise, same eps)
 
 Eq. 15 written on x0 (blur x0_hat under the mask, then re-noise) equals the paper's form on x_t
 (mix x_t and the re-noised blur with M), because re-noising is affine with the same eps.
@@ -33,7 +33,7 @@ from .denoiser import predict_eps, predict_x0, renoise
 
 
 def check_scale(name: str, value: float, *, minimum: float = 0.0) -> float:
-    """Validate a guidance scale: a finite real number >= ``minimum``; ValueError naming ``name`` otherwise."""
+    """Validate a scale: a finite real number >= ``minimum``; ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}")
     if not math.isfinite(value) or value < minimum:
@@ -78,7 +78,11 @@ class SAG:
         k = self.blur_kernel_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"`sag_blur_kernel_size` must be an odd positive integer, got {k!r}")
-        if not isinstance(self.blur_sigma, (int, float)) or not math.isfinite(self.blur_sigma) or self.blur_sigma <= 0:
+        if (
+            not isinstance(self.blur_sigma, (int, float))
+            or not math.isfinite(self.blur_sigma)
+            or self.blur_sigma <= 0
+        ):
             raise ValueError(f"`sag_blur_sigma` must be a finite number > 0, got {self.blur_sigma!r}")
         if self.mask not in MASK_KINDS:
             raise ValueError(f"`sag_mask` must be one of {MASK_KINDS}, got {self.mask!r}")
@@ -182,12 +186,12 @@ def sag_degraded_input(
 
 
 __all__ = [
-    "SAG",
     "PAG",
+    "SAG",
     "cfg",
-    "rescale_cfg",
-    "combine",
-    "sag_degraded_input",
     "check_scale",
+    "combine",
     "in_window",
+    "rescale_cfg",
+    "sag_degraded_input",
 ]

@@ -81,7 +81,9 @@ class Guider:
             names = self.sag.layers if self.sag.layers is not None else default_sag_layer(model)
             self.sag_layers = resolve_layers(model, names, argument="sag_layers")
         self.pag_layers: list[str] = (
-            resolve_layers(model, self.pag.layers, argument="pag_applied_layers") if self.pag is not None else []
+            resolve_layers(model, self.pag.layers, argument="pag_applied_layers")
+            if self.pag is not None
+            else []
         )
         self._swap = ProcessorSwap(model)
         self._sigma_schedule: bool | None = None
@@ -139,7 +141,7 @@ class Guider:
             st.capture = False
         chunks = out.chunk(len(branches))
         channels = sample.shape[1]
-        preds, variances = zip(*(split_learned_variance(c, channels) for c in chunks))
+        preds, variances = zip(*(split_learned_variance(c, channels) for c in chunks), strict=True)
         i_cond = 1 if self.do_cfg else 0
         out_uncond = preds[0] if self.do_cfg else None
         out_cond = preds[i_cond]
@@ -150,7 +152,13 @@ class Guider:
             alpha_bar = alpha_bar_at(self.scheduler, t, sigma_schedule=self._sigma_schedule)
             mask = self._mask(x_in, sag_ref, alpha_bar, b)
             x_deg = sag_degraded_input(
-                x_in, sag_ref, alpha_bar, self.prediction_type, mask, self.sag.blur_kernel_size, self.sag.blur_sigma
+                x_in,
+                sag_ref,
+                alpha_bar,
+                self.prediction_type,
+                mask,
+                self.sag.blur_kernel_size,
+                self.sag.blur_sigma,
             )
             out_sag, _ = split_learned_variance(model_fn(x_deg, t, [branches[0]]), channels)
 

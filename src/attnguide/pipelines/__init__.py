@@ -2,4 +2,4 @@
 
 from .stable_diffusion import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
 
-__all__ = ["StableDiffusionSAGPipeline", "StableDiffusionPAGPipeline"]
+__all__ = ["StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]

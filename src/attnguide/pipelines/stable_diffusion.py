@@ -7,13 +7,11 @@ one engine (:class:`attnguide.sampling.Guider`), so both accept every term: SAG 
 any scheduler (Euler, Heun, LMS, Karras sigmas included), and ``cross_attention_kwargs`` reach every pass.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import (
     FromSingleFileMixin,
@@ -24,6 +22,9 @@ from diffusers.loaders import (
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
@@ -47,7 +48,6 @@ class _GuidedStableDiffusion(
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     # Input handling is diffusers' own (maintained StableDiffusionPipeline code), not a copy.
-    encode_prompt = _SD.encode_prompt
     encode_image = _SD.encode_image
     prepare_ip_adapter_image_embeds = _SD.prepare_ip_adapter_image_embeds
     run_safety_checker = _SD.run_safety_checker
@@ -58,14 +58,14 @@ class _GuidedStableDiffusion(
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker,
-        feature_extractor,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         requires_safety_checker: bool = True,
     ):
         super().__init__()
@@ -79,10 +79,67 @@ class _GuidedStableDiffusion(
             feature_extractor=feature_extractor,
             image_encoder=image_encoder,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.vae_scale_factor = (
+            2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        )
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
-        self.last_guider: Guider | None = None
+        self.last_guider: Guider | None = None  # the engine of the last call (masks, layers)
+
+    # diffusers 0.42 dropped these pipeline switches; the SAG pipeline documents them, so they stay here.
+    def enable_vae_slicing(self) -> None:
+        """Decode the batch one image at a time (less memory, same result)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        """Decode the batch in one step again."""
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles (large images with little memory)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        """Decode in one step again."""
+        self.vae.disable_tiling()
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """diffusers' ``StableDiffusionPipeline.encode_prompt``, also with ``clip_skip`` on transformers 5.
+
+        transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which diffusers' clip-skip path
+        still reads; the text encoder itself is exposed under that name for the duration of the call.
+        """
+        te = self.text_encoder
+        shim = clip_skip is not None and te is not None and not hasattr(te, "text_model")
+        if shim:
+            te.__dict__["text_model"] = te
+        try:
+            return _SD.encode_prompt(
+                self,
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )
+        finally:
+            if shim:
+                del te.__dict__["text_model"]
 
     # ------------------------------------------------------------------ validation
     def _validate(
@@ -117,14 +174,27 @@ class _GuidedStableDiffusion(
         f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f != 0:
-                raise ValueError(f"`{name}` must be a positive integer divisible by {f} (the VAE factor), got {v!r}")
-        if timesteps is None and sigmas is None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-                raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+                raise ValueError(
+                    f"`{name}` must be a positive integer divisible by {f} (the VAE factor), got {v!r}"
+                )
+        if (
+            timesteps is None
+            and sigmas is None
+            and (
+                isinstance(num_inference_steps, bool)
+                or not isinstance(num_inference_steps, int)
+                or num_inference_steps < 1
+            )
+        ):
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}")
+            raise ValueError(
+                f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}"
+            )
         if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}")
+            raise ValueError(
+                f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}"
+            )
         self._check_diffusers_inputs(
             prompt,
             height,
@@ -241,7 +311,9 @@ class _GuidedStableDiffusion(
                 image_embeds["cond"].append(pos.to(device))
                 image_embeds["uncond"].append(neg.to(device) if neg is not None else None)
 
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt,
             self.unet.config.in_channels,
@@ -256,9 +328,9 @@ class _GuidedStableDiffusion(
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             w = torch.tensor(guidance_scale - 1).repeat(batch_size * num_images_per_prompt)
-            timestep_cond = self.get_guidance_scale_embedding(w, embedding_dim=self.unet.config.time_cond_proj_dim).to(
-                device=device, dtype=latents.dtype
-            )
+            timestep_cond = self.get_guidance_scale_embedding(
+                w, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
 
         text = {"cond": prompt_embeds, "uncond": negative_prompt_embeds}
         cache: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -269,7 +341,10 @@ class _GuidedStableDiffusion(
                 kw: dict[str, Any] = {"encoder_hidden_states": torch.cat([text[b] for b in key])}
                 if image_embeds is not None:
                     kw["added_cond_kwargs"] = {
-                        "image_embeds": [torch.cat([image_embeds[b][i] for b in key]) for i in range(len(image_embeds["cond"]))]
+                        "image_embeds": [
+                            torch.cat([image_embeds[b][i] for b in key])
+                            for i in range(len(image_embeds["cond"]))
+                        ]
                     }
                 if timestep_cond is not None:
                     kw["timestep_cond"] = torch.cat([timestep_cond] * len(key))
@@ -285,10 +360,18 @@ class _GuidedStableDiffusion(
                 if self._interrupt:
                     continue
                 noise_pred = guider(model_fn, latents, t, step=i, num_steps=len(timesteps))
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
                 if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    )
                     latents = outputs.pop("latents", latents)
                     new_pe = outputs.pop("prompt_embeds", prompt_embeds)
                     new_ne = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -296,19 +379,27 @@ class _GuidedStableDiffusion(
                         prompt_embeds, negative_prompt_embeds = new_pe, new_ne
                         text.update(cond=prompt_embeds, uncond=negative_prompt_embeds)
                         cache.clear()
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
                     progress_bar.update()
                     if callback is not None and i % callback_steps == 0:
                         callback(i // getattr(self.scheduler, "order", 1), t, latents)
 
         if output_type != "latent":
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = self.vae.decode(
+                latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+            )[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
         else:
             image = latents
             has_nsfw_concept = None
-        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        do_denormalize = (
+            [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        )
+        image = self.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=do_denormalize
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, has_nsfw_concept)
@@ -349,7 +440,12 @@ def _sag_options(scale, layers, threshold, kernel, sigma, mask, window) -> SAG |
     if scale == 0:
         return None
     return SAG(
-        scale=scale, layers=layers, threshold=threshold, blur_kernel_size=kernel, blur_sigma=sigma, mask=mask,
+        scale=scale,
+        layers=layers,
+        threshold=threshold,
+        blur_kernel_size=kernel,
+        blur_sigma=sigma,
+        mask=mask,
         window=window,
     )
 
@@ -369,6 +465,7 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
     ``sag_scale`` follows diffusers (s in out += s (u - degraded)); 0 disables SAG.
     """
 
+    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -446,7 +543,13 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
             sag=_sag_options(
-                sag_scale, sag_layers, sag_threshold, sag_blur_kernel_size, sag_blur_sigma, sag_mask, sag_window
+                sag_scale,
+                sag_layers,
+                sag_threshold,
+                sag_blur_kernel_size,
+                sag_blur_sigma,
+                sag_mask,
+                sag_window,
             ),
             pag=_pag_options(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window),
             record_masks=record_masks,
@@ -464,19 +567,26 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker,
-        feature_extractor,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         requires_safety_checker: bool = True,
         pag_applied_layers: str | list[str] = "mid",
     ):
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            safety_checker,
+            feature_extractor,
+            image_encoder,
             requires_safety_checker,
         )
         self.set_pag_applied_layers(pag_applied_layers)
@@ -501,6 +611,7 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
     def do_perturbed_attention_guidance(self) -> bool:
         return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
 
+    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -574,11 +685,17 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
             sag=_sag_options(
-                sag_scale, sag_layers, sag_threshold, sag_blur_kernel_size, sag_blur_sigma, sag_mask, sag_window
+                sag_scale,
+                sag_layers,
+                sag_threshold,
+                sag_blur_kernel_size,
+                sag_blur_sigma,
+                sag_mask,
+                sag_window,
             ),
             pag=pag if len(self.pag_applied_layers) > 0 else None,
             record_masks=record_masks,
         )
 
 
-__all__ = ["StableDiffusionSAGPipeline", "StableDiffusionPAGPipeline"]
+__all__ = ["StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]
