@@ -149,9 +149,13 @@ def test_from_pipe_and_vae_slicing():
     back = quiet(StableDiffusionSAGPipeline.from_pipe(pag))
     assert isinstance(back, StableDiffusionSAGPipeline)
     sag.enable_vae_slicing()
-    img = sag("a cat", num_inference_steps=2, output_type="np", num_images_per_prompt=2, generator=gen(0)).images
+    img = sag(
+        "a cat", num_inference_steps=2, output_type="np", num_images_per_prompt=2, generator=gen(0)
+    ).images
     sag.disable_vae_slicing()
-    img2 = sag("a cat", num_inference_steps=2, output_type="np", num_images_per_prompt=2, generator=gen(0)).images
+    img2 = sag(
+        "a cat", num_inference_steps=2, output_type="np", num_images_per_prompt=2, generator=gen(0)
+    ).images
     assert abs(img - img2).max() < 1e-4
 
 
