@@ -5,9 +5,18 @@ The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that
 """
 
 from .guidance import PAG, SAG
-from .pipelines import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
-from .sampling import Guider
+from .pipelines import DDPMSAGPipeline, StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from .sampling import Guider, sample_loop
 
 __version__ = "0.1.0"
 
-__all__ = ["PAG", "SAG", "Guider", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline", "__version__"]
+__all__ = [
+    "PAG",
+    "SAG",
+    "DDPMSAGPipeline",
+    "Guider",
+    "StableDiffusionPAGPipeline",
+    "StableDiffusionSAGPipeline",
+    "__version__",
+    "sample_loop",
+]

@@ -36,10 +36,31 @@ def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
     }
 
 
+def _literal_dots(pattern: str) -> str:
+    """Escape each bare "." that is not quantified: in module paths a dot means a dot ("blocks.1." must
+    not match "blocks.10"), while ".*", ".+" and ".?" keep their regex meaning."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if ch == "[":
+            in_class = True
+        elif ch == "]":
+            in_class = False
+        elif ch == "." and not in_class and pattern[i + 1 : i + 2] not in ("*", "+", "?", "{"):
+            ch = "\\."
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def _bounded(pattern: str) -> re.Pattern:
     # A number at either end of a match must not continue in the name: "blocks.1" must not match inside
     # "blocks.10". The assertion "(?!(?<=\d)\d)" fails only between two digits.
-    return re.compile(r"(?!(?<=\d)\d)(?:" + pattern + r")(?!(?<=\d)\d)")
+    return re.compile(r"(?!(?<=\d)\d)(?:" + _literal_dots(pattern) + r")(?!(?<=\d)\d)")
 
 
 def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument: str = "layers") -> list[str]:
@@ -47,8 +68,9 @@ def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument:
 
     Each pattern is an exact module path, a parent path ("mid_block.attentions.0"), or a regular
     expression searched in the module paths (diffusers' PAG convention: "mid", "down", "up",
-    "blocks.1", "blocks.(1|2)"), with the one difference that a number in the pattern never matches the
-    start of a longer number. A pattern that matches nothing raises ValueError listing the layers there are.
+    "blocks.1", "blocks.(1|2)"), with two differences that only remove spurious matches: a number in the
+    pattern never matches the start of a longer number, and a bare "." means a literal dot (".*",
+    ".+", ".?" stay wildcards). A pattern that matches nothing raises ValueError listing the layers there are.
     """
     layers = self_attention_layers(model)
     if not layers:

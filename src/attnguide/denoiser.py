@@ -88,3 +88,15 @@ def split_learned_variance(model_output: Tensor, channels: int) -> tuple[Tensor,
         f"the model returned {c} channels for an input of {channels}; attnguide understands C channels "
         "(a prediction) or 2C channels (a prediction and a learned variance)"
     )
+
+
+def scheduler_takes_variance(scheduler) -> bool:
+    """Whether ``scheduler.step`` expects the learned-variance channels (DDPM with a learned variance)."""
+    return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+
+def output_for_scheduler(model_output: Tensor, channels: int, scheduler) -> Tensor:
+    """Drop learned-variance channels unless the scheduler uses them (as diffusers' DiT pipeline does)."""
+    if model_output.shape[1] == 2 * channels and not scheduler_takes_variance(scheduler):
+        return model_output[:, :channels]
+    return model_output

@@ -29,7 +29,14 @@ from .degrade import (
     random_mask,
     square_mask,
 )
-from .denoiser import PREDICTION_TYPES, alpha_bar_at, predict_x0, split_learned_variance, uses_sigma_schedule
+from .denoiser import (
+    PREDICTION_TYPES,
+    alpha_bar_at,
+    output_for_scheduler,
+    predict_x0,
+    split_learned_variance,
+    uses_sigma_schedule,
+)
 from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
 
 ModelFn = Callable[[Tensor, Tensor, Sequence[str]], Tensor]
@@ -209,3 +216,32 @@ class Guider:
             self.last_mask = m
             self.mask_sum = m if self.mask_sum is None else self.mask_sum + m
         return mask
+
+
+def sample_loop(
+    guider: Guider,
+    model_fn: ModelFn,
+    latents: Tensor,
+    *,
+    extra_step_kwargs: dict | None = None,
+    progress: Callable | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Denoise ``latents`` over ``guider.scheduler.timesteps`` (set them first) with guidance at every step.
+
+    The loop of every non-SD pipeline and of bare denoiser + scheduler use: guided output, then
+    ``scheduler.step``. ``progress`` wraps the timestep iterable (a tqdm-like callable);
+    ``callback(i, t, latents)`` runs after each step.
+    """
+    scheduler = guider.scheduler
+    timesteps = scheduler.timesteps
+    steps = progress(timesteps) if progress is not None else timesteps
+    channels = latents.shape[1]
+    with guider:
+        for i, t in enumerate(steps):
+            out = guider(model_fn, latents, t, step=i, num_steps=len(timesteps))
+            out = output_for_scheduler(out, channels, scheduler)
+            latents = scheduler.step(out, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, latents)
+    return latents

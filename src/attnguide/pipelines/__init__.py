@@ -1,5 +1,6 @@
 """Drop-in diffusers pipelines with attention guidance."""
 
+from .pixel import DDPMSAGPipeline
 from .stable_diffusion import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
 
-__all__ = ["StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]
+__all__ = ["DDPMSAGPipeline", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]

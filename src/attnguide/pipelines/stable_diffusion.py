@@ -28,6 +28,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
+from ._common import pag_from_args, sag_from_args
 
 _SD = StableDiffusionPipeline
 
@@ -435,29 +436,6 @@ class _GuidedStableDiffusion(
         return self._interrupt
 
 
-def _sag_options(scale, layers, threshold, kernel, sigma, mask, window) -> SAG | None:
-    check_scale("sag_scale", scale)
-    if scale == 0:
-        return None
-    return SAG(
-        scale=scale,
-        layers=layers,
-        threshold=threshold,
-        blur_kernel_size=kernel,
-        blur_sigma=sigma,
-        mask=mask,
-        window=window,
-    )
-
-
-def _pag_options(scale, adaptive, layers, window) -> PAG | None:
-    check_scale("pag_scale", scale)
-    check_scale("pag_adaptive_scale", adaptive)
-    if scale == 0:
-        return None
-    return PAG(scale=scale, adaptive_scale=adaptive, layers=layers, window=window)
-
-
 class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
     """Drop-in successor of diffusers' ``StableDiffusionSAGPipeline`` (same constructor, same arguments,
     same results), on any scheduler, with the SAG options exposed and PAG available beside it.
@@ -542,7 +520,7 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
             callback_steps=callback_steps,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
-            sag=_sag_options(
+            sag=sag_from_args(
                 sag_scale,
                 sag_layers,
                 sag_threshold,
@@ -551,7 +529,7 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
                 sag_mask,
                 sag_window,
             ),
-            pag=_pag_options(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window),
+            pag=pag_from_args(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window),
             record_masks=record_masks,
         )
 
@@ -657,7 +635,7 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
         """
         self._pag_scale = pag_scale
         self._pag_adaptive_scale = pag_adaptive_scale
-        pag = _pag_options(pag_scale, pag_adaptive_scale, self.pag_applied_layers, pag_window)
+        pag = pag_from_args(pag_scale, pag_adaptive_scale, self.pag_applied_layers, pag_window)
         return self._generate(
             prompt=prompt,
             height=height,
@@ -684,7 +662,7 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
             callback_steps=None,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
-            sag=_sag_options(
+            sag=sag_from_args(
                 sag_scale,
                 sag_layers,
                 sag_threshold,

@@ -1,0 +1,60 @@
+"""Argument gathering shared by the pipelines (the guidance math itself is in attnguide.guidance)."""
+
+import inspect
+
+import torch
+
+from ..guidance import PAG, SAG, check_scale
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return value
+
+
+def step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:
+    """The ``generator`` and ``eta`` keywords that this scheduler's ``step`` accepts."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out: dict = {}
+    if "generator" in params:
+        out["generator"] = generator
+    if "eta" in params:
+        out["eta"] = eta
+    return out
+
+
+def sag_from_args(
+    scale: float,
+    layers,
+    threshold: float,
+    kernel: int,
+    sigma: float,
+    mask: str,
+    window: tuple[float, float],
+    *,
+    allow_negative: bool = False,
+) -> SAG | None:
+    """A :class:`SAG` term from pipeline arguments (None when the scale is 0), validated."""
+    check_scale("sag_scale", scale, minimum=-float("inf") if allow_negative else 0.0)
+    if scale == 0:
+        return None
+    return SAG(
+        scale=scale,
+        layers=layers,
+        threshold=threshold,
+        blur_kernel_size=kernel,
+        blur_sigma=sigma,
+        mask=mask,
+        window=window,
+    )
+
+
+def pag_from_args(scale: float, adaptive: float, layers, window: tuple[float, float]) -> PAG | None:
+    """A :class:`PAG` term from pipeline arguments (None when the scale is 0), validated."""
+    check_scale("pag_scale", scale)
+    check_scale("pag_adaptive_scale", adaptive)
+    if scale == 0:
+        return None
+    return PAG(scale=scale, adaptive_scale=adaptive, layers=layers, window=window)

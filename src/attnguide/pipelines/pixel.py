@@ -1,0 +1,172 @@
+"""Pixel-space UNet pipeline (``UNet2DModel``, as diffusers' ``DDPMPipeline``) with SAG, blur guidance,
+PAG and, for class-conditional models with a null label, classifier-free guidance.
+
+Covers the paper's unconditional and class-conditional pixel models (ADM, IDDPM), learned variance
+included (2C output channels: the variance of the conditional pass is kept).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..guidance import check_scale
+from ..sampling import Guider, sample_loop
+from ._common import pag_from_args, positive_int, sag_from_args, step_kwargs
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class DDPMSAGPipeline(DiffusionPipeline):
+    """Sampling from a pixel-space ``UNet2DModel`` with SAG / blur guidance / PAG / CFG, on any scheduler.
+
+    Unconditional models: ``pipe(batch_size=8, sag_scale=0.75)``. Class-conditional models
+    (``num_class_embeds`` set): pass ``class_labels``; CFG (``guidance_scale`` > 1) uses
+    ``null_class_label`` as the unconditional label, by default the last class embedding (the
+    convention of label-dropout training, as DiT's). Without ``class_labels`` a class-conditional model
+    samples unconditionally with the null label.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.last_guider: Guider | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of class embeddings of the UNet (None for an unconditional model)."""
+        return getattr(self.unet.config, "num_class_embeds", None)
+
+    def _labels(self, class_labels, batch_size: int, null_label: int | None, device) -> torch.Tensor | None:
+        n = self.num_classes
+        if n is None:
+            if class_labels is not None:
+                raise ValueError("`class_labels` given, but this UNet is unconditional (no num_class_embeds)")
+            return None
+        if class_labels is None:
+            if null_label is None:
+                raise ValueError("`class_labels` is required: this class-conditional UNet has no null label")
+            class_labels = [null_label]
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if labels.numel() == 1:
+            labels = labels.repeat(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(
+                f"`class_labels` must hold 1 or batch_size={batch_size} labels, got {labels.numel()}"
+            )
+        if labels.min() < 0 or labels.max() >= n:
+            raise ValueError(f"`class_labels` must lie in [0, {n - 1}], got {labels.tolist()}")
+        return labels.to(device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        *,
+        class_labels: int | Sequence[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        null_class_label: int | None = None,
+        sag_scale: float = 0.75,
+        sag_layers: str | list[str] | None = None,
+        sag_threshold: float = 1.0,
+        sag_blur_kernel_size: int = 9,
+        sag_blur_sigma: float = 1.0,
+        sag_mask: str = "attention",
+        sag_window: tuple[float, float] = (0.0, 1.0),
+        pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
+        pag_applied_layers: str | list[str] = "mid",
+        pag_window: tuple[float, float] = (0.0, 1.0),
+        eta: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        record_masks: bool = False,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images. The first five arguments are diffusers' ``DDPMPipeline`` ones.
+
+        ``guidance_scale`` > 1 enables CFG (class-conditional models). ``sag_scale`` (0 disables) and the
+        ``sag_*`` options are those of :class:`attnguide.SAG`; ``sag_mask="global"`` is blur guidance.
+        ``pag_scale`` > 0 adds PAG in ``pag_applied_layers``. Returns images in [0, 1].
+        """
+        batch_size = positive_int("batch_size", batch_size)
+        num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_scale("guidance_scale", guidance_scale)
+        sag = sag_from_args(
+            sag_scale, sag_layers, sag_threshold, sag_blur_kernel_size, sag_blur_sigma, sag_mask, sag_window
+        )
+        pag = pag_from_args(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window)
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
+        height, width = height or default_h, width or default_w
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor:
+                raise ValueError(f"`{name}` must be a positive integer divisible by {factor}, got {v!r}")
+        device = self._execution_device
+        n = self.num_classes
+        null_label = null_class_label if null_class_label is not None else (n - 1 if n else None)
+        labels = self._labels(class_labels, batch_size, null_label, device)
+        do_cfg = guidance_scale > 1.0 and labels is not None and class_labels is not None
+        if guidance_scale > 1.0 and not do_cfg and n is None:
+            raise ValueError("`guidance_scale` > 1 needs a class-conditional UNet (num_class_embeds)")
+        guider = Guider(
+            self.unet,
+            self.scheduler,
+            guidance_scale=guidance_scale if do_cfg else None,
+            sag=sag,
+            pag=pag,
+            record_masks=record_masks,
+        )
+        self.last_guider = guider
+
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        branch_labels = None
+        if labels is not None:
+            null = torch.full_like(labels, null_label) if null_label is not None else None
+            branch_labels = {"cond": labels, "uncond": null}
+        cache: dict[tuple[str, ...], torch.Tensor | None] = {}
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+            key = tuple(branches)
+            if key not in cache:
+                cache[key] = None if branch_labels is None else torch.cat([branch_labels[b] for b in key])
+            return self.unet(x, t, class_labels=cache[key]).sample
+
+        image = sample_loop(
+            guider,
+            model_fn,
+            latents,
+            extra_step_kwargs=step_kwargs(self.scheduler, generator, eta),
+            progress=self.progress_bar,
+            callback=callback,
+        )
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
