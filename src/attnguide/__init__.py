@@ -5,8 +5,9 @@ The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that
 """
 
 from .guidance import PAG, SAG
-from .pipelines import DDPMSAGPipeline, StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from .pipelines import DDPMSAGPipeline, DiTSAGPipeline, StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
 from .sampling import Guider, sample_loop
+from .wrap import guide
 
 __version__ = "0.1.0"
 
@@ -14,9 +15,11 @@ __all__ = [
     "PAG",
     "SAG",
     "DDPMSAGPipeline",
+    "DiTSAGPipeline",
     "Guider",
     "StableDiffusionPAGPipeline",
     "StableDiffusionSAGPipeline",
     "__version__",
+    "guide",
     "sample_loop",
 ]

@@ -10,6 +10,7 @@ which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,20 @@ from .denoiser import (
 from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
 
 ModelFn = Callable[[Tensor, Tensor, Sequence[str]], Tensor]
+
+
+@dataclass
+class StepOutputs:
+    """The model outputs of one step (predictions without variance channels) and the term scales."""
+
+    out_cond: Tensor
+    out_uncond: Tensor | None = None
+    variance: Tensor | None = None
+    sag_ref: Tensor | None = None
+    out_sag: Tensor | None = None
+    sag_scale: float = 0.0
+    out_ptb: Tensor | None = None
+    pag_scale: float = 0.0
 
 
 class Guider:
@@ -112,6 +127,62 @@ class Guider:
         self.state.maps.clear()
 
     # ------------------------------------------------------------------ one step
+    def passes(
+        self,
+        model_fn: ModelFn,
+        x_in: Tensor,
+        t: Tensor,
+        *,
+        step: int = 0,
+        num_steps: int = 1,
+    ) -> StepOutputs:
+        """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
+        one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input."""
+        if self._sigma_schedule is None:
+            self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
+        b, channels = x_in.shape[0], x_in.shape[1]
+        do_sag = self.sag is not None and in_window(self.sag.window, step, num_steps)
+        do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
+
+        branches = (["uncond"] if self.do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
+        x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
+        st = self.state
+        st.maps.clear()
+        st.perturbed_rows = b if do_pag else 0
+        st.capture = do_sag and self.sag.needs_map
+        try:
+            out = model_fn(x_main, t, branches)
+        finally:
+            st.perturbed_rows = 0
+            st.capture = False
+        preds, variances = zip(
+            *(split_learned_variance(c, channels) for c in out.chunk(len(branches))), strict=True
+        )
+        i_cond = 1 if self.do_cfg else 0
+        res = StepOutputs(
+            out_cond=preds[i_cond],
+            out_uncond=preds[0] if self.do_cfg else None,
+            variance=variances[i_cond],
+            out_ptb=preds[-1] if do_pag else None,
+            pag_scale=self.pag.scale_at(t) if do_pag else 0.0,
+        )
+        if do_sag:
+            res.sag_ref = res.out_uncond if self.do_cfg else res.out_cond
+            res.sag_scale = self.sag.scale
+            alpha_bar = alpha_bar_at(self.scheduler, t, sigma_schedule=self._sigma_schedule)
+            mask = self._mask(x_in, res.sag_ref, alpha_bar, b)
+            x_deg = sag_degraded_input(
+                x_in,
+                res.sag_ref,
+                alpha_bar,
+                self.prediction_type,
+                mask,
+                self.sag.blur_kernel_size,
+                self.sag.blur_sigma,
+            )
+            res.out_sag, _ = split_learned_variance(model_fn(x_deg, t, [branches[0]]), channels)
+        return res
+
     def __call__(
         self,
         model_fn: ModelFn,
@@ -127,62 +198,21 @@ class Guider:
         ``model_input`` is ``scheduler.scale_model_input(sample, t)`` when the caller already has it.
         With a learned variance, the variance channels of the conditional pass are kept.
         """
-        if self._sigma_schedule is None:
-            self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
         x_in = model_input if model_input is not None else self.scheduler.scale_model_input(sample, t)
-        b = sample.shape[0]
-        do_sag = self.sag is not None and in_window(self.sag.window, step, num_steps)
-        pag_scale = self.pag.scale_at(t) if self.pag is not None else 0.0
-        do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
-
-        branches = (["uncond"] if self.do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
-        x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
-        st = self.state
-        st.maps.clear()
-        st.perturbed_rows = b if do_pag else 0
-        st.capture = do_sag and self.sag.needs_map
-        try:
-            out = model_fn(x_main, t, branches)
-        finally:
-            st.perturbed_rows = 0
-            st.capture = False
-        chunks = out.chunk(len(branches))
-        channels = sample.shape[1]
-        preds, variances = zip(*(split_learned_variance(c, channels) for c in chunks), strict=True)
-        i_cond = 1 if self.do_cfg else 0
-        out_uncond = preds[0] if self.do_cfg else None
-        out_cond = preds[i_cond]
-
-        sag_ref = out_sag = None
-        if do_sag:
-            sag_ref = out_uncond if self.do_cfg else out_cond
-            alpha_bar = alpha_bar_at(self.scheduler, t, sigma_schedule=self._sigma_schedule)
-            mask = self._mask(x_in, sag_ref, alpha_bar, b)
-            x_deg = sag_degraded_input(
-                x_in,
-                sag_ref,
-                alpha_bar,
-                self.prediction_type,
-                mask,
-                self.sag.blur_kernel_size,
-                self.sag.blur_sigma,
-            )
-            out_sag, _ = split_learned_variance(model_fn(x_deg, t, [branches[0]]), channels)
-
+        r = self.passes(model_fn, x_in, t, step=step, num_steps=num_steps)
         guided = combine(
-            out_cond,
-            out_uncond=out_uncond,
+            r.out_cond,
+            out_uncond=r.out_uncond,
             guidance_scale=self.guidance_scale if self.do_cfg else 1.0,
-            sag_ref=sag_ref,
-            out_sag=out_sag,
-            sag_scale=self.sag.scale if self.sag is not None else 0.0,
-            out_ptb=preds[-1] if do_pag else None,
-            pag_scale=pag_scale,
+            sag_ref=r.sag_ref,
+            out_sag=r.out_sag,
+            sag_scale=r.sag_scale,
+            out_ptb=r.out_ptb,
+            pag_scale=r.pag_scale,
         )
         if self.do_cfg and self.guidance_rescale > 0.0:
-            guided = rescale_cfg(guided, out_cond, self.guidance_rescale)
-        variance = variances[i_cond]
-        return guided if variance is None else torch.cat([guided, variance], dim=1)
+            guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
+        return guided if r.variance is None else torch.cat([guided, r.variance], dim=1)
 
     # ------------------------------------------------------------------ masks
     def _mask(self, x_in: Tensor, ref: Tensor, alpha_bar: Tensor, b: int) -> Tensor:

@@ -1,6 +1,7 @@
 """Drop-in diffusers pipelines with attention guidance."""
 
+from .dit import DiTSAGPipeline
 from .pixel import DDPMSAGPipeline
 from .stable_diffusion import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
 
-__all__ = ["DDPMSAGPipeline", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]
+__all__ = ["DDPMSAGPipeline", "DiTSAGPipeline", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]
