@@ -5,7 +5,14 @@ The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that
 """
 
 from .guidance import PAG, SAG
-from .pipelines import DDPMSAGPipeline, DiTSAGPipeline, StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from .pipelines import (
+    DDPMSAGPipeline,
+    DiTSAGPipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionSAGPipeline,
+    StableDiffusionXLPAGPipeline,
+    StableDiffusionXLSAGPipeline,
+)
 from .sampling import Guider, sample_loop
 from .wrap import guide
 
@@ -19,6 +26,8 @@ __all__ = [
     "Guider",
     "StableDiffusionPAGPipeline",
     "StableDiffusionSAGPipeline",
+    "StableDiffusionXLPAGPipeline",
+    "StableDiffusionXLSAGPipeline",
     "__version__",
     "guide",
     "sample_loop",

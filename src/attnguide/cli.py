@@ -324,8 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    t = sub.add_parser("train", help="train the bundled MNIST model (see attnguide.train)", add_help=False)
-    t.set_defaults(func=None)
+    for name, text in (
+        ("train", "train the bundled MNIST model and digit classifier (attnguide train --help)"),
+        ("bench", "time attnguide against diffusers' pipelines (attnguide bench --help)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False).set_defaults(func=None)
     return parser
 
 
@@ -335,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
