@@ -88,6 +88,11 @@ class Guider:
         self.sag = sag if (sag is not None and sag.scale != 0) else None
         self.pag = pag if (pag is not None and pag.scale != 0) else None
         self.guidance_rescale = guidance_rescale
+        if "FlowMatch" in type(scheduler).__name__ or getattr(scheduler.config, "use_flow_sigmas", False):
+            raise ValueError(
+                f"`scheduler`: {type(scheduler).__name__} is a flow-matching scheduler; attnguide guides "
+                "eps / v / x0-predicting diffusion models"
+            )
         ptype = prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
         if ptype not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {ptype!r}")
