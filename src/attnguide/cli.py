@@ -9,6 +9,7 @@ model folder, or a hub id.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -26,6 +27,16 @@ from .schedulers import SCHEDULER_NAMES
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "mnist-ddpm"
 METHODS = ("none", "sag", "blur", "pag", "cfg", "cfg+sag", "cfg+pag", "sag+pag")
 CONDITIONAL_METHODS = {"cfg", "cfg+sag", "cfg+pag"}
+# subcommands that live in their own module, each with main(argv): name -> (module, help)
+SUBCOMMANDS = {
+    "train": (".train", "train the bundled MNIST model and digit classifier (attnguide train --help)"),
+    "bench": (".bench", "time attnguide against diffusers' pipelines (attnguide bench --help)"),
+    "eval": (".evaluate", "reproduce the SAG paper's tables on the bundled model (attnguide eval --help)"),
+    "demo": (
+        ".demo",
+        "interactive offline web demo on 127.0.0.1 (attnguide demo --help; needs the demo extra)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -238,7 +249,7 @@ def cmd_sample(args) -> int:
                 images = pipe(
                     args.num_images,
                     output_type="np",
-                    class_labels=labels if arm.guidance_scale > 1 else None,
+                    class_labels=None if (args.unconditional and arm.guidance_scale <= 1) else labels,
                     latents=latents,
                     callback=lambda *_: bar.update(),
                     **common,
@@ -316,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed; every column uses the same one (default 0)")
     s.add_argument("--num-images", type=int, default=8, help="rows of the grid (default 8)")
     s.add_argument(
-        "--class-label", default=None, help="class label for CFG columns: N, 'cycle' (default), 'random'"
+        "--class-label", default=None, help="class label of each row: N, 'cycle' (default), 'random'"
+    )
+    s.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="class-conditional models: sample the columns without CFG unconditionally (null label)",
     )
     s.add_argument("--prompt", default="", help="prompt, for text-to-image models")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -324,24 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    for name, text in (
-        ("train", "train the bundled MNIST model and digit classifier (attnguide train --help)"),
-        ("bench", "time attnguide against diffusers' pipelines (attnguide bench --help)"),
-    ):
+    for name, (_module, text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=text, add_help=False).set_defaults(func=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from .train import main as train_main
-
-        return train_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0], __package__)
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,392 @@
+"""``attnguide demo``: an interactive, offline Gradio app to compare sampling with and without guidance.
+
+Pick a method (SAG, blur guidance, PAG, CFG and their combinations), the scales, the SAG layer, the
+scheduler, the number of steps, the seed and a class label (class-conditional models) or a prompt (text
+models); Generate samples the same seeds without and with the guidance and shows both side by side, with
+the self-attention masks SAG used.
+
+The app is served on 127.0.0.1 only, without share links or analytics, with gradio's bundled fonts: it
+starts and runs with no network. Needs the ``demo`` extra: ``pip install -e ".[demo]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cli import BUNDLED_MODEL, Arm, _size, _to_uint8, load_pipeline, overlay_masks
+from .schedulers import SCHEDULER_NAMES, scheduler_from_name
+
+# Shown in the method dropdown -> the guidance terms of the guided run.
+METHODS: dict[str, frozenset[str]] = {
+    "SAG": frozenset({"sag"}),
+    "blur": frozenset({"blur"}),
+    "PAG": frozenset({"pag"}),
+    "CFG": frozenset({"cfg"}),
+    "CFG+SAG": frozenset({"cfg", "sag"}),
+    "CFG+PAG": frozenset({"cfg", "pag"}),
+    "SAG+PAG": frozenset({"sag", "pag"}),
+    "CFG+SAG+PAG": frozenset({"cfg", "sag", "pag"}),
+    "none": frozenset(),
+}
+LIMITS = {  # name -> (minimum, maximum), inclusive
+    "SAG scale": (0.0, 10.0),
+    "PAG scale": (0.0, 10.0),
+    "CFG scale": (1.0, 30.0),
+    "Blur sigma": (0.1, 10.0),
+    "Steps": (1, 500),
+    "Seed": (0, 2**32 - 1),
+    "Images": (1, 16),
+}
+UNCONDITIONAL = "unconditional (null label)"
+CYCLE = "cycle (one label per image)"
+TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 digits are visible
+
+
+class InputError(ValueError):
+    """A form value that cannot be used; its message is shown in the page."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated form."""
+
+    method: str
+    sag_scale: float
+    pag_scale: float
+    cfg_scale: float
+    blur_sigma: float
+    layer: str
+    steps: int
+    scheduler: str
+    seed: int
+    label: str
+    prompt: str
+    num_images: int
+
+    def guided_arm(self) -> Arm:
+        terms = METHODS[self.method]
+        sag = self.sag_scale if terms & {"sag", "blur"} else 0.0
+        return Arm(
+            self.method,
+            self.cfg_scale if "cfg" in terms else 1.0,
+            sag,
+            "global" if "blur" in terms else "attention",
+            self.pag_scale if "pag" in terms else 0.0,
+        )
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _number(name: str, value: Any, *, integer: bool = False) -> float | int:
+    lo, hi = LIMITS[name]
+    what = "a whole number" if integer else "a number"
+    if value is None or value == "":
+        raise InputError(f"{name} is empty: enter {what} from {lo} to {hi}.")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be {what} from {lo} to {hi}, got {value!r}.") from None
+    if not math.isfinite(v) or not lo <= v <= hi or (integer and v != int(v)):
+        shown = int(v) if math.isfinite(v) and v == int(v) else value
+        raise InputError(f"{name} must be {what} from {lo} to {hi}, got {shown}.")
+    return int(v) if integer else v
+
+
+def validate(
+    model: DemoModel,
+    method: str,
+    sag_scale: Any,
+    pag_scale: Any,
+    cfg_scale: Any,
+    blur_sigma: Any,
+    layer: Any,
+    steps: Any,
+    scheduler: Any,
+    seed: Any,
+    label: Any,
+    prompt: Any,
+    num_images: Any,
+) -> Settings:
+    """The form as :class:`Settings`, or :class:`InputError` with a message for the page."""
+    if method not in METHODS:
+        raise InputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+    if scheduler not in SCHEDULER_NAMES:
+        raise InputError(f"Unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_NAMES)}.")
+    layer = (layer or "").strip() if isinstance(layer, str) else ""
+    if layer not in model.layers:
+        shown = ", ".join(model.layers)
+        raise InputError(f"Unknown self-attention layer {layer!r}: this model has {shown}.")
+    settings = Settings(
+        method=method,
+        sag_scale=_number("SAG scale", sag_scale),
+        pag_scale=_number("PAG scale", pag_scale),
+        cfg_scale=_number("CFG scale", cfg_scale),
+        blur_sigma=_number("Blur sigma", blur_sigma),
+        layer=layer,
+        steps=_number("Steps", steps, integer=True),
+        scheduler=scheduler,
+        seed=_number("Seed", seed, integer=True),
+        label=str(label) if label is not None else "",
+        prompt=str(prompt or ""),
+        num_images=_number("Images", num_images, integer=True),
+    )
+    # Text models take any prompt (the empty one samples unconditionally); pixel models a class label.
+    cfg = "cfg" in METHODS[method]
+    if model.pixel and model.num_classes is not None:
+        if settings.label not in model.label_choices:
+            raise InputError(f"Unknown class label {settings.label!r}: choose one of the list.")
+        if cfg and settings.label == UNCONDITIONAL:
+            raise InputError("CFG needs a class label: pick a digit or 'cycle', or a method without CFG.")
+    elif model.pixel and cfg:
+        raise InputError("This model is unconditional, so CFG is not available: pick a method without CFG.")
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------- model
+class DemoModel:
+    """The pipeline, loaded once, and what the form offers for it."""
+
+    def __init__(self, pipe):
+        from .attention import default_sag_layer, self_attention_layers
+        from .pipelines import DDPMSAGPipeline
+
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.pixel = isinstance(pipe, DDPMSAGPipeline)
+        self.text = not self.pixel
+        self.num_classes = pipe.num_classes if self.pixel else None
+        self.layers = list(self_attention_layers(pipe.unet))
+        self.default_layer = default_sag_layer(pipe.unet)
+        real = (self.num_classes or 1) - 1  # the last class embedding is the null label
+        self.label_choices = (
+            [CYCLE, *[str(i) for i in range(real)], UNCONDITIONAL] if self.num_classes else []
+        )
+
+    def labels_for(self, s: Settings) -> list[int] | None:
+        """The class label of each image (None: unconditional or a text model)."""
+        if not self.num_classes or s.label == UNCONDITIONAL:
+            return None
+        real = self.num_classes - 1
+        if s.label == CYCLE:
+            return [i % real for i in range(s.num_images)]
+        return [int(s.label)] * s.num_images
+
+    def sample(self, s: Settings, arm: Arm, record_masks: bool, on_step: Callable[[int], None]):
+        """Images (N, H, W, 3 uint8) of one run and the SAG masks (N, h, w in [0, 1]) if recorded."""
+        pipe = self.pipe
+        pipe.scheduler = scheduler_from_name(s.scheduler, self.base_scheduler_config)
+        gen = torch.Generator(device="cpu").manual_seed(s.seed)
+        common = dict(
+            num_inference_steps=s.steps,
+            generator=gen,
+            guidance_scale=arm.guidance_scale,
+            sag_scale=arm.sag_scale,
+            sag_mask=arm.sag_mask,
+            sag_blur_sigma=s.blur_sigma,
+            sag_layers=s.layer,
+            pag_scale=arm.pag_scale,
+            pag_applied_layers=s.layer,
+            record_masks=record_masks,
+            output_type="np",
+            callback=lambda i, *_: on_step(i + 1),
+        )
+        if self.pixel:
+            cfg = pipe.unet.config
+            latents = torch.randn((s.num_images, cfg.in_channels, *_size(cfg.sample_size)), generator=gen)
+            images = pipe(s.num_images, class_labels=self.labels_for(s), latents=latents, **common).images
+        else:
+            images = pipe([s.prompt] * s.num_images, **common).images
+        masks = None
+        guider = pipe.last_guider
+        if record_masks and guider is not None and guider.mask_sum is not None:
+            masks = (guider.mask_sum[:, 0].float() / s.steps).clamp(0, 1).cpu().numpy()
+        return _to_uint8(images), masks
+
+
+# ---------------------------------------------------------------------------------------------- images
+def tile(images: np.ndarray, columns: int = 2, pad: int = 4) -> Image.Image:
+    """The images (N, H, W, 3 uint8) in a grid of ``columns``, upscaled (nearest) to about TILE_PIXELS."""
+    n, h, w, _ = images.shape
+    scale = max(1, TILE_PIXELS // max(h, w))
+    h, w = h * scale, w * scale
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas.paste(
+            Image.fromarray(img).resize((w, h), Image.NEAREST), (pad + c * (w + pad), pad + r * (h + pad))
+        )
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def generate(model: DemoModel, *form: Any, progress: Callable | None = None):
+    """Sample unguided and guided runs for the form; returns (unguided, guided, masks, status markdown).
+
+    Never raises: bad input and sampling errors become a message in the status (images cleared).
+    """
+    try:
+        s = validate(model, *form)
+        arm = s.guided_arm()
+        unguided = Arm("none", 1.0, 0.0, "attention", 0.0)
+        sag_on = arm.sag_scale > 0 and arm.sag_mask == "attention"
+        total = 2 * s.steps
+        t0 = time.perf_counter()
+
+        def reporter(offset: int, desc: str) -> Callable[[int], None]:
+            def on_step(i: int) -> None:
+                if progress is not None:
+                    progress(min(1.0, (offset + i) / total), desc=f"{desc}: step {min(i, s.steps)}/{s.steps}")
+
+            return on_step
+
+        reporter(0, "unguided")(0)
+        base, _ = model.sample(s, unguided, False, reporter(0, "unguided"))
+        guided, masks = model.sample(s, arm, sag_on, reporter(s.steps, s.method))
+        dt = time.perf_counter() - t0
+    except ValueError as err:  # the form (InputError) or the pipeline's own argument checks
+        return None, None, None, f"**Error:** {err}"
+    except Exception as err:  # never a stack trace in the page; the server's console gets it
+        traceback.print_exc()
+        return None, None, None, f"**Error:** sampling failed ({type(err).__name__}: {err})."
+    mask_img = tile(overlay_masks(guided, masks)) if masks is not None else None
+    what = (
+        f"labels {model.labels_for(s)}"
+        if model.pixel and model.labels_for(s)
+        else (f"prompt {s.prompt!r}" if model.text else "unconditional")
+    )
+    status = (
+        f"Done in {dt:.1f} s: {s.num_images} images per run, seed {s.seed}, {s.steps} {s.scheduler} steps, "
+        f"{what}. Guided: {s.method} (cfg {arm.guidance_scale:g}, sag {arm.sag_scale:g}"
+        f"{' blur' if arm.sag_mask == 'global' else ''}, pag {arm.pag_scale:g}, layer `{s.layer}`)."
+    )
+    if masks is None:
+        why = (
+            "blur guidance blurs the whole image"
+            if arm.sag_mask == "global"
+            else "the method has no SAG term"
+        )
+        status += f" No attention mask: {why}."
+    return tile(base), tile(guided), mask_img, status
+
+
+# ---------------------------------------------------------------------------------------------- app
+def build_app(model: DemoModel):
+    """The gradio Blocks app for ``model`` (gradio is imported here, after analytics are switched off)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    with gr.Blocks(title="attnguide demo", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# attnguide: Self-Attention Guidance\n"
+            "The same seeds sampled **without guidance** (left) and **with the chosen method** (right). "
+            "The mask panel shows where SAG blurred (red: masked in more of the steps)."
+        )
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                method = gr.Dropdown(list(METHODS), value="SAG", label="Method", elem_id="method")
+                with gr.Row():
+                    sag = gr.Number(value=0.75, label="SAG / blur scale", elem_id="sag_scale")
+                    pag = gr.Number(value=1.0, label="PAG scale", elem_id="pag_scale")
+                with gr.Row():
+                    cfg = gr.Number(value=3.0, label="CFG scale", elem_id="cfg_scale")
+                    sigma = gr.Number(value=1.0, label="Blur sigma", elem_id="blur_sigma")
+                layer = gr.Dropdown(
+                    model.layers,
+                    value=model.default_layer,
+                    label="Self-attention layer (SAG map, PAG perturbation)",
+                    allow_custom_value=True,
+                    elem_id="layer",
+                )
+                with gr.Row():
+                    steps = gr.Number(value=25, precision=0, label="Steps", elem_id="steps")
+                    sched = gr.Dropdown(
+                        list(SCHEDULER_NAMES), value="ddim", label="Scheduler", elem_id="sched"
+                    )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    count = gr.Number(value=4, precision=0, label="Images", elem_id="num_images")
+                label = gr.Dropdown(
+                    model.label_choices or [""],
+                    value=model.label_choices[0] if model.label_choices else "",
+                    label="Class label",
+                    visible=bool(model.label_choices),
+                    elem_id="label",
+                )
+                prompt = gr.Textbox(
+                    value="a photo of a cat", label="Prompt", visible=model.text, elem_id="prompt"
+                )
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Press **Generate**.", elem_id="status")
+                with gr.Row():
+                    images = dict(
+                        type="pil", format="png", interactive=False, buttons=["download", "fullscreen"]
+                    )
+                    out_base = gr.Image(label="Unguided", elem_id="unguided", **images)
+                    out_guided = gr.Image(label="Guided", elem_id="guided", **images)
+                    out_mask = gr.Image(label="SAG mask", elem_id="mask", **images)
+
+        def run(*form, progress=gr.Progress()):  # noqa: B008 (gradio's idiom for progress)
+            return generate(model, *form, progress=progress)
+
+        button.click(
+            run,
+            inputs=[method, sag, pag, cfg, sigma, layer, steps, sched, seed, label, prompt, count],
+            outputs=[out_base, out_guided, out_mask, status],
+            concurrency_limit=1,
+        )
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnguide demo", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="pipeline/model folder (default: bundled)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+    try:
+        import gradio as gr
+    except ImportError:
+        raise SystemExit('error: the demo needs gradio: pip install -e ".[demo]"') from None
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"error: --port must be in 1..65535, got {args.port}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.model} on {device} ...", flush=True)
+    model = DemoModel(load_pipeline(args.model, device))
+    app = build_app(model)
+    app.queue(default_concurrency_limit=1).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        inbrowser=False,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        footer_links=[],
+        theme=gr.themes.Default(),  # gradio serves its fonts itself: nothing is fetched from outside
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
