@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blur-sigma", type=float, default=1.0, help="Gaussian blur sigma (default 1.0)")
     s.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
     s.add_argument(
-        "--cfg-scale", type=float, default=3.0, help="CFG scale w for the cfg columns (default 3.0)"
+        "--cfg-scale", type=float, default=1.5, help="CFG scale w for the cfg columns (default 1.5)"
     )
     s.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     s.add_argument(
