@@ -14,6 +14,45 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def divisible_size(name: str, value, factor: int, what: str = "") -> int:
+    """``value`` if it is a positive int divisible by ``factor``, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+        raise ValueError(f"`{name}` must be a positive integer divisible by {factor}{what}, got {value!r}")
+    return value
+
+
+class PAGLayersMixin:
+    """diffusers' PAG pipeline interface: ``set_pag_applied_layers`` and the PAG properties."""
+
+    pag_applied_layers: list[str]
+    _pag_scale: float = 0.0
+    _pag_adaptive_scale: float = 0.0
+
+    def set_pag_applied_layers(self, pag_applied_layers: str | list[str]) -> None:
+        """Choose the PAG layers (paths or patterns, matched by attnguide.attention.resolve_layers)."""
+        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
+        for layer in layers:
+            if not isinstance(layer, str):
+                raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
+        self.pag_applied_layers = layers
+
+    @property
+    def pag_scale(self) -> float:
+        return self._pag_scale
+
+    @property
+    def pag_adaptive_scale(self) -> float:
+        return self._pag_adaptive_scale
+
+    @property
+    def do_pag_adaptive_scaling(self) -> bool:
+        return self._pag_adaptive_scale > 0 and self._pag_scale > 0 and len(self.pag_applied_layers) > 0
+
+    @property
+    def do_perturbed_attention_guidance(self) -> bool:
+        return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
+
+
 def step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:
     """The ``generator`` and ``eta`` keywords that this scheduler's ``step`` accepts."""
     params = set(inspect.signature(scheduler.step).parameters)

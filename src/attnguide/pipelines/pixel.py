@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import check_scale
 from ..sampling import Guider, sample_loop
-from ._common import pag_from_args, positive_int, sag_from_args, step_kwargs
+from ._common import divisible_size, pag_from_args, positive_int, sag_from_args, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -113,9 +113,8 @@ class DDPMSAGPipeline(DiffusionPipeline):
         default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
         height, width = height or default_h, width or default_w
         factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor:
-                raise ValueError(f"`{name}` must be a positive integer divisible by {factor}, got {v!r}")
+        divisible_size("height", height, factor)
+        divisible_size("width", width, factor)
         device = self._execution_device
         n = self.num_classes
         null_label = null_class_label if null_class_label is not None else (n - 1 if n else None)

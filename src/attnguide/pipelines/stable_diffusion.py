@@ -28,7 +28,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
-from ._common import pag_from_args, sag_from_args
+from ._common import PAGLayersMixin, divisible_size, pag_from_args, positive_int, sag_from_args
 
 _SD = StableDiffusionPipeline
 
@@ -173,21 +173,10 @@ class _GuidedStableDiffusion(
         check_scale("pag_adaptive_scale", pag_adaptive_scale)
         check_scale("guidance_rescale", guidance_rescale)
         f = self.vae_scale_factor
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f != 0:
-                raise ValueError(
-                    f"`{name}` must be a positive integer divisible by {f} (the VAE factor), got {v!r}"
-                )
-        if (
-            timesteps is None
-            and sigmas is None
-            and (
-                isinstance(num_inference_steps, bool)
-                or not isinstance(num_inference_steps, int)
-                or num_inference_steps < 1
-            )
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+        divisible_size("height", height, f, " (the VAE factor)")
+        divisible_size("width", width, f, " (the VAE factor)")
+        if timesteps is None and sigmas is None:
+            positive_int("num_inference_steps", num_inference_steps)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(
                 f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}"
@@ -534,7 +523,7 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
         )
 
 
-class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
+class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
     """Drop-in successor of diffusers' ``StableDiffusionPAGPipeline`` (same constructor with
     ``pag_applied_layers``, same arguments, same results), with SAG available beside PAG.
 
@@ -568,26 +557,6 @@ class StableDiffusionPAGPipeline(_GuidedStableDiffusion):
             requires_safety_checker,
         )
         self.set_pag_applied_layers(pag_applied_layers)
-
-    def set_pag_applied_layers(self, pag_applied_layers: str | list[str]) -> None:
-        """Choose the PAG layers (paths or patterns; see the class docstring)."""
-        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
-        for layer in layers:
-            if not isinstance(layer, str):
-                raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
-        self.pag_applied_layers = layers
-
-    @property
-    def pag_scale(self) -> float:
-        return self._pag_scale
-
-    @property
-    def pag_adaptive_scale(self) -> float:
-        return self._pag_adaptive_scale
-
-    @property
-    def do_perturbed_attention_guidance(self) -> bool:
-        return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
 
     @torch.no_grad()
     def __call__(

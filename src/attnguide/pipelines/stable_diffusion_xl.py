@@ -40,7 +40,7 @@ from transformers import (
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
-from ._common import pag_from_args, sag_from_args
+from ._common import PAGLayersMixin, divisible_size, pag_from_args, positive_int, sag_from_args
 from .stable_diffusion import _GuidedStableDiffusion
 
 _XL = StableDiffusionXLPipeline
@@ -202,11 +202,8 @@ class _GuidedStableDiffusionXL(
         check_scale("guidance_scale", guidance_scale)
         check_scale("guidance_rescale", guidance_rescale)
         f = self.vae_scale_factor
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % f != 0:
-                raise ValueError(
-                    f"`{name}` must be a positive integer divisible by {f} (the VAE factor), got {v!r}"
-                )
+        divisible_size("height", height, f, " (the VAE factor)")
+        divisible_size("width", width, f, " (the VAE factor)")
         if timesteps is not None and sigmas is not None:
             raise ValueError("only one of `timesteps` or `sigmas` can be passed")
         set_ts = set(inspect.signature(self.scheduler.set_timesteps).parameters)
@@ -215,16 +212,8 @@ class _GuidedStableDiffusionXL(
                 raise ValueError(
                     f"`{name}`: the scheduler {type(self.scheduler).__name__} does not support custom {name}"
                 )
-        if (
-            timesteps is None
-            and sigmas is None
-            and (
-                isinstance(num_inference_steps, bool)
-                or not isinstance(num_inference_steps, int)
-                or num_inference_steps < 1
-            )
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+        if timesteps is None and sigmas is None:
+            positive_int("num_inference_steps", num_inference_steps)
         if denoising_end is not None and (
             isinstance(denoising_end, bool)
             or not isinstance(denoising_end, (int, float))
@@ -762,7 +751,7 @@ class StableDiffusionXLSAGPipeline(_GuidedStableDiffusionXL):
         )
 
 
-class StableDiffusionXLPAGPipeline(_GuidedStableDiffusionXL):
+class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
     """Drop-in successor of diffusers' ``StableDiffusionXLPAGPipeline`` (same constructor with
     ``pag_applied_layers``, same arguments, same results), with SAG available beside PAG.
 
@@ -800,30 +789,6 @@ class StableDiffusionXLPAGPipeline(_GuidedStableDiffusionXL):
             add_watermarker,
         )
         self.set_pag_applied_layers(pag_applied_layers)
-
-    def set_pag_applied_layers(self, pag_applied_layers: str | list[str]) -> None:
-        """Choose the PAG layers (paths or patterns; see the class docstring)."""
-        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
-        for layer in layers:
-            if not isinstance(layer, str):
-                raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
-        self.pag_applied_layers = layers
-
-    @property
-    def pag_scale(self) -> float:
-        return self._pag_scale
-
-    @property
-    def pag_adaptive_scale(self) -> float:
-        return self._pag_adaptive_scale
-
-    @property
-    def do_pag_adaptive_scaling(self) -> bool:
-        return self._pag_adaptive_scale > 0 and self._pag_scale > 0 and len(self.pag_applied_layers) > 0
-
-    @property
-    def do_perturbed_attention_guidance(self) -> bool:
-        return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
 
     @torch.no_grad()
     def __call__(
