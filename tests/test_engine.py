@@ -278,3 +278,29 @@ def test_recorded_attention_masks_and_multi_layer_sag():
     out = pipe(generator=gen(0), sag_layers=["mid", "up_blocks.0"], **SMALL).images
     assert len(pipe.last_guider.sag_layers) == 3
     assert torch.isfinite(out).all()
+
+
+def test_compiled_unet_is_not_recompiled_across_calls():
+    """unet.compile(): the guidance processors compile into the UNet's graphs (no graph break), one graph
+    per pass kind, and later calls reuse them (no recompilation)."""
+    from torch._dynamo.utils import counters
+
+    pipe = quiet(StableDiffusionSAGPipeline(**tiny_sd_components(0)))
+    kw = dict(SMALL, prompt=["a cat"], guidance_scale=7.5, sag_scale=0.75, pag_scale=1.0)
+    eager = pipe(generator=gen(0), **kw).images
+    pipe.unet.compile(backend="eager")
+    first = pipe(generator=gen(0), **kw).images
+    graphs = counters["stats"]["unique_graphs"]
+    second = pipe(generator=gen(0), **kw).images
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_wrapper_is_looked_through():
+    pipe = quiet(StableDiffusionSAGPipeline(**tiny_sd_components(0)))
+    eager = pipe(generator=gen(0), **SMALL).images
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    out = pipe(generator=gen(0), **SMALL).images
+    assert pipe.last_guider.sag_layers == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

@@ -123,11 +123,14 @@ class GuidanceState:
     """Mutable state shared by the installed processors and the sampling step.
 
     ``perturbed_rows``: how many trailing batch rows the PAG processors perturb in the next call (0: none).
+    ``capture``: whether capture processors record their map in the next call; ``capture_rows``: how many
+    leading batch rows need it (0: all); the memory-flat path computes only those.
     ``maps``: aggregated maps recorded by capture processors, per layer path: (rows, N) and the grid.
     """
 
     perturbed_rows: int = 0
     capture: bool = False
+    capture_rows: int = 0
     maps: dict[str, tuple[Tensor, tuple[int, int] | None]] = field(default_factory=dict)
 
 
@@ -219,7 +222,8 @@ class AttentionMapCapture:
             if self.state.capture:
                 if attention_mask is not None:
                     raise NotImplementedError("memory-flat attention maps do not support attention masks")
-                agg = aggregated_map_chunked(query, key, attn.scale).to(query.dtype)
+                rows = self.state.capture_rows or batch_size
+                agg = aggregated_map_chunked(query[:rows], key[:rows], attn.scale).to(query.dtype)
                 self.state.maps[self.name] = (agg, grid)
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale

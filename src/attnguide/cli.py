@@ -264,7 +264,7 @@ def cmd_sample(args) -> int:
             columns[arm.name] = _to_uint8(images)
             guider = pipe.last_guider
             if guider is not None and guider.mask_sum is not None and masks is None:
-                masks = (guider.mask_sum[:, 0] / args.steps).cpu().numpy()
+                masks = (guider.mask_sum[:, 0] / max(1, guider.mask_steps)).cpu().numpy()
                 mask_source = arm.name
 
     scale = max(1, 96 // columns[arms[0].name].shape[1])

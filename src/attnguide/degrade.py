@@ -24,6 +24,30 @@ def gaussian_kernel_1d(kernel_size: int, sigma: float, *, device=None, dtype=Non
     return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 
 
+_KERNEL_CACHE: dict[tuple, Tensor] = {}
+
+
+def gaussian_kernel_2d(kernel_size: int, sigma: float, channels: int, *, device, dtype) -> Tensor:
+    """The depthwise (channels, 1, k, k) blur weight, cached per device and dtype.
+
+    Built on the CPU and copied to the device once: a fresh copy at every step would stall the host
+    until the device caught up (a host-to-device copy from pageable memory is synchronous).
+    """
+    key = (kernel_size, float(sigma), channels, str(device), dtype)
+    kernel = _KERNEL_CACHE.get(key)
+    if kernel is None:
+        # Taps rounded to ``dtype`` first, as diffusers does. A product of two 16-bit taps is exact in
+        # float32, so each weight is rounded once, like the reference's device-side matrix product.
+        k1 = gaussian_kernel_1d(kernel_size, sigma, dtype=dtype)
+        k1 = k1.to(torch.promote_types(dtype, torch.float32))
+        kernel = torch.mm(k1[:, None], k1[None, :]).to(dtype)
+        kernel = kernel.expand(channels, 1, kernel_size, kernel_size).contiguous().to(device)
+        if len(_KERNEL_CACHE) > 64:
+            _KERNEL_CACHE.clear()
+        _KERNEL_CACHE[key] = kernel
+    return kernel
+
+
 def gaussian_blur_2d(img: Tensor, kernel_size: int = 9, sigma: float = 1.0) -> Tensor:
     """Depthwise Gaussian blur of a (B, C, H, W) tensor with reflect padding.
 
@@ -31,10 +55,8 @@ def gaussian_blur_2d(img: Tensor, kernel_size: int = 9, sigma: float = 1.0) -> T
     small for reflect padding (a side not larger than kernel_size // 2), edge replication is used instead
     of failing, which diffusers does not do.
     """
-    k1 = gaussian_kernel_1d(kernel_size, sigma, device=img.device, dtype=img.dtype)
-    kernel2d = torch.mm(k1[:, None], k1[None, :])
     channels = img.shape[-3]
-    kernel2d = kernel2d.expand(channels, 1, kernel_size, kernel_size)
+    kernel2d = gaussian_kernel_2d(kernel_size, sigma, channels, device=img.device, dtype=img.dtype)
     pad = kernel_size // 2
     mode = "reflect" if min(img.shape[-2:]) > pad else "replicate"
     img = F.pad(img, [pad, pad, pad, pad], mode=mode)

@@ -211,7 +211,7 @@ class DemoModel:
         masks = None
         guider = pipe.last_guider
         if record_masks and guider is not None and guider.mask_sum is not None:
-            masks = (guider.mask_sum[:, 0].float() / s.steps).clamp(0, 1).cpu().numpy()
+            masks = (guider.mask_sum[:, 0].float() / max(1, guider.mask_steps)).clamp(0, 1).cpu().numpy()
         return _to_uint8(images), masks
 
 

@@ -27,11 +27,13 @@ def uses_sigma_schedule(scheduler, timesteps: Tensor) -> bool:
     return any(bool(getattr(scheduler.config, flag, False)) for flag in _SIGMA_SCHEDULE_FLAGS)
 
 
-def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool) -> Tensor:
-    """abar_t of the current step, a 0-d float32 tensor on the scheduler's device.
+def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | None = None) -> Tensor:
+    """abar_t of the current step, a 0-d tensor (float32 on the sigma path; else alphas_cumprod's dtype).
 
     With ``sigma_schedule`` the scheduler's current sigma gives abar = 1 / (1 + sigma^2); otherwise
-    ``alphas_cumprod[t]`` (what diffusers' SAG pipeline uses, so results match it).
+    ``alphas_cumprod[t]`` (what diffusers' SAG pipeline uses, so results match it). ``table`` is
+    ``alphas_cumprod`` already on ``t``'s device: indexing it with a device timestep keeps the host from
+    waiting on the device (``int(t)`` of a CUDA tensor would).
     """
     if sigma_schedule:
         index = getattr(scheduler, "step_index", None)
@@ -39,6 +41,8 @@ def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool) -> Tensor:
             index = scheduler.index_for_timestep(t)
         sigma = scheduler.sigmas[index].to(torch.float32)
         return 1.0 / (1.0 + sigma**2)
+    if table is not None and isinstance(t, Tensor) and t.device == table.device:
+        return table[t.long()]
     return scheduler.alphas_cumprod[int(t)]
 
 

@@ -67,6 +67,8 @@ class Guider:
     sag, pag: the terms, or None. guidance_rescale: CFG rescale phi (diffusers' ``guidance_rescale``).
     record_masks: keep the sum of the SAG masks over the steps in ``mask_sum`` (paper Fig. 4).
     generator: randomness for the "random" and "square" ablation masks.
+    cuda_graphs: replay the model passes from CUDA graphs on a CUDA device (:class:`CudaGraphPasses`);
+    the model function's own tensors must then stay fixed during the run (else call ``graphs.reset()``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Guider:
         prediction_type: str | None = None,
         record_masks: bool = False,
         generator: torch.Generator | None = None,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.scheduler = scheduler
@@ -100,20 +103,25 @@ class Guider:
         self.record_masks = record_masks
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.mask_sum: Tensor | None = None
+        self.mask_steps = 0  # steps whose mask is in mask_sum
         self.last_mask: Tensor | None = None
         self.state = GuidanceState()
-        # Resolve layers now, so a bad name fails before any model call.
+        self.graphs = CudaGraphPasses(self.state) if cuda_graphs and _graph_safe(model) else None
+        # Resolve layers now, so a bad name fails before any model call. A torch.compile wrapper
+        # (``torch.compile(unet)``) is looked through, so layer paths read as in the plain model.
+        inner = getattr(model, "_orig_mod", model)
         self.sag_layers: list[str] = []
         if self.sag is not None and self.sag.needs_map:
-            names = self.sag.layers if self.sag.layers is not None else default_sag_layer(model)
-            self.sag_layers = resolve_layers(model, names, argument="sag_layers")
+            names = self.sag.layers if self.sag.layers is not None else default_sag_layer(inner)
+            self.sag_layers = resolve_layers(inner, names, argument="sag_layers")
         self.pag_layers: list[str] = (
-            resolve_layers(model, self.pag.layers, argument="pag_applied_layers")
+            resolve_layers(inner, self.pag.layers, argument="pag_applied_layers")
             if self.pag is not None
             else []
         )
-        self._swap = ProcessorSwap(model)
+        self._swap = ProcessorSwap(inner)
         self._sigma_schedule: bool | None = None
+        self._abar_table: Tensor | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -130,6 +138,13 @@ class Guider:
     def __exit__(self, *exc) -> None:
         self._swap.restore()
         self.state.maps.clear()
+        if self.graphs is not None:
+            self.graphs.reset()
+
+    def _run(self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]) -> Tensor:
+        if self.graphs is not None:
+            return self.graphs(model_fn, x, t, branches)
+        return model_fn(x, t, branches)
 
     # ------------------------------------------------------------------ one step
     def passes(
@@ -155,11 +170,13 @@ class Guider:
         st.maps.clear()
         st.perturbed_rows = b if do_pag else 0
         st.capture = do_sag and self.sag.needs_map
+        st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         try:
-            out = model_fn(x_main, t, branches)
+            out = self._run(model_fn, x_main, t, branches)
         finally:
             st.perturbed_rows = 0
             st.capture = False
+            st.capture_rows = 0
         preds, variances = zip(
             *(split_learned_variance(c, channels) for c in out.chunk(len(branches))), strict=True
         )
@@ -174,7 +191,9 @@ class Guider:
         if do_sag:
             res.sag_ref = res.out_uncond if self.do_cfg else res.out_cond
             res.sag_scale = self.sag.scale
-            alpha_bar = alpha_bar_at(self.scheduler, t, sigma_schedule=self._sigma_schedule)
+            alpha_bar = alpha_bar_at(
+                self.scheduler, t, sigma_schedule=self._sigma_schedule, table=self._alpha_table(t)
+            )
             mask = self._mask(x_in, res.sag_ref, alpha_bar, b)
             x_deg = sag_degraded_input(
                 x_in,
@@ -185,7 +204,8 @@ class Guider:
                 self.sag.blur_kernel_size,
                 self.sag.blur_sigma,
             )
-            res.out_sag, _ = split_learned_variance(model_fn(x_deg, t, [branches[0]]), channels)
+            out_sag = self._run(model_fn, x_deg, t, [branches[0]])
+            res.out_sag, _ = split_learned_variance(out_sag, channels)
         return res
 
     def __call__(
@@ -219,6 +239,15 @@ class Guider:
             guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
         return guided if r.variance is None else torch.cat([guided, r.variance], dim=1)
 
+    def _alpha_table(self, t: Tensor) -> Tensor | None:
+        """``alphas_cumprod`` on the device of ``t``, copied once per run."""
+        table = getattr(self.scheduler, "alphas_cumprod", None)
+        if not isinstance(t, Tensor) or table is None or self._sigma_schedule:
+            return None
+        if self._abar_table is None or self._abar_table.device != t.device:
+            self._abar_table = table.to(device=t.device)
+        return self._abar_table
+
     # ------------------------------------------------------------------ masks
     def _mask(self, x_in: Tensor, ref: Tensor, alpha_bar: Tensor, b: int) -> Tensor:
         """M of Eq. 14 for the first ``b`` rows (the SAG reference branch), shape (B, 1, H, W)."""
@@ -250,7 +279,91 @@ class Guider:
             m = mask.detach().float()
             self.last_mask = m
             self.mask_sum = m if self.mask_sum is None else self.mask_sum + m
+            self.mask_steps += 1
         return mask
+
+
+def _graph_safe(model: nn.Module) -> bool:
+    """False where replaying a captured graph would skip work the model does in Python at each call:
+    forward hooks (user hooks, accelerate's offloading hooks that move weights)."""
+    inner = getattr(model, "_orig_mod", model)
+    for m in inner.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            return False
+    from torch.nn.modules import module as _module
+
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+class CudaGraphPasses:
+    """Replays the model passes of a sampling run from CUDA graphs.
+
+    At batch sizes where the device waits on the host (Stable Diffusion at batch 1: a UNet call is about
+    five thousand operator launches), launching is most of a step's time. Each distinct pass (branches,
+    shapes, and the processors' state: map capture, perturbed rows) runs eagerly once, is captured into a
+    CUDA graph the second time, and is replayed from then on. The model function's own tensors (prompt
+    embeddings, labels) must stay the same while graphs live: a pipeline that changes them calls
+    :meth:`reset`. The graphs and their memory are dropped when the run ends. A pass that cannot be
+    captured falls back to eager for the rest of the run, with a warning.
+    """
+
+    def __init__(self, state: GuidanceState):
+        self.state = state
+        self.enabled = True
+        self._graphs: dict[tuple, tuple] = {}
+        self._seen: set[tuple] = set()
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+
+    def __call__(self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]) -> Tensor:
+        if not (self.enabled and x.is_cuda):
+            return model_fn(x, t, branches)
+        if not isinstance(t, Tensor) or t.device != x.device:
+            t = torch.as_tensor(t).to(x.device)
+        st = self.state
+        key = (tuple(branches), tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
+        key += (st.capture, st.capture_rows, st.perturbed_rows)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key not in self._seen:  # first time: eager (also the warm-up the capture needs)
+                self._seen.add(key)
+                return model_fn(x, t, branches)
+            entry = self._capture(key, model_fn, x, t, branches)
+            if entry is None:
+                return model_fn(x, t, branches)
+        graph, static_x, static_t, static_out, maps = entry
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        if maps:
+            st.maps.update({name: (agg.clone(), grid) for name, (agg, grid) in maps.items()})
+        return static_out.clone()
+
+    def _capture(self, key, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]):
+        import warnings
+
+        static_x, static_t = x.clone(), t.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.state.maps.clear()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                static_out = model_fn(static_x, static_t, branches)
+        except Exception as err:
+            self.enabled = False
+            self.reset()
+            warnings.warn(
+                f"attnguide: CUDA graph capture failed ({type(err).__name__}: {err}); "
+                "running the model eagerly for the rest of this run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        entry = (graph, static_x, static_t, static_out, dict(self.state.maps))
+        self._graphs[key] = entry
+        return entry
 
 
 def sample_loop(
