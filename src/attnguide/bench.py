@@ -90,6 +90,106 @@ def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) 
     return statistics.median(times), peak
 
 
+def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], None]) -> dict:
+    """CFG+SAG with the map from the mid block, from the layer with the most tokens (memory-flat map),
+    and from that layer with the exact N x N map forced: seconds and peak memory of each (one warm-up,
+    median of two). Shows what the memory-flat map costs against the mid-block map."""
+    from . import attention
+    from .attention import default_sag_layer, self_attention_layers
+
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    mid = default_sag_layer(unet)
+    big = next(iter(self_attention_layers(unet)))
+    tokens: dict[str, int] = {}
+
+    def count(name: str):
+        module = dict(unet.named_modules())[name]
+
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            tokens[name] = int(x.shape[-2] * x.shape[-1]) if x.ndim == 4 else int(x.shape[1])
+
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    # Token counts from one call with hooks; the hooks are removed before timing (hooks turn CUDA graphs off).
+    handles = [count(mid), count(big)]
+    try:
+        call(pipe, 7.5, 0.75, 0.0, sag_layers=big)()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {}
+    for label, layer, exact in (
+        ("mid_block", mid, False),
+        ("largest_layer_memory_flat", big, False),
+        ("largest_layer_exact", big, True),
+    ):
+        saved = attention.EXACT_MAP_MAX_ELEMENTS
+        if exact:
+            attention.EXACT_MAP_MAX_ELEMENTS = 2**62
+        try:
+            t, m = time_call(call(pipe, 7.5, 0.75, 0.0, sag_layers=layer), device, 1, 2)
+            rows[label] = {
+                "layer": layer,
+                "seconds": round(t, 5),
+                "peak_mib": None if m is None else round(m, 1),
+            }
+        except torch.OutOfMemoryError as err:
+            rows[label] = {"layer": layer, "error": f"out of memory: {err}".splitlines()[0]}
+        finally:
+            attention.EXACT_MAP_MAX_ELEMENTS = saved
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        log(f"map from {label:28s} {rows[label]}")
+    for r in rows.values():
+        r["tokens"] = tokens.get(r["layer"])
+    base = rows["mid_block"].get("peak_mib")
+    flat = rows["largest_layer_memory_flat"].get("peak_mib")
+    if base and flat:
+        rows["largest_layer_memory_flat"]["peak_vs_mid_block"] = round(flat / base, 4)
+    return rows
+
+
+def profile_arm(arm: str, fns: dict[str, Callable[[], object]], device: str, out: Path, log) -> dict:
+    """One run of ``arm`` per implementation under torch.profiler (tables of the top operators by self
+    device time and by CPU time, written to ``out``) and, on CUDA, the number of host-device
+    synchronisations (``torch.cuda.set_sync_debug_mode``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    summary = {}
+    for impl, fn in fns.items():
+        fn()
+        _sync(device)
+        with profile(activities=acts) as prof:
+            fn()
+            _sync(device)
+        ka = prof.key_averages()
+        sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        path = out / f"profile-{arm.replace('+', '_')}-{impl}.txt"
+        path.write_text(
+            ka.table(sort_by=sort, row_limit=25) + "\n\n" + ka.table(sort_by="cpu_time_total", row_limit=25)
+        )
+        row = {
+            "table": str(path),
+            "ops_launched": int(sum(e.count for e in ka if e.key.startswith("aten::"))),
+        }
+        if device.startswith("cuda"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fn()
+                    _sync(device)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            row["host_device_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+        summary[impl] = row
+        log(f"profile {arm} {impl}: {row}")
+    return summary
+
+
 def run_benchmark(
     preset: str = "tiny",
     *,
@@ -102,6 +202,10 @@ def run_benchmark(
     warmup: int = 1,
     arms: Sequence[str] = tuple(ARMS),
     compile_unet: bool = False,
+    compile_mode: str | None = None,
+    cuda_graphs: bool = True,
+    map_memory: bool = False,
+    profile_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time every arm for both implementations; returns the JSON-ready result."""
@@ -128,11 +232,9 @@ def run_benchmark(
     ours = StableDiffusionSAGPipeline(**comps).to(device)
     for p in (ref_sag, ref_pag, ours):
         p.set_progress_bar_config(disable=True)
-    ours_unet = ours.unet
-    if compile_unet:
-        ours.unet = torch.compile(ours_unet)
+    ours.cuda_graphs = cuda_graphs
 
-    def call(pipe, gs: float, sag: float, pag: float):
+    def call(pipe, gs: float, sag: float, pag: float, **extra_kw):
         kw = dict(
             prompt_embeds=pe,
             negative_prompt_embeds=ne,
@@ -147,22 +249,72 @@ def run_benchmark(
             return lambda: pipe(pag_scale=pag, **kw)
         if pipe is ref_sag:
             return lambda: pipe(sag_scale=sag, **kw)
-        return lambda: pipe(sag_scale=sag, pag_scale=pag, **kw)
+        return lambda: pipe(sag_scale=sag, pag_scale=pag, **kw, **extra_kw)
 
-    results = {}
-    for name in arms:
-        gs, sag, pag = ARMS[name]
-        ref = ref_pag if pag > 0 else ref_sag
-        t_ref, m_ref = time_call(call(ref, gs, sag, pag), device, warmup, repeats)
-        t_ours, m_ours = time_call(call(ours, gs, sag, pag), device, warmup, repeats)
-        results[name] = {
+    def arm_row(t_ref, m_ref, t_ours, m_ours) -> dict:
+        return {
             "diffusers_s": round(t_ref, 5),
             "attnguide_s": round(t_ours, 5),
             "ratio": round(t_ours / t_ref, 4),
             "diffusers_peak_mib": None if m_ref is None else round(m_ref, 1),
             "attnguide_peak_mib": None if m_ours is None else round(m_ours, 1),
         }
-        log(f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}")
+
+    def ref_for(name: str):
+        gs, sag, pag = ARMS[name]
+        return call(ref_pag if pag > 0 else ref_sag, gs, sag, pag)
+
+    results: dict[str, dict] = {}
+    compile_info = None
+    if not compile_unet:
+        for name in arms:
+            t_ref, m_ref = time_call(ref_for(name), device, warmup, repeats)
+            t_ours, m_ours = time_call(call(ours, *ARMS[name]), device, warmup, repeats)
+            results[name] = arm_row(t_ref, m_ref, t_ours, m_ours)
+            log(
+                f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}"
+            )
+    else:
+        # diffusers' pipelines eager first (they share the UNet), then attnguide with the UNet compiled in
+        # place (``unet.compile()``); the compiled graphs are counted after the warm-up runs.
+        ref_times = {name: time_call(ref_for(name), device, warmup, repeats) for name in arms}
+        from torch._dynamo.utils import counters
+
+        comps["unet"].compile(mode=compile_mode)
+        t0 = time.perf_counter()
+        for name in arms:
+            for _ in range(max(1, warmup)):
+                call(ours, *ARMS[name])()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
+        for name in arms:
+            t_ours, m_ours = time_call(call(ours, *ARMS[name]), device, 0, repeats)
+            (t_ref, m_ref) = ref_times[name]
+            results[name] = arm_row(t_ref, m_ref, t_ours, m_ours)
+            log(
+                f"{name:8s} diffusers eager {t_ref:8.4f} s   attnguide compiled {t_ours:8.4f} s   "
+                f"ratio {t_ours / t_ref:.3f}"
+            )
+        compile_info = {
+            "mode": compile_mode,
+            "warmup_seconds": round(compile_s, 2),
+            "graphs_after_warmup": graphs_after_warmup,
+            "graphs_compiled_during_timed_runs": counters["stats"]["unique_graphs"] - graphs_after_warmup,
+            "recompiles_logged": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
+        }
+
+    extra: dict = {}
+    if map_memory:
+        extra["map_memory"] = measure_map_memory(ours, call, device, log)
+    if profile_dir is not None:
+        extra["profile"] = profile_arm(
+            "cfg+sag",
+            {"diffusers": ref_for("cfg+sag"), "attnguide": call(ours, *ARMS["cfg+sag"])},
+            device,
+            Path(profile_dir),
+            log,
+        )
     overhead = None
     if {"none", "cfg", "cfg+sag"} <= set(results):
         r = {k: results[k]["attnguide_s"] for k in ("none", "cfg", "cfg+sag")}
@@ -180,9 +332,11 @@ def run_benchmark(
         "dtype": dtype,
         "repeats": repeats,
         "warmup": warmup,
-        "compile": compile_unet,
+        "compile": compile_info,
+        "attnguide_cuda_graphs": cuda_graphs and device.startswith("cuda"),
         "arms": results,
         "sag_overhead_over_unguided": overhead,
+        **extra,
     }
 
 
@@ -198,7 +352,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list from {', '.join(ARMS)}")
-    parser.add_argument("--compile", action="store_true", help="torch.compile attnguide's UNet")
+    parser.add_argument(
+        "--compile", action="store_true", help="time attnguide with its UNet compiled (unet.compile())"
+    )
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run attnguide's UNet passes eagerly (default on CUDA: replayed from CUDA graphs)",
+    )
+    parser.add_argument(
+        "--map-memory",
+        action="store_true",
+        help="also time CFG+SAG with the map from the mid block vs the layer with the most tokens",
+    )
+    parser.add_argument("--profile-dir", default=None, help="profile the cfg+sag arm into this folder")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -223,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         arms=arms,
         compile_unet=args.compile,
+        compile_mode=args.compile_mode,
+        cuda_graphs=not args.no_cuda_graphs,
+        map_memory=args.map_memory,
+        profile_dir=args.profile_dir,
     )
     from .cli import write_atomic
 
