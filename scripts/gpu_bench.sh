@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of results/bench/ (performance issue), one stage per device call.
-# Usage: scripts/gpu_bench.sh STAGE OUTDIR   with STAGE one of: eager1, eager4, compile1.
+# Usage: scripts/gpu_bench.sh STAGE OUTDIR   with STAGE one of: eager1, eager1-nographs, eager4, mapmem4,
+# compile1 (PROFILE=1 adds --profile-dir to the eager1 stages; COMPILE_MODE sets the compile mode).
 # Needs diffusers (and its importlib_metadata) importable; attnguide is run from src/.
 set -euo pipefail
 stage=$1
@@ -18,6 +19,9 @@ case "$stage" in
   eager4)
     python3 -m attnguide.bench "${common[@]}" --batch-size 4 --repeats 3 --warmup 1 \
       --map-memory --out "$out/sd15-b4-eager.json" ;;
+  mapmem4)
+    python3 -m attnguide.bench "${common[@]}" --batch-size 4 --repeats 3 --warmup 1 --arms cfg+sag \
+      --map-memory --out "$out/sd15-b4-map-memory.json" ;;
   compile1)
     python3 -m attnguide.bench "${common[@]}" --batch-size 1 --repeats 3 --warmup 1 \
       --arms none,cfg,cfg+sag --compile ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"} \

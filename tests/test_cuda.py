@@ -118,3 +118,19 @@ def test_memory_flat_map_under_graphs(monkeypatch):
     flat = _run(pipe, False, guidance_scale=7.5, sag_scale=0.75, sag_layers=layer)
     flat_graphed = _run(pipe, True, guidance_scale=7.5, sag_scale=0.75, sag_layers=layer)
     torch.testing.assert_close(flat_graphed, flat, rtol=0, atol=1e-5)
+
+
+def test_sdxl_graph_replay_equals_eager():
+    from test_sdxl import tiny_sdxl_components
+
+    from attnguide import StableDiffusionXLSAGPipeline
+
+    pipe = quiet(StableDiffusionXLSAGPipeline(**tiny_sdxl_components("ddim"))).to("cuda")
+    kw = dict(prompt="a cat", height=32, width=32, num_inference_steps=4, output_type="latent")
+    kw.update(guidance_scale=5.0, sag_scale=0.75)
+    outs = []
+    for graphs in (False, True):
+        pipe.cuda_graphs = graphs
+        outs.append(pipe(generator=torch.Generator().manual_seed(0), **kw).images)
+    assert pipe.last_guider.graphs is not None and pipe.last_guider.graphs.enabled
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)

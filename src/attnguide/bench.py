@@ -3,8 +3,9 @@
 Arms: no guidance, CFG, SAG, CFG+SAG, PAG, CFG+PAG. The reference for the first four is diffusers'
 ``StableDiffusionSAGPipeline`` (sag_scale 0 for the unguided arms), for the PAG arms diffusers'
 ``StableDiffusionPAGPipeline``; attnguide runs all six with ``attnguide.StableDiffusionSAGPipeline``.
-Each (implementation, arm) gets warm-up runs, then the median of ``--repeats`` timed runs; on CUDA also
-the peak allocated memory. Weights are random: timing does not depend on them.
+Each arm gets warm-up runs of both implementations, then the median of ``--repeats`` timed runs each,
+the two implementations' runs interleaved; on CUDA also the peak allocated memory. Weights are random:
+timing does not depend on them.
 """
 
 from __future__ import annotations
@@ -190,6 +191,34 @@ def profile_arm(arm: str, fns: dict[str, Callable[[], object]], device: str, out
     return summary
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int
+) -> dict[str, tuple[float, float | None]]:
+    """Like :func:`time_call` for several implementations of the same work, with their repetitions
+    interleaved (the order alternates each round), so that a machine getting faster or slower during the
+    measurement shifts all of them alike. Returns per name the median seconds and the peak CUDA MiB."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float] = dict.fromkeys(fns, 0.0)
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**20)
+    return {k: (statistics.median(v), peaks[k] if cuda else None) for k, v in times.items()}
+
+
 def run_benchmark(
     preset: str = "tiny",
     *,
@@ -268,8 +297,10 @@ def run_benchmark(
     compile_info = None
     if not compile_unet:
         for name in arms:
-            t_ref, m_ref = time_call(ref_for(name), device, warmup, repeats)
-            t_ours, m_ours = time_call(call(ours, *ARMS[name]), device, warmup, repeats)
+            timed = time_interleaved(
+                {"diffusers": ref_for(name), "attnguide": call(ours, *ARMS[name])}, device, warmup, repeats
+            )
+            (t_ref, m_ref), (t_ours, m_ours) = timed["diffusers"], timed["attnguide"]
             results[name] = arm_row(t_ref, m_ref, t_ours, m_ours)
             log(
                 f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}"

@@ -1,0 +1,70 @@
+"""attnguide bench: the command runs, writes the documented JSON, and refuses bad input (no timing
+assertions: performance is measured by the command, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import quiet
+
+from attnguide import bench
+from attnguide.sampling import Guider
+from attnguide.tiny import tiny_sd_components
+
+
+def test_tiny_bench_writes_every_requested_section(tmp_path):
+    out = tmp_path / "b.json"
+    args = ["--preset", "tiny", "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0"]
+    args += ["--arms", "none,cfg+sag,pag", "--map-memory", "--profile-dir", str(tmp_path / "prof")]
+    assert bench.main(args) == 0
+    data = json.loads(out.read_text())
+    assert set(data["arms"]) == {"none", "cfg+sag", "pag"}
+    for row in data["arms"].values():
+        assert row["diffusers_s"] > 0 and row["attnguide_s"] > 0
+        assert row["ratio"] == pytest.approx(row["attnguide_s"] / row["diffusers_s"], rel=1e-2)
+    assert data["steps"] == 2 and data["preset"] == "tiny" and data["compile"] is None
+    mm = data["map_memory"]
+    assert set(mm) == {"mid_block", "largest_layer_memory_flat", "largest_layer_exact"}
+    assert 0 < mm["mid_block"]["tokens"] <= mm["largest_layer_memory_flat"]["tokens"]
+    for impl in ("diffusers", "attnguide"):
+        assert (tmp_path / "prof" / f"profile-cfg_sag-{impl}.txt").is_file()
+        assert data["profile"][impl]["ops_launched"] > 0
+    # an existing output is never replaced silently
+    with pytest.raises(SystemExit, match="exists"):
+        bench.main(args)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--arms", "cfg,nope"], "unknown"), (["--batch-size", "0"], "batch-size")],
+)
+def test_bench_rejects_bad_arguments(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--preset", "tiny", "--out", str(tmp_path / "x.json"), *extra])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cuda_graphs_are_off_where_the_model_has_hooks():
+    comps = tiny_sd_components(0)
+    unet = comps["unet"]
+    assert Guider(unet, comps["scheduler"], cuda_graphs=True).graphs is not None
+    assert Guider(unet, comps["scheduler"], cuda_graphs=False).graphs is None
+    handle = unet.mid_block.register_forward_pre_hook(lambda *a: None)
+    try:
+        assert Guider(unet, comps["scheduler"], cuda_graphs=True).graphs is None
+    finally:
+        handle.remove()
+
+
+def test_cpu_run_ignores_cuda_graphs_setting():
+    from attnguide import StableDiffusionSAGPipeline
+
+    pipe = quiet(StableDiffusionSAGPipeline(**tiny_sd_components(0)))
+    kw = dict(prompt="a cat", height=32, width=32, num_inference_steps=3, output_type="latent")
+    pipe.cuda_graphs = True
+    a = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.cuda_graphs = False
+    b = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(a, b)
