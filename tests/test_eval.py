@@ -22,6 +22,7 @@ EXPECTED_PNGS = {
     "masking": ["masking.png"],
     "sigma": ["sigma.png"],
     "cfg": ["cfg.png"],
+    "window": ["window.png"],
     "cost": ["cost.png"],
 }
 
@@ -137,6 +138,9 @@ def test_each_experiment_end_to_end(tiny_model, tmp_path, experiment):
         assert random_row["spec"]["sag_fraction"] == pytest.approx(frac)
     if experiment == "sigma":
         assert rows[0]["arm"] == "u" and rows[-1]["spec"]["sag_average"]
+    if experiment == "window":
+        assert [r["arm"] for r in rows[:3]] == ["u", "u-sag0.75", "u-sag0.75-win0-0.5"]
+        assert all(r["mask_fraction"] is not None and 0 < r["mask_fraction"] < 1 for r in rows[1:])
     assert res["experiments"][experiment]["rows"][0]["label"] == rows[0]["label"]
 
 
@@ -246,6 +250,8 @@ def test_arm_keys_and_kernels():
     assert ArmSpec(sag_scale=0.0, sag_mask="global", sag_sigma=3.0).key == "u"
     assert ArmSpec(conditional=True, cfg_scale=1.5, sag_scale=0.75).key == "c-cfg1.5-sag0.75"
     assert ArmSpec(sag_scale=-0.1).key == "u-sag-0.1"
+    assert ArmSpec(sag_scale=0.5, sag_window=(0.25, 1.0)).key == "u-sag0.5-win0.25-1"
+    assert ArmSpec(sag_scale=0.0, sag_window=(0.25, 1.0)).key == "u"
     for sigma, size in ((1, 28), (3, 28), (9, 28), (27, 28), (1e6, 16)):
         k = blur_kernel_for(sigma, size)
         assert k % 2 == 1 and k >= 9 and k // 2 < size
