@@ -304,3 +304,32 @@ def test_torch_compile_wrapper_is_looked_through():
     out = pipe(generator=gen(0), **SMALL).images
     assert pipe.last_guider.sag_layers == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_step_end_callback_can_replace_prompt_embeddings():
+    """callback_on_step_end may return new (conditional) prompt embeddings: later steps use them."""
+    pipe = quiet(StableDiffusionSAGPipeline(**tiny_sd_components(0)))
+    kw = dict(SMALL, prompt=["a cat"], guidance_scale=7.5, sag_scale=0.75, num_inference_steps=4)
+    base = pipe(generator=gen(0), **kw).images
+    seen = []
+
+    def keep(p, i, t, tensors):
+        seen.append((i, p.num_timesteps, tuple(tensors)))
+        return {}
+
+    same = pipe(
+        generator=gen(0), callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"], **kw
+    ).images
+    assert torch.equal(same, base)
+    assert seen == [(i, 4, ("latents",)) for i in range(4)]
+
+    def swap(p, i, t, tensors):
+        return {"prompt_embeds": tensors["prompt_embeds"] * 0.5} if i == 1 else {}
+
+    swapped = pipe(
+        generator=gen(0),
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        **kw,
+    ).images
+    assert torch.isfinite(swapped).all() and not torch.allclose(swapped, base)

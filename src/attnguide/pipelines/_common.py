@@ -1,6 +1,7 @@
 """Argument gathering shared by the pipelines (the guidance math itself is in attnguide.guidance)."""
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -97,3 +98,38 @@ def pag_from_args(scale: float, adaptive: float, layers, window: tuple[float, fl
     if scale == 0:
         return None
     return PAG(scale=scale, adaptive_scale=adaptive, layers=layers, window=window)
+
+
+def denoise_loop(
+    pipe,
+    guider,
+    model_fn: Callable,
+    latents: torch.Tensor,
+    timesteps,
+    *,
+    num_inference_steps: int,
+    num_warmup_steps: int,
+    extra_step_kwargs: dict,
+    on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable | None = None,
+    callback_steps: int | None = 1,
+) -> torch.Tensor:
+    """The denoising loop of the text-to-image pipelines, in diffusers' order: the guided model output,
+    ``scheduler.step``, ``on_step_end(i, t, latents) -> latents`` (the pipeline's handling of
+    ``callback_on_step_end``), then the progress bar and the legacy ``callback``. ``pipe.interrupt``
+    skips the remaining steps. The guider's processors are installed for the loop and always restored."""
+    scheduler = pipe.scheduler
+    pipe._num_timesteps = len(timesteps)
+    with guider, pipe.progress_bar(total=num_inference_steps) as progress_bar:
+        for i, t in enumerate(timesteps):
+            if pipe._interrupt:
+                continue
+            noise_pred = guider(model_fn, latents, t, step=i, num_steps=len(timesteps))
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if on_step_end is not None:
+                latents = on_step_end(i, t, latents)
+            if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+                progress_bar.update()
+                if callback is not None and i % callback_steps == 0:
+                    callback(i // getattr(scheduler, "order", 1), t, latents)
+    return latents

@@ -28,7 +28,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
-from ._common import PAGLayersMixin, divisible_size, pag_from_args, positive_int, sag_from_args
+from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
 
 _SD = StableDiffusionPipeline
 
@@ -348,40 +348,40 @@ class _GuidedStableDiffusion(
                 x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **cache[key]
             )[0]
 
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        with guider, self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self._interrupt:
-                    continue
-                noise_pred = guider(model_fn, latents, t, step=i, num_steps=len(timesteps))
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
-                    0
-                ]
-                if callback_on_step_end is not None:
-                    local = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    new_pe = outputs.pop("prompt_embeds", prompt_embeds)
-                    new_ne = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if new_pe is not prompt_embeds or new_ne is not negative_prompt_embeds:
-                        prompt_embeds, negative_prompt_embeds = new_pe, new_ne
-                        text.update(cond=prompt_embeds, uncond=negative_prompt_embeds)
-                        cache.clear()
-                        if guider.graphs is not None:
-                            guider.graphs.reset()
-                if i == len(timesteps) - 1 or (
-                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                ):
-                    progress_bar.update()
-                    if callback is not None and i % callback_steps == 0:
-                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            nonlocal prompt_embeds, negative_prompt_embeds
+            local = {
+                "latents": latents,
+                "prompt_embeds": prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            }
+            outputs = callback_on_step_end(
+                self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+            )
+            latents = outputs.pop("latents", latents)
+            new_pe = outputs.pop("prompt_embeds", prompt_embeds)
+            new_ne = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+            if new_pe is not prompt_embeds or new_ne is not negative_prompt_embeds:
+                prompt_embeds, negative_prompt_embeds = new_pe, new_ne
+                text.update(cond=prompt_embeds, uncond=negative_prompt_embeds)
+                cache.clear()
+                if guider.graphs is not None:
+                    guider.graphs.reset()
+            return latents
+
+        latents = denoise_loop(
+            self,
+            guider,
+            model_fn,
+            latents,
+            timesteps,
+            num_inference_steps=num_inference_steps,
+            num_warmup_steps=len(timesteps) - num_inference_steps * self.scheduler.order,
+            extra_step_kwargs=extra_step_kwargs,
+            on_step_end=on_step_end if callback_on_step_end is not None else None,
+            callback=callback,
+            callback_steps=callback_steps,
+        )
 
         if output_type != "latent":
             image = self.vae.decode(

@@ -40,7 +40,7 @@ from transformers import (
 
 from ..guidance import PAG, SAG, check_scale
 from ..sampling import Guider
-from ._common import PAGLayersMixin, divisible_size, pag_from_args, positive_int, sag_from_args
+from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
 from .stable_diffusion import _GuidedStableDiffusion
 
 _XL = StableDiffusionXLPipeline
@@ -514,7 +514,6 @@ class _GuidedStableDiffusionXL(
                 x, t, cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **cache[key]
             )[0]
 
-        self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         names = {
@@ -525,42 +524,42 @@ class _GuidedStableDiffusionXL(
             ("uncond", "pooled"): "negative_pooled_prompt_embeds",
             ("uncond", "time_ids"): "negative_add_time_ids",
         }
-        with guider, self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self._interrupt:
-                    continue
-                noise_pred = guider(model_fn, latents, t, step=i, num_steps=len(timesteps))
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
-                    0
-                ]
-                if callback_on_step_end is not None:
-                    local = {"latents": latents} | {v: branch[b][k] for (b, k), v in names.items()}
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    changed = False
-                    for (b, k), v in names.items():
-                        new = outputs.pop(v, branch[b][k])
-                        if new is not branch[b][k]:
-                            branch[b][k] = _rows(new, n) if k == "time_ids" else new
-                            changed = True
-                    if changed:
-                        cache.clear()
-                        if guider.graphs is not None:
-                            guider.graphs.reset()
-                    # A callback may switch CFG off (diffusers' SDXLCFGCutoffCallback sets the scale to 0).
-                    if guider.do_cfg and self._guidance_scale != guider.guidance_scale:
-                        check_scale("guidance_scale", self._guidance_scale)
-                        guider.guidance_scale = (
-                            self._guidance_scale if self.do_classifier_free_guidance else None
-                        )
-                if i == len(timesteps) - 1 or (
-                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                ):
-                    progress_bar.update()
-                    if callback is not None and i % callback_steps == 0:
-                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+
+        def on_step_end(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            local = {"latents": latents} | {v: branch[b][k] for (b, k), v in names.items()}
+            outputs = callback_on_step_end(
+                self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+            )
+            latents = outputs.pop("latents", latents)
+            changed = False
+            for (b, k), v in names.items():
+                new = outputs.pop(v, branch[b][k])
+                if new is not branch[b][k]:
+                    branch[b][k] = _rows(new, n) if k == "time_ids" else new
+                    changed = True
+            if changed:
+                cache.clear()
+                if guider.graphs is not None:
+                    guider.graphs.reset()
+            # A callback may switch CFG off (diffusers' SDXLCFGCutoffCallback sets the scale to 0).
+            if guider.do_cfg and self._guidance_scale != guider.guidance_scale:
+                check_scale("guidance_scale", self._guidance_scale)
+                guider.guidance_scale = self._guidance_scale if self.do_classifier_free_guidance else None
+            return latents
+
+        latents = denoise_loop(
+            self,
+            guider,
+            model_fn,
+            latents,
+            timesteps,
+            num_inference_steps=num_inference_steps,
+            num_warmup_steps=num_warmup_steps,
+            extra_step_kwargs=extra_step_kwargs,
+            on_step_end=on_step_end if callback_on_step_end is not None else None,
+            callback=callback,
+            callback_steps=callback_steps,
+        )
 
         if output_type != "latent":
             image = self._decode(latents)
