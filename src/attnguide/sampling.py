@@ -346,7 +346,11 @@ class CudaGraphPasses:
 
         static_x, static_t = x.clone(), t.clone()
         graph = torch.cuda.CUDAGraph()
-        self.state.maps.clear()
+        # The maps a capture records are the graph's output buffers (filled at each replay); the maps
+        # recorded earlier in this step stay as they were.
+        maps = self.state.maps
+        earlier = dict(maps)
+        maps.clear()
         try:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
@@ -361,7 +365,11 @@ class CudaGraphPasses:
                 stacklevel=3,
             )
             return None
-        entry = (graph, static_x, static_t, static_out, dict(self.state.maps))
+        finally:
+            recorded = dict(maps)
+            maps.clear()
+            maps.update(earlier)
+        entry = (graph, static_x, static_t, static_out, recorded)
         self._graphs[key] = entry
         return entry
 
