@@ -68,3 +68,26 @@ def test_cpu_run_ignores_cuda_graphs_setting():
     pipe.cuda_graphs = False
     b = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert torch.equal(a, b)
+
+
+def test_compile_path_counts_no_recompilation():
+    """The --compile path (here with dynamo's eager backend, so no C++ toolchain is needed): attnguide's
+    UNet compiled in place after diffusers' eager runs; nothing is compiled after the warm-up."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    data = bench.run_benchmark(
+        "tiny",
+        steps=2,
+        repeats=2,
+        warmup=1,
+        arms=["none", "cfg+sag"],
+        compile_unet=True,
+        compile_backend="eager",
+        log=lambda _msg: None,
+    )
+    info = data["compile"]
+    assert info["backend"] == "eager" and info["graphs_after_warmup"] > before
+    assert info["graphs_compiled_during_timed_runs"] == 0
+    assert info["frames_converted_during_timed_runs"] == 0
+    assert set(data["arms"]) == {"none", "cfg+sag"}
