@@ -289,7 +289,9 @@ def test_compiled_unet_is_not_recompiled_across_calls():
     kw = dict(SMALL, prompt=["a cat"], guidance_scale=7.5, sag_scale=0.75, pag_scale=1.0)
     eager = pipe(generator=gen(0), **kw).images
     pipe.unet.compile(backend="eager")
+    breaks = sum(counters["graph_break"].values())
     first = pipe(generator=gen(0), **kw).images
+    assert sum(counters["graph_break"].values()) == breaks
     graphs = counters["stats"]["unique_graphs"]
     second = pipe(generator=gen(0), **kw).images
     assert counters["stats"]["unique_graphs"] == graphs
