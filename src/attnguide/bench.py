@@ -75,20 +75,7 @@ def _sync(device: str) -> None:
 
 def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> tuple[float, float | None]:
     """Median seconds of ``repeats`` calls after ``warmup`` calls, and the peak CUDA memory in MiB."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return statistics.median(times), peak
+    return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], None]) -> dict:

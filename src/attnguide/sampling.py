@@ -106,10 +106,10 @@ class Guider:
         self.mask_steps = 0  # steps whose mask is in mask_sum
         self.last_mask: Tensor | None = None
         self.state = GuidanceState()
-        self.graphs = CudaGraphPasses(self.state) if cuda_graphs and _graph_safe(model) else None
         # Resolve layers now, so a bad name fails before any model call. A torch.compile wrapper
         # (``torch.compile(unet)``) is looked through, so layer paths read as in the plain model.
         inner = getattr(model, "_orig_mod", model)
+        self.graphs = CudaGraphPasses(self.state) if cuda_graphs and _graph_safe(inner) else None
         self.sag_layers: list[str] = []
         if self.sag is not None and self.sag.needs_map:
             names = self.sag.layers if self.sag.layers is not None else default_sag_layer(inner)
@@ -286,8 +286,7 @@ class Guider:
 def _graph_safe(model: nn.Module) -> bool:
     """False where replaying a captured graph would skip work the model does in Python at each call:
     forward hooks (user hooks, accelerate's offloading hooks that move weights)."""
-    inner = getattr(model, "_orig_mod", model)
-    for m in inner.modules():
+    for m in model.modules():
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
             return False
     from torch.nn.modules import module as _module
