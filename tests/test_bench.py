@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import quiet
 
-from attnguide import bench
-from attnguide.sampling import Guider
-from attnguide.tiny import tiny_sd_components
+from attnguide.apps import bench
+from attnguide.engine.step import Guider
+from attnguide.tiny_models import tiny_sd_components
 
 
 def test_tiny_bench_writes_every_requested_section(tmp_path):

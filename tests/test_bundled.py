@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from attnguide import DDPMSAGPipeline
-from attnguide.cli import BUNDLED_MODEL, load_pipeline
+from attnguide.apps.cli import BUNDLED_MODEL, load_pipeline
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_MODEL / "unet" / "diffusion_pytorch_model.safetensors").exists(),
@@ -45,7 +45,7 @@ def test_bundled_model_loads_with_from_pretrained_and_samples_fast():
 
 
 def test_bundled_model_is_really_trained():
-    from attnguide.train import load_digit_classifier
+    from attnguide.apps.train import load_digit_classifier
 
     pipe = load_pipeline(str(BUNDLED_MODEL), "cpu")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -9,8 +9,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from attnguide import DDPMSAGPipeline, StableDiffusionSAGPipeline
-from attnguide.cli import main
-from attnguide.tiny import tiny_sd_components, tiny_unet_2d
+from attnguide.apps.cli import main
+from attnguide.tiny_models import tiny_sd_components, tiny_unet_2d
 
 
 @pytest.fixture(scope="module")

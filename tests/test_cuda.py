@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import quiet
 
-import attnguide.attention as attention_mod
+import attnguide.engine.attention as attention_mod
 from attnguide import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
-from attnguide.tiny import tiny_sd_components
+from attnguide.tiny_models import tiny_sd_components
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -88,7 +88,7 @@ def test_hooks_disable_graphs():
 def test_memory_flat_map_matches_exact_on_cuda():
     """The chunked map of a real layer on the GPU equals the explicit-probability map (the final images
     are not compared: a map value within rounding of psi may flip a mask pixel either way)."""
-    from attnguide.attention import AttentionMapCapture, GuidanceState
+    from attnguide.engine.attention import AttentionMapCapture, GuidanceState
 
     pipe = _pipe()
     attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1

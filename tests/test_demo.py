@@ -1,6 +1,6 @@
 """``attnguide demo`` in a real headless Chromium: generate, compare the two images, bad input.
 
-The app runs as ``python -m attnguide.cli demo`` on a free port of 127.0.0.1 with the bundled model (a
+The app runs as ``python -m attnguide demo`` on a free port of 127.0.0.1 with the bundled model (a
 tiny random class-conditional UNet when the bundled model is absent). The browser is the system's
 Chromium (Debian package ``chromium``), driven by Playwright's Python package: no browser download.
 Skipped only when no Chromium is installed.
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnguide.cli import BUNDLED_MODEL
+from attnguide.apps.cli import BUNDLED_MODEL
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -71,7 +71,7 @@ def _model_dir(tmp_root: Path) -> str:
     from diffusers import DDPMScheduler
 
     from attnguide.pipelines import DDPMSAGPipeline
-    from attnguide.tiny import tiny_unet_2d
+    from attnguide.tiny_models import tiny_unet_2d
 
     path = tmp_root / "tiny-ddpm"
     DDPMSAGPipeline(tiny_unet_2d(class_conditional=True), DDPMScheduler()).save_pretrained(path)
@@ -85,7 +85,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["GRADIO_TEMP_DIR"] = str(root / "gradio")
-    cmd = [sys.executable, "-m", "attnguide.cli", "demo", "--model", _model_dir(root), "--port", str(port)]
+    cmd = [sys.executable, "-m", "attnguide", "demo", "--model", _model_dir(root), "--port", str(port)]
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -250,9 +250,9 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
 def tiny_model():
     from diffusers import DDPMScheduler
 
-    from attnguide.demo import DemoModel
+    from attnguide.apps.demo import DemoModel
     from attnguide.pipelines import DDPMSAGPipeline
-    from attnguide.tiny import tiny_unet_2d
+    from attnguide.tiny_models import tiny_unet_2d
 
     return DemoModel(DDPMSAGPipeline(tiny_unet_2d(class_conditional=True, sample_size=8), DDPMScheduler()))
 
@@ -294,7 +294,7 @@ def _form(model, **change):
     ],
 )
 def test_bad_form_values_become_messages(tiny_model, change, message):
-    from attnguide.demo import generate
+    from attnguide.apps.demo import generate
 
     base, guided, mask, status = generate(tiny_model, *_form(tiny_model, **change))
     assert base is None and guided is None and mask is None
@@ -303,7 +303,7 @@ def test_bad_form_values_become_messages(tiny_model, change, message):
 
 
 def test_generate_in_process(tiny_model):
-    from attnguide.demo import TILE_PIXELS, generate
+    from attnguide.apps.demo import TILE_PIXELS, generate
 
     seen = []
     base, guided, mask, status = generate(

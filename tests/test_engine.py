@@ -11,9 +11,9 @@ from conftest import gen, quiet
 from diffusers import StableDiffusionPipeline
 from diffusers import StableDiffusionSAGPipeline as RefSAG
 
-import attnguide.attention as attention_mod
+import attnguide.engine.attention as attention_mod
 from attnguide import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
-from attnguide.tiny import tiny_sd_components
+from attnguide.tiny_models import tiny_sd_components
 
 SMALL = dict(prompt=["a cat", "a dog"], height=32, width=40, num_inference_steps=3, output_type="latent")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnguide import evaluate
-from attnguide.evaluate import ArmSpec, Sampler, blur_kernel_for, build_experiments, load_model
+from attnguide.apps import evaluate
+from attnguide.apps.evaluate import ArmSpec, Sampler, blur_kernel_for, build_experiments, load_model
 
 EXPECTED_PNGS = {
     "table1": ["table1.png"],
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
     DDPM scheduler, and an untrained digit classifier."""
     from safetensors.torch import save_file
 
-    from attnguide.train import make_digit_classifier, make_mnist_scheduler, make_mnist_unet
+    from attnguide.apps.train import make_digit_classifier, make_mnist_scheduler, make_mnist_unet
 
     out = tmp_path_factory.mktemp("tiny-mnist")
     with torch.random.fork_rng(devices=[]):
@@ -178,7 +178,7 @@ def test_config_mismatch_is_refused(tiny_model, tmp_path):
 
 
 def test_cli_dispatches_eval(tiny_model, tmp_path):
-    from attnguide.cli import main
+    from attnguide.apps.cli import main
 
     assert main(["eval", *_args(tiny_model, tmp_path / "e", "table1", "--num-samples", "4")]) == 0
     assert (tmp_path / "e" / "report.md").is_file()
@@ -211,7 +211,7 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "attnguide.evaluate",
+        "attnguide.apps.evaluate",
         *_args(tiny_model, two, "table1,masking"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
@@ -270,7 +270,7 @@ def test_arm_keys_and_kernels():
 
 
 def test_average_pixel_blur_is_restored():
-    from attnguide import guidance
+    from attnguide.engine import guidance
 
     original = guidance.gaussian_blur_2d
     x = torch.rand(2, 1, 8, 8)

@@ -28,7 +28,7 @@ from attnguide import (
     guide,
     sample_loop,
 )
-from attnguide.tiny import tiny_sd_components, tiny_unet_2d
+from attnguide.tiny_models import tiny_sd_components, tiny_unet_2d
 
 STEPS = 3
 

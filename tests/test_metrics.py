@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from attnguide.features import SFID_CHANNELS, DigitClassifierExtractor, InceptionExtractor, extract_features
-from attnguide.metrics import (
+from attnguide.apps.features import (
+    SFID_CHANNELS,
+    DigitClassifierExtractor,
+    InceptionExtractor,
+    extract_features,
+)
+from attnguide.apps.metrics import (
     FrechetToReference,
     fid_from_features,
     frechet_distance,
@@ -133,7 +138,7 @@ def test_precision_recall_half_outside():
 
 # ------------------------------------------------------------------------------------------ extractors
 def test_digit_classifier_extractor_shapes():
-    from attnguide.train import make_digit_classifier
+    from attnguide.apps.train import make_digit_classifier
 
     torch.manual_seed(0)
     ext = DigitClassifierExtractor(model=make_digit_classifier())

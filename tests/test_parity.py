@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPAGPipeline as RefPAG
 from diffusers import StableDiffusionSAGPipeline as RefSAG
 
 from attnguide import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
-from attnguide.tiny import tiny_sd_components
+from attnguide.tiny_models import tiny_sd_components
 
 TOL = 1e-4
 CASES = [

@@ -21,7 +21,7 @@ from diffusers.callbacks import SDXLCFGCutoffCallback
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from attnguide.pipelines.stable_diffusion_xl import StableDiffusionXLPAGPipeline, StableDiffusionXLSAGPipeline
-from attnguide.tiny import make_scheduler, offline_clip_tokenizer
+from attnguide.tiny_models import make_scheduler, offline_clip_tokenizer
 
 TOL = 1e-4
 TIME_EMBED_DIM = 8

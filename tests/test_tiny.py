@@ -16,7 +16,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from attnguide.tiny import (
+from attnguide.tiny_models import (
     SCHEDULERS,
     make_scheduler,
     offline_clip_tokenizer,

@@ -15,8 +15,8 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from torch import nn
 
-from attnguide import attention
-from attnguide.attention import (
+from attnguide.engine import attention
+from attnguide.engine.attention import (
     AttentionMapCapture,
     GuidanceState,
     IdentityPerturbation,
@@ -25,7 +25,7 @@ from attnguide.attention import (
     default_sag_layer,
     resolve_layers,
 )
-from attnguide.degrade import (
+from attnguide.engine.degrade import (
     attention_mask,
     combine_attention_maps,
     gaussian_blur_2d,
@@ -34,16 +34,7 @@ from attnguide.degrade import (
     random_mask,
     square_mask,
 )
-from attnguide.denoiser import (
-    PREDICTION_TYPES,
-    alpha_bar_at,
-    predict_eps,
-    predict_x0,
-    renoise,
-    split_learned_variance,
-    uses_sigma_schedule,
-)
-from attnguide.guidance import (
+from attnguide.engine.guidance import (
     PAG,
     SAG,
     check_scale,
@@ -51,6 +42,15 @@ from attnguide.guidance import (
     in_window,
     rescale_cfg,
     sag_degraded_input,
+)
+from attnguide.engine.parameterization import (
+    PREDICTION_TYPES,
+    alpha_bar_at,
+    predict_eps,
+    predict_x0,
+    renoise,
+    split_learned_variance,
+    uses_sigma_schedule,
 )
 
 

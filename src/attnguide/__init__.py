@@ -4,7 +4,8 @@ The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that
 :class:`attnguide.Guider`; drop-in diffusers pipelines are in :mod:`attnguide.pipelines`.
 """
 
-from .guidance import PAG, SAG
+from .engine.guidance import PAG, SAG
+from .engine.step import Guider, sample_loop
 from .pipelines import (
     DDPMSAGPipeline,
     DiTSAGPipeline,
@@ -13,8 +14,7 @@ from .pipelines import (
     StableDiffusionXLPAGPipeline,
     StableDiffusionXLSAGPipeline,
 )
-from .sampling import Guider, sample_loop
-from .wrap import guide
+from .pipelines.guide import guide
 
 __version__ = "0.1.0"
 

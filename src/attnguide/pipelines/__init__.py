@@ -1,7 +1,7 @@
 """Drop-in diffusers pipelines with attention guidance."""
 
+from .ddpm import DDPMSAGPipeline
 from .dit import DiTSAGPipeline
-from .pixel import DDPMSAGPipeline
 from .stable_diffusion import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
 from .stable_diffusion_xl import StableDiffusionXLPAGPipeline, StableDiffusionXLSAGPipeline
 

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..guidance import PAG, SAG, check_scale
+from ..engine.guidance import PAG, SAG, check_scale
 
 
 def positive_int(name: str, value) -> int:

@@ -18,8 +18,8 @@ from diffusers import (
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import check_scale
-from ..sampling import Guider, sample_loop
+from ..engine.guidance import check_scale
+from ..engine.step import Guider, sample_loop
 from ._common import pag_from_args, positive_int, sag_from_args, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "pt")

@@ -26,8 +26,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..guidance import PAG, SAG, check_scale
-from ..sampling import Guider
+from ..engine.guidance import PAG, SAG, check_scale
+from ..engine.step import Guider
 from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
 
 _SD = StableDiffusionPipeline

@@ -38,8 +38,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..guidance import PAG, SAG, check_scale
-from ..sampling import Guider
+from ..engine.guidance import PAG, SAG, check_scale
+from ..engine.step import Guider
 from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
 from .stable_diffusion import _GuidedStableDiffusion
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
 from .cli import BUNDLED_MODEL, Arm, _size, _to_uint8, load_pipeline, overlay_masks
-from .schedulers import SCHEDULER_NAMES, scheduler_from_name
 
 # Shown in the method dropdown -> the guidance terms of the guided run.
 METHODS: dict[str, frozenset[str]] = {
@@ -158,8 +158,8 @@ class DemoModel:
     """The pipeline, loaded once, and what the form offers for it."""
 
     def __init__(self, pipe):
-        from .attention import default_sag_layer, self_attention_layers
-        from .pipelines import DDPMSAGPipeline
+        from ..engine.attention import default_sag_layer, self_attention_layers
+        from ..pipelines import DDPMSAGPipeline
 
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)

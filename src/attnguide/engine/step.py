@@ -30,7 +30,8 @@ from .degrade import (
     random_mask,
     square_mask,
 )
-from .denoiser import (
+from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
+from .parameterization import (
     PREDICTION_TYPES,
     alpha_bar_at,
     output_for_scheduler,
@@ -38,7 +39,6 @@ from .denoiser import (
     split_learned_variance,
     uses_sigma_schedule,
 )
-from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
 
 ModelFn = Callable[[Tensor, Tensor, Sequence[str]], Tensor]
 

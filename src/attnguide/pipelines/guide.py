@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .guidance import PAG, SAG, combine
-from .sampling import Guider
+from ..engine.guidance import PAG, SAG, combine
+from ..engine.step import Guider
 
 CFG_LAYOUTS = ("auto", "uncond_first", "cond_first", "none")
 

@@ -43,7 +43,7 @@ def build_components(preset: str, dtype: torch.dtype, device: str) -> tuple[dict
     Returns the components and the text-embedding width. The text encoder is never run (the benchmark
     passes prompt embeddings), so the SD1.5 preset keeps the tiny one.
     """
-    from .tiny import tiny_sd_components
+    from ..tiny_models import tiny_sd_components
 
     comps = tiny_sd_components(0)
     width = 32
@@ -82,8 +82,8 @@ def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], N
     """CFG+SAG with the map from the mid block, from the layer with the most tokens (memory-flat map),
     and from that layer with the exact N x N map forced: seconds and peak memory of each (one warm-up,
     median of two). Shows what the memory-flat map costs against the mid-block map."""
-    from . import attention
-    from .attention import default_sag_layer, self_attention_layers
+    from ..engine import attention
+    from ..engine.attention import default_sag_layer, self_attention_layers
 
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     mid = default_sag_layer(unet)
@@ -229,7 +229,7 @@ def run_benchmark(
     from diffusers import StableDiffusionPAGPipeline as RefPAG
     from diffusers.utils import logging as dlog
 
-    from .pipelines import StableDiffusionSAGPipeline
+    from ..pipelines import StableDiffusionSAGPipeline
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

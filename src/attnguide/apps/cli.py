@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .schedulers import SCHEDULER_NAMES
+from ..pipelines.schedulers import SCHEDULER_NAMES
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "mnist-ddpm"
+BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "mnist-ddpm"
 METHODS = ("none", "sag", "blur", "pag", "cfg", "cfg+sag", "cfg+pag", "sag+pag")
 CONDITIONAL_METHODS = {"cfg", "cfg+sag", "cfg+pag"}
 # subcommands that live in their own module, each with main(argv): name -> (module, help)
@@ -95,7 +95,7 @@ def load_pipeline(model: str, device: str):
     """
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
-    from .pipelines import DDPMSAGPipeline, StableDiffusionSAGPipeline
+    from ..pipelines import DDPMSAGPipeline, StableDiffusionSAGPipeline
 
     try:
         index = DiffusionPipeline.load_config(model)
@@ -196,8 +196,8 @@ def cmd_sample(args) -> int:
     """Sample the same seeds with each method; write the grid and the masks."""
     from tqdm.auto import tqdm
 
-    from .pipelines import DDPMSAGPipeline
-    from .schedulers import scheduler_from_name
+    from ..pipelines import DDPMSAGPipeline
+    from ..pipelines.schedulers import scheduler_from_name
 
     out_dir = Path(args.out)
     grid_path, mask_path, meta_path = out_dir / "samples.png", out_dir / "masks.png", out_dir / "samples.json"

