@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import quiet
 
-import attnguide.engine.attention as attention_mod
 from attnguide import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from attnguide.engine.attention import MapLimits
 from attnguide.tiny_models import tiny_sd_components
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -88,7 +88,7 @@ def test_hooks_disable_graphs():
 def test_memory_flat_map_matches_exact_on_cuda():
     """The chunked map of a real layer on the GPU equals the explicit-probability map (the final images
     are not compared: a map value within rounding of psi may flip a mask pixel either way)."""
-    from attnguide.engine.attention import AttentionMapCapture, GuidanceState
+    from attnguide.engine.attention import AttentionMapCapture, GuidanceState, MapLimits
 
     pipe = _pipe()
     attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
@@ -98,23 +98,17 @@ def test_memory_flat_map_matches_exact_on_cuda():
     maps = {}
     for exact in (True, False):
         state = GuidanceState(capture=True)
-        proc = AttentionMapCapture("layer", state)
-        saved = attention_mod.EXACT_MAP_MAX_ELEMENTS
-        attention_mod.EXACT_MAP_MAX_ELEMENTS = 2**62 if exact else 0
-        try:
-            out = proc(attn, x)
-        finally:
-            attention_mod.EXACT_MAP_MAX_ELEMENTS = saved
+        proc = AttentionMapCapture("layer", state, MapLimits(exact_max_elements=2**62 if exact else 0))
+        out = proc(attn, x)
         maps[exact] = (state.maps["layer"][0], out)
     torch.testing.assert_close(maps[False][0], maps[True][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(maps[False][1], maps[True][1], rtol=1e-4, atol=1e-4)
 
 
-def test_memory_flat_map_under_graphs(monkeypatch):
+def test_memory_flat_map_under_graphs():
     pipe = _pipe()
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
-    monkeypatch.setattr(attention_mod, "EXACT_MAP_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(attention_mod, "MAP_CHUNK_ELEMENTS", 64)
+    pipe.map_limits = MapLimits(exact_max_elements=0, chunk_elements=64)
     flat = _run(pipe, False, guidance_scale=7.5, sag_scale=0.75, sag_layers=layer)
     flat_graphed = _run(pipe, True, guidance_scale=7.5, sag_scale=0.75, sag_layers=layer)
     torch.testing.assert_close(flat_graphed, flat, rtol=0, atol=1e-5)

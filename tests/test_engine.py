@@ -11,8 +11,8 @@ from conftest import gen, quiet
 from diffusers import StableDiffusionPipeline
 from diffusers import StableDiffusionSAGPipeline as RefSAG
 
-import attnguide.engine.attention as attention_mod
 from attnguide import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from attnguide.engine.attention import MapLimits
 from attnguide.tiny_models import tiny_sd_components
 
 SMALL = dict(prompt=["a cat", "a dog"], height=32, width=40, num_inference_steps=3, output_type="latent")
@@ -243,12 +243,11 @@ def test_cross_attention_kwargs_reach_the_degraded_pass():
     assert set(seen) == {"here"}
 
 
-def test_memory_flat_map_gives_the_same_result(monkeypatch):
+def test_memory_flat_map_gives_the_same_result():
     comps = tiny_sd_components(0)
     pipe = quiet(StableDiffusionSAGPipeline(**comps))
     exact = pipe(generator=gen(0), sag_layers="down_blocks.1.attentions.0", **SMALL).images
-    monkeypatch.setattr(attention_mod, "EXACT_MAP_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(attention_mod, "MAP_CHUNK_ELEMENTS", 64)
+    pipe.map_limits = MapLimits(exact_max_elements=0, chunk_elements=64)
     flat = pipe(generator=gen(0), sag_layers="down_blocks.1.attentions.0", **SMALL).images
     assert (exact - flat).abs().max() <= 1e-4
 

@@ -15,11 +15,11 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from torch import nn
 
-from attnguide.engine import attention
 from attnguide.engine.attention import (
     AttentionMapCapture,
     GuidanceState,
     IdentityPerturbation,
+    MapLimits,
     ProcessorSwap,
     aggregated_map_chunked,
     default_sag_layer,
@@ -288,16 +288,15 @@ def _attn_4d(seed: int = 0) -> Attention:
 
 @pytest.mark.parametrize("memory_flat", [False, True])
 @torch.no_grad()
-def test_capture_processor_3d(monkeypatch, memory_flat):
-    if memory_flat:
-        monkeypatch.setattr(attention, "EXACT_MAP_MAX_ELEMENTS", 0)
+def test_capture_processor_3d(memory_flat):
+    limits = MapLimits(exact_max_elements=0) if memory_flat else MapLimits()
     attn = _attn_3d()
     x = _randn(2, 10, 16, seed=1)
     assert isinstance(attn.processor, AttnProcessor2_0)
     ref = attn(x)
 
     state = GuidanceState(capture=True)
-    attn.set_processor(AttentionMapCapture("layer", state))
+    attn.set_processor(AttentionMapCapture("layer", state, limits))
     out = attn(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     agg, grid = state.maps["layer"]
@@ -315,14 +314,13 @@ def test_capture_processor_3d(monkeypatch, memory_flat):
 
 @pytest.mark.parametrize("memory_flat", [False, True])
 @torch.no_grad()
-def test_capture_processor_4d_unet_block(monkeypatch, memory_flat):
-    if memory_flat:
-        monkeypatch.setattr(attention, "EXACT_MAP_MAX_ELEMENTS", 0)
+def test_capture_processor_4d_unet_block(memory_flat):
+    limits = MapLimits(exact_max_elements=0) if memory_flat else MapLimits()
     attn = _attn_4d()
     x = _randn(2, 32, 4, 6, seed=2)
     ref = AttnProcessor2_0()(attn, x)
     state = GuidanceState(capture=True)
-    attn.set_processor(AttentionMapCapture("mid", state))
+    attn.set_processor(AttentionMapCapture("mid", state, limits))
     out = attn(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

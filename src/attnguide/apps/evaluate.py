@@ -474,8 +474,7 @@ class Sampler:
         """Images (n, C, H, W) float32 in [0, 1] and the per-sample mean attention-mask fraction (NaN
         where the arm has no attention mask). Sample ``i`` starts from the noise of seed ``seed + i``; the
         scheduler's own noise (stochastic schedulers) comes from the same per-sample generator."""
-        from ..engine.step import sample_loop
-        from ..pipelines._common import step_kwargs
+        from ..engine.step import sample_loop, scheduler_step_kwargs
 
         if (arm.conditional or arm.cfg_scale is not None) and self.num_class_embeds is None:
             raise ValueError("class-conditional arm on a model without class embeddings")
@@ -500,7 +499,8 @@ class Sampler:
 
         ctx = _average_pixel_blur() if arm.sag_average and arm.uses_sag else contextlib.nullcontext()
         with ctx:
-            x = sample_loop(guider, model_fn, latents, extra_step_kwargs=step_kwargs(sched, gens, 0.0))
+            step_kw = scheduler_step_kwargs(sched, gens, 0.0)
+            x = sample_loop(guider, model_fn, latents, extra_step_kwargs=step_kw)
         images = (x / 2 + 0.5).clamp(0, 1).float().cpu().numpy()
         if guider.mask_sum is not None:
             steps = max(1, guider.mask_steps)

@@ -21,10 +21,26 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-# Above this many attention-probability elements (batch x heads x N x N) the map is computed in query
-# chunks, beside a fused attention call, so the N x N matrix is never held whole.
-EXACT_MAP_MAX_ELEMENTS = 2**26
-MAP_CHUNK_ELEMENTS = 2**24
+
+@dataclass(frozen=True)
+class MapLimits:
+    """How a SAG map is computed. Above ``exact_max_elements`` attention probabilities (batch x heads x
+    N x N) the map is computed in query chunks of about ``chunk_elements`` probabilities, beside a fused
+    attention call, so the N x N matrix is never held whole (memory-flat); at or below it, exactly as
+    diffusers' SAG pipeline does (bit-identical masks)."""
+
+    exact_max_elements: int = 2**26
+    chunk_elements: int = 2**24
+
+    def __post_init__(self) -> None:
+        for name in ("exact_max_elements", "chunk_elements"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "chunk_elements" else 0):
+                raise ValueError(f"`{name}` must be a non-negative integer (chunk: positive), got {v!r}")
+
+
+#: The default: exact maps up to 2^26 probabilities, then memory-flat in chunks of 2^24.
+DEFAULT_MAP_LIMITS = MapLimits()
 
 
 def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
@@ -135,7 +151,7 @@ class GuidanceState:
 
 
 def aggregated_map_chunked(
-    query: Tensor, key: Tensor, scale: float, chunk_elements: int = MAP_CHUNK_ELEMENTS
+    query: Tensor, key: Tensor, scale: float, chunk_elements: int = DEFAULT_MAP_LIMITS.chunk_elements
 ) -> Tensor:
     """Mean over heads of sum over queries of softmax(q k^T * scale), without the full N x N matrix.
 
@@ -156,16 +172,17 @@ def aggregated_map_chunked(
 class AttentionMapCapture:
     """Self-attention processor that also records the aggregated attention map of its layer.
 
-    Below ``EXACT_MAP_MAX_ELEMENTS`` it follows diffusers' ``AttnProcessor`` (explicit probabilities,
-    ``attn.get_attention_scores`` then ``bmm``), which is also how diffusers' SAG pipeline computes its
-    map, so masks match the reference bit for bit. Above it, the output comes from fused scaled-dot-product
-    attention and the map from :func:`aggregated_map_chunked` (memory-flat). The head count is the
-    module's own (``attn.heads``).
+    Up to ``limits.exact_max_elements`` (:class:`MapLimits`) it follows diffusers' ``AttnProcessor``
+    (explicit probabilities, ``attn.get_attention_scores`` then ``bmm``), which is also how diffusers' SAG
+    pipeline computes its map, so masks match the reference bit for bit. Above it, the output comes from
+    fused scaled-dot-product attention and the map from :func:`aggregated_map_chunked` (memory-flat). The
+    head count is the module's own (``attn.heads``).
     """
 
-    def __init__(self, name: str, state: GuidanceState):
+    def __init__(self, name: str, state: GuidanceState, limits: MapLimits = DEFAULT_MAP_LIMITS):
         self.name = name
         self.state = state
+        self.limits = limits
 
     def __call__(
         self,
@@ -195,7 +212,7 @@ class AttentionMapCapture:
         heads = attn.heads
         n_probs = batch_size * heads * sequence_length * sequence_length
 
-        if n_probs <= EXACT_MAP_MAX_ELEMENTS:
+        if n_probs <= self.limits.exact_max_elements:
             query = attn.head_to_batch_dim(query)
             key = attn.head_to_batch_dim(key)
             value = attn.head_to_batch_dim(value)
@@ -223,7 +240,9 @@ class AttentionMapCapture:
                 if attention_mask is not None:
                     raise NotImplementedError("memory-flat attention maps do not support attention masks")
                 rows = self.state.capture_rows or batch_size
-                agg = aggregated_map_chunked(query[:rows], key[:rows], attn.scale).to(query.dtype)
+                agg = aggregated_map_chunked(
+                    query[:rows], key[:rows], attn.scale, self.limits.chunk_elements
+                ).to(query.dtype)
                 self.state.maps[self.name] = (agg, grid)
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
@@ -342,11 +361,15 @@ class ProcessorSwap:
 
 
 def install_guidance_processors(
-    swap: ProcessorSwap, state: GuidanceState, capture_layers: Iterable[str], perturb_layers: Iterable[str]
+    swap: ProcessorSwap,
+    state: GuidanceState,
+    capture_layers: Iterable[str],
+    perturb_layers: Iterable[str],
+    limits: MapLimits = DEFAULT_MAP_LIMITS,
 ) -> None:
     """Capture processors first, then PAG wrappers around whatever is installed (a capture processor where
     a layer is both), so the captured map always comes from the unperturbed rows."""
     for name in capture_layers:
-        swap.install(name, lambda _old, name=name: AttentionMapCapture(name, state))
+        swap.install(name, lambda _old, name=name: AttentionMapCapture(name, state, limits))
     for name in perturb_layers:
         swap.install(name, lambda old: IdentityPerturbation(old, state))

@@ -8,12 +8,17 @@ aggregated self-attention map exceeds the threshold psi). The masks of the paper
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 MASK_KINDS = ("attention", "global", "random", "square", "highfreq")
+
+#: A blur strategy: (B, C, H, W) -> (B, C, H, W), e.g. ``functools.partial(gaussian_blur_2d, kernel_size=9,
+#: sigma=1.0)`` or :func:`mean_pixel_blur`.
+Blur = Callable[[Tensor], Tensor]
 
 
 def gaussian_kernel_1d(kernel_size: int, sigma: float, *, device=None, dtype=None) -> Tensor:
@@ -61,6 +66,15 @@ def gaussian_blur_2d(img: Tensor, kernel_size: int = 9, sigma: float = 1.0) -> T
     mode = "reflect" if min(img.shape[-2:]) > pad else "replicate"
     img = F.pad(img, [pad, pad, pad, pad], mode=mode)
     return F.conv2d(img, kernel2d, groups=channels)
+
+
+def mean_pixel_blur(img: Tensor) -> Tensor:
+    """The limit sigma -> infinity of the Gaussian blur: each image's per-channel mean pixel, everywhere.
+
+    A blur strategy for :class:`attnguide.SAG` (``SAG(blur=mean_pixel_blur)``; the SAG paper's Table 6 ends
+    its sigma sweep here).
+    """
+    return img.mean(dim=(-2, -1), keepdim=True).expand_as(img)
 
 
 def infer_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .degrade import MASK_KINDS, gaussian_blur_2d
+from .degrade import MASK_KINDS, Blur, gaussian_blur_2d
 from .parameterization import predict_eps, predict_x0, renoise
 
 
@@ -59,7 +59,8 @@ class SAG:
     blur_sigma: the Gaussian blur (diffusers: 9 and 1.0). mask: "attention" (SAG), "global" (blur
     guidance), or the Table 5 ablations "random", "square", "highfreq" that mask ``mask_fraction`` of
     the pixels. window: (start, stop) fractions of the sampling steps where the term is applied; outside
-    it the extra model pass is skipped.
+    it the extra model pass is skipped. blur: another blur strategy (a function of x0_hat, e.g.
+    :func:`attnguide.engine.degrade.mean_pixel_blur`) in place of the Gaussian; None keeps the Gaussian.
     """
 
     scale: float = 0.75
@@ -70,6 +71,7 @@ class SAG:
     mask: str = "attention"
     mask_fraction: float = 0.4
     window: tuple[float, float] = (0.0, 1.0)
+    blur: Blur | None = None
 
     def __post_init__(self) -> None:
         check_scale("sag_scale", self.scale, minimum=-math.inf)
@@ -89,6 +91,8 @@ class SAG:
         if not 0.0 < self.mask_fraction <= 1.0:
             raise ValueError(f"`sag_mask_fraction` must be in (0, 1], got {self.mask_fraction!r}")
         _check_window("sag_window", *self.window)
+        if self.blur is not None and not callable(self.blur):
+            raise ValueError(f"`sag_blur` must be a function of a (B, C, H, W) tensor, got {self.blur!r}")
 
     @property
     def needs_map(self) -> bool:
@@ -172,15 +176,18 @@ def sag_degraded_input(
     mask: Tensor,
     blur_kernel_size: int = 9,
     blur_sigma: float = 1.0,
+    *,
+    blur: Blur | None = None,
 ) -> Tensor:
     """x_tilde_t of Alg. 1: blur x0_hat where ``mask`` is 1 and re-noise with the model's own eps.
 
     ``x_in`` is the model input at this step (after ``scale_model_input``), ``model_output`` the raw
-    output for it, ``mask`` (B, 1 or C, H, W) in {0, 1} (all ones: blur guidance). Returns a model input.
+    output for it, ``mask`` (B, 1 or C, H, W) in {0, 1} (all ones: blur guidance). ``blur`` replaces the
+    Gaussian of ``blur_kernel_size`` / ``blur_sigma`` by another strategy. Returns a model input.
     """
     x0 = predict_x0(x_in, model_output, alpha_bar, prediction_type)
     eps = predict_eps(x_in, model_output, alpha_bar, prediction_type)
-    blurred = gaussian_blur_2d(x0, blur_kernel_size, blur_sigma)
+    blurred = blur(x0) if blur is not None else gaussian_blur_2d(x0, blur_kernel_size, blur_sigma)
     x0_tilde = blurred * mask + x0 * (1 - mask)
     return renoise(x0_tilde, eps, alpha_bar)
 

@@ -9,6 +9,7 @@ which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batch
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,12 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from .attention import (
+    DEFAULT_MAP_LIMITS,
     GuidanceState,
+    MapLimits,
     ProcessorSwap,
     default_sag_layer,
     install_guidance_processors,
     resolve_layers,
 )
+from .cuda_graphs import CudaGraphPasses, ModelFn, graph_safe
 from .degrade import (
     attention_mask,
     combine_attention_maps,
@@ -39,8 +43,6 @@ from .parameterization import (
     split_learned_variance,
     uses_sigma_schedule,
 )
-
-ModelFn = Callable[[Tensor, Tensor, Sequence[str]], Tensor]
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Guider:
     generator: randomness for the "random" and "square" ablation masks.
     cuda_graphs: replay the model passes from CUDA graphs on a CUDA device (:class:`CudaGraphPasses`);
     the model function's own tensors must then stay fixed during the run (else call ``graphs.reset()``).
+    map_limits: when a SAG map is computed memory-flat (:class:`attnguide.engine.attention.MapLimits`).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class Guider:
         record_masks: bool = False,
         generator: torch.Generator | None = None,
         cuda_graphs: bool = False,
+        map_limits: MapLimits = DEFAULT_MAP_LIMITS,
     ):
         self.model = model
         self.scheduler = scheduler
@@ -101,6 +105,7 @@ class Guider:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {ptype!r}")
         self.prediction_type = ptype
         self.record_masks = record_masks
+        self.map_limits = map_limits
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.mask_sum: Tensor | None = None
         self.mask_steps = 0  # steps whose mask is in mask_sum
@@ -109,7 +114,7 @@ class Guider:
         # Resolve layers now, so a bad name fails before any model call. A torch.compile wrapper
         # (``torch.compile(unet)``) is looked through, so layer paths read as in the plain model.
         inner = getattr(model, "_orig_mod", model)
-        self.graphs = CudaGraphPasses(self.state) if cuda_graphs and _graph_safe(inner) else None
+        self.graphs = CudaGraphPasses(self.state) if cuda_graphs and graph_safe(inner) else None
         self.sag_layers: list[str] = []
         if self.sag is not None and self.sag.needs_map:
             names = self.sag.layers if self.sag.layers is not None else default_sag_layer(inner)
@@ -129,7 +134,9 @@ class Guider:
 
     def __enter__(self) -> Guider:
         try:
-            install_guidance_processors(self._swap, self.state, self.sag_layers, self.pag_layers)
+            install_guidance_processors(
+                self._swap, self.state, self.sag_layers, self.pag_layers, self.map_limits
+            )
         except BaseException:
             self._swap.restore()
             raise
@@ -203,6 +210,7 @@ class Guider:
                 mask,
                 self.sag.blur_kernel_size,
                 self.sag.blur_sigma,
+                blur=self.sag.blur,
             )
             out_sag = self._run(model_fn, x_deg, t, [branches[0]])
             res.out_sag, _ = split_learned_variance(out_sag, channels)
@@ -216,14 +224,12 @@ class Guider:
         *,
         step: int = 0,
         num_steps: int = 1,
-        model_input: Tensor | None = None,
     ) -> Tensor:
         """The guided model output for ``sample`` at timestep ``t`` (to hand to ``scheduler.step``).
 
-        ``model_input`` is ``scheduler.scale_model_input(sample, t)`` when the caller already has it.
         With a learned variance, the variance channels of the conditional pass are kept.
         """
-        x_in = model_input if model_input is not None else self.scheduler.scale_model_input(sample, t)
+        x_in = self.scheduler.scale_model_input(sample, t)
         r = self.passes(model_fn, x_in, t, step=step, num_steps=num_steps)
         guided = combine(
             r.out_cond,
@@ -283,94 +289,15 @@ class Guider:
         return mask
 
 
-def _graph_safe(model: nn.Module) -> bool:
-    """False where replaying a captured graph would skip work the model does in Python at each call:
-    forward hooks (user hooks, accelerate's offloading hooks that move weights)."""
-    for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            return False
-    from torch.nn.modules import module as _module
-
-    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-
-
-class CudaGraphPasses:
-    """Replays the model passes of a sampling run from CUDA graphs.
-
-    At batch sizes where the device waits on the host (Stable Diffusion at batch 1: a UNet call is about
-    five thousand operator launches), launching is most of a step's time. Each distinct pass (branches,
-    shapes, and the processors' state: map capture, perturbed rows) runs eagerly once, is captured into a
-    CUDA graph the second time, and is replayed from then on. The model function's own tensors (prompt
-    embeddings, labels) must stay the same while graphs live: a pipeline that changes them calls
-    :meth:`reset`. The graphs and their memory are dropped when the run ends. A pass that cannot be
-    captured falls back to eager for the rest of the run, with a warning.
-    """
-
-    def __init__(self, state: GuidanceState):
-        self.state = state
-        self.enabled = True
-        self._graphs: dict[tuple, tuple] = {}
-        self._seen: set[tuple] = set()
-
-    def reset(self) -> None:
-        self._graphs.clear()
-        self._seen.clear()
-
-    def __call__(self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]) -> Tensor:
-        if not (self.enabled and x.is_cuda):
-            return model_fn(x, t, branches)
-        if not isinstance(t, Tensor) or t.device != x.device:
-            t = torch.as_tensor(t).to(x.device)
-        st = self.state
-        key = (tuple(branches), tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
-        key += (st.capture, st.capture_rows, st.perturbed_rows)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if key not in self._seen:  # first time: eager (also the warm-up the capture needs)
-                self._seen.add(key)
-                return model_fn(x, t, branches)
-            entry = self._capture(key, model_fn, x, t, branches)
-            if entry is None:
-                return model_fn(x, t, branches)
-        graph, static_x, static_t, static_out, maps = entry
-        static_x.copy_(x)
-        static_t.copy_(t)
-        graph.replay()
-        if maps:
-            st.maps.update({name: (agg.clone(), grid) for name, (agg, grid) in maps.items()})
-        return static_out.clone()
-
-    def _capture(self, key, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]):
-        import warnings
-
-        static_x, static_t = x.clone(), t.clone()
-        graph = torch.cuda.CUDAGraph()
-        # The maps a capture records are the graph's output buffers (filled at each replay); the maps
-        # recorded earlier in this step stay as they were.
-        maps = self.state.maps
-        earlier = dict(maps)
-        maps.clear()
-        try:
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                static_out = model_fn(static_x, static_t, branches)
-        except Exception as err:
-            self.enabled = False
-            self.reset()
-            warnings.warn(
-                f"attnguide: CUDA graph capture failed ({type(err).__name__}: {err}); "
-                "running the model eagerly for the rest of this run",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        finally:
-            recorded = dict(maps)
-            maps.clear()
-            maps.update(earlier)
-        entry = (graph, static_x, static_t, static_out, recorded)
-        self._graphs[key] = entry
-        return entry
+def scheduler_step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:
+    """The ``generator`` and ``eta`` keywords that this scheduler's ``step`` accepts."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out: dict = {}
+    if "generator" in params:
+        out["generator"] = generator
+    if "eta" in params:
+        out["eta"] = eta
+    return out
 
 
 def sample_loop(

@@ -1,6 +1,5 @@
 """Argument gathering shared by the pipelines (the guidance math itself is in attnguide.guidance)."""
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -52,17 +51,6 @@ class PAGLayersMixin:
     @property
     def do_perturbed_attention_guidance(self) -> bool:
         return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
-
-
-def step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:
-    """The ``generator`` and ``eta`` keywords that this scheduler's ``step`` accepts."""
-    params = set(inspect.signature(scheduler.step).parameters)
-    out: dict = {}
-    if "generator" in params:
-        out["generator"] = generator
-    if "eta" in params:
-        out["eta"] = eta
-    return out
 
 
 def sag_from_args(

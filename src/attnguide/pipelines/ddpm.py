@@ -13,8 +13,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
-from ..engine.step import Guider, sample_loop
-from ._common import divisible_size, pag_from_args, positive_int, sag_from_args, step_kwargs
+from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
+from ._common import divisible_size, pag_from_args, positive_int, sag_from_args
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -156,7 +156,7 @@ class DDPMSAGPipeline(DiffusionPipeline):
             guider,
             model_fn,
             latents,
-            extra_step_kwargs=step_kwargs(self.scheduler, generator, eta),
+            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
             progress=self.progress_bar,
             callback=callback,
         )

@@ -19,8 +19,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
-from ..engine.step import Guider, sample_loop
-from ._common import pag_from_args, positive_int, sag_from_args, step_kwargs
+from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
+from ._common import pag_from_args, positive_int, sag_from_args
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -134,7 +134,7 @@ class DiTSAGPipeline(DiffusionPipeline):
             guider,
             model_fn,
             latents,
-            extra_step_kwargs=step_kwargs(self.scheduler, generator, eta),
+            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
             progress=self.progress_bar,
         )
         samples = self.vae.decode(latents / self.vae.config.scaling_factor).sample

@@ -26,6 +26,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
 from ..engine.guidance import PAG, SAG, check_scale
 from ..engine.step import Guider
 from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
@@ -51,6 +52,8 @@ class _GuidedStableDiffusion(
     #: Replay the UNet passes from CUDA graphs on a CUDA device (attnguide.sampling.CudaGraphPasses): the
     #: same results with far less launch overhead at small batch sizes. False runs every pass eagerly.
     cuda_graphs: bool = True
+    #: When a SAG map is computed memory-flat (attnguide.engine.attention.MapLimits).
+    map_limits: MapLimits = DEFAULT_MAP_LIMITS
 
     # Input handling is diffusers' own (maintained StableDiffusionPipeline code), not a copy.
     encode_image = _SD.encode_image
@@ -273,6 +276,7 @@ class _GuidedStableDiffusion(
             guidance_rescale=guidance_rescale,
             record_masks=record_masks,
             cuda_graphs=self.cuda_graphs,
+            map_limits=self.map_limits,
         )
         self.last_guider = guider
 

@@ -38,6 +38,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
 from ..engine.guidance import PAG, SAG, check_scale
 from ..engine.step import Guider
 from ._common import PAGLayersMixin, denoise_loop, divisible_size, pag_from_args, positive_int, sag_from_args
@@ -87,6 +88,8 @@ class _GuidedStableDiffusionXL(
     #: Replay the UNet passes from CUDA graphs on a CUDA device (attnguide.sampling.CudaGraphPasses): the
     #: same results with far less launch overhead at small batch sizes. False runs every pass eagerly.
     cuda_graphs: bool = True
+    #: When a SAG map is computed memory-flat (attnguide.engine.attention.MapLimits).
+    map_limits: MapLimits = DEFAULT_MAP_LIMITS
     _optional_components = [
         "tokenizer",
         "tokenizer_2",
@@ -407,6 +410,7 @@ class _GuidedStableDiffusionXL(
             guidance_rescale=guidance_rescale,
             record_masks=record_masks,
             cuda_graphs=self.cuda_graphs,
+            map_limits=self.map_limits,
         )
         self.last_guider = guider
 

@@ -1,0 +1,168 @@
+"""One ``Arm`` type for every application: a sampling configuration, that is, which guidance terms run
+at which scales. The CLI's grid columns, the demo's methods, the evaluation's arms and the benchmark's
+arms are all ``Arm`` values; :meth:`Arm.from_method` reads the method names they share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..engine.degrade import mean_pixel_blur
+from ..engine.guidance import PAG, SAG
+
+#: Method names: guidance terms joined by "+" ("blur" is SAG with the global mask, the paper's Sec. 5.1).
+METHODS = ("none", "sag", "blur", "pag", "cfg", "cfg+sag", "cfg+pag", "sag+pag")
+#: Methods that need a conditional model (CFG).
+CONDITIONAL_METHODS = frozenset(m for m in METHODS if "cfg" in m.split("+"))
+
+
+def method_terms(method: str) -> frozenset[str]:
+    """The terms of a method name ("cfg+sag" -> {"cfg", "sag"}); ValueError for an unknown name."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return frozenset() if method == "none" else frozenset(method.split("+"))
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One sampling configuration.
+
+    ``name``: a display name (not part of equality). ``conditional``: sample class labels (evaluation:
+    ``i mod 10``; else the null label). ``cfg_scale``: CFG weight w (None: no CFG). ``sag_*``: the SAG
+    term (scale 0: none): mask kind, blur sigma and kernel, the masked fraction of the random / square /
+    high-frequency masks (None: calibrated to the attention mask's), ``sag_average``: the blur becomes
+    the per-image mean pixel (sigma -> infinity), the step window. ``pag_scale``: PAG (0: none).
+    """
+
+    name: str = field(default="", compare=False)
+    conditional: bool = False
+    cfg_scale: float | None = None
+    sag_scale: float = 0.0
+    sag_mask: str = "attention"
+    sag_sigma: float = 1.0
+    sag_kernel: int = 9
+    sag_fraction: float | None = None
+    sag_average: bool = False
+    sag_window: tuple[float, float] = (0.0, 1.0)
+    pag_scale: float = 0.0
+
+    @classmethod
+    def from_method(
+        cls,
+        method: str,
+        *,
+        cfg_scale: float,
+        sag_scale: float,
+        pag_scale: float,
+        blur_scale: float | None = None,
+        **options: Any,
+    ) -> Arm:
+        """The arm of a method name ("cfg+sag", "blur", ...) with the scales of the terms it names;
+        ``blur_scale`` (default ``sag_scale``) is the scale of blur guidance. ``options``: other fields."""
+        terms = method_terms(method)
+        blur = "blur" in terms
+        sag = (blur_scale if blur_scale is not None else sag_scale) if blur else sag_scale
+        return cls(
+            name=method,
+            cfg_scale=cfg_scale if "cfg" in terms else None,
+            sag_scale=sag if terms & {"sag", "blur"} else 0.0,
+            sag_mask="global" if blur else "attention",
+            pag_scale=pag_scale if "pag" in terms else 0.0,
+            **options,
+        )
+
+    # ------------------------------------------------------------------ what the arm runs
+    @property
+    def guidance_scale(self) -> float:
+        """The pipelines' ``guidance_scale`` (CFG on above 1): ``cfg_scale``, or 1.0 without CFG."""
+        return 1.0 if self.cfg_scale is None else self.cfg_scale
+
+    @property
+    def uses_sag(self) -> bool:
+        return self.sag_scale != 0
+
+    @property
+    def uses_attention_mask(self) -> bool:
+        """Whether SAG runs with the self-attention mask (so there are masks to show)."""
+        return self.uses_sag and self.sag_mask == "attention"
+
+    @property
+    def needs_calibration(self) -> bool:
+        ablation = self.sag_mask in ("random", "square", "highfreq")
+        return self.uses_sag and ablation and self.sag_fraction is None
+
+    def sag_term(self, layers: str | Sequence[str] | None = None) -> SAG | None:
+        """The :class:`SAG` term of this arm (None without SAG)."""
+        if not self.uses_sag:
+            return None
+        return SAG(
+            scale=self.sag_scale,
+            layers=layers,
+            blur_kernel_size=self.sag_kernel,
+            blur_sigma=self.sag_sigma,
+            mask=self.sag_mask,
+            mask_fraction=self.sag_fraction if self.sag_fraction is not None else 0.4,
+            window=tuple(self.sag_window),
+            blur=mean_pixel_blur if self.sag_average else None,
+        )
+
+    def pag_term(self, layers: str | Sequence[str] = "mid") -> PAG | None:
+        """The :class:`PAG` term of this arm (None without PAG)."""
+        return PAG(scale=self.pag_scale, layers=layers) if self.pag_scale != 0 else None
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The guidance arguments of attnguide's pipelines (``pipe(**arm.pipeline_kwargs(), ...)``)."""
+        return {
+            "guidance_scale": self.guidance_scale,
+            "sag_scale": self.sag_scale,
+            "sag_mask": self.sag_mask,
+            "sag_blur_sigma": self.sag_sigma,
+            "sag_blur_kernel_size": self.sag_kernel,
+            "sag_window": tuple(self.sag_window),
+            "pag_scale": self.pag_scale,
+        }
+
+    # ------------------------------------------------------------------ identity
+    def canonical(self) -> Arm:
+        """The same arm with unused options reset, so equal samplers get equal keys."""
+        a = self
+        if a.sag_scale == 0:
+            a = replace(
+                a,
+                sag_mask="attention",
+                sag_sigma=1.0,
+                sag_kernel=9,
+                sag_fraction=None,
+                sag_average=False,
+                sag_window=(0.0, 1.0),
+            )
+        elif a.sag_mask in ("attention", "global"):
+            a = replace(a, sag_fraction=None)
+        if a.sag_average:
+            a = replace(a, sag_sigma=1.0, sag_kernel=9)
+        return a
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identifier, e.g. ``u-sag0.75-random0.41``."""
+        a = self.canonical()
+        parts = ["c" if a.conditional else "u"]
+        if a.cfg_scale is not None:
+            parts.append(f"cfg{a.cfg_scale:g}")
+        if a.sag_scale != 0:
+            s = f"sag{a.sag_scale:g}"
+            if a.sag_mask != "attention":
+                s += f"-{a.sag_mask}"
+            if a.sag_fraction is not None:
+                s += f"{a.sag_fraction:.6g}"
+            if a.sag_average:
+                s += "-avgpixel"
+            elif (a.sag_sigma, a.sag_kernel) != (1.0, 9):
+                s += f"-sigma{a.sag_sigma:g}-k{a.sag_kernel}"
+            if tuple(a.sag_window) != (0.0, 1.0):
+                s += f"-win{a.sag_window[0]:g}-{a.sag_window[1]:g}"
+            parts.append(s)
+        if a.pag_scale != 0:
+            parts.append(f"pag{a.pag_scale:g}")
+        return "-".join(parts)
