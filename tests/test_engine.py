@@ -23,8 +23,12 @@ def _processor_types(unet):
 
 
 def _count_calls(module):
+    """Count the module's evaluations. A UNet is counted at ``conv_in``, the first layer of every
+    evaluation: inside attnguide.guide the pipeline calls the UNet once per step and the guidance passes
+    run its original forward directly, so a hook on the UNet module itself sees steps, not evaluations."""
     calls = []
-    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    target = getattr(module, "conv_in", module)
+    handle = target.register_forward_pre_hook(lambda *_: calls.append(1))
     return calls, handle
 
 

@@ -120,8 +120,12 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _count_calls(module):
+    """Count the module's evaluations. A UNet is counted at ``conv_in``, the first layer of every
+    evaluation: inside attnguide.guide the pipeline calls the UNet once per step and the guidance passes
+    run its original forward directly, so a hook on the UNet module itself sees steps, not evaluations."""
     calls = []
-    handle = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    target = getattr(module, "conv_in", module)
+    handle = target.register_forward_pre_hook(lambda *_: calls.append(1))
     return calls, handle
 
 
@@ -310,9 +314,10 @@ def test_xl_sag_batch_equals_single_prompt_runs(extra):
     batch = pipe(**dict(kw, prompt=["a cat", "a red dog"]), generator=[gen(0), gen(1)]).images
     one = pipe(**dict(kw, prompt="a cat"), generator=gen(0)).images
     two = pipe(**dict(kw, prompt="a red dog"), generator=gen(1)).images
-    # 1e-5 relative: batched and single-row matmuls round differently (diffusers' own SDXL pipeline
-    # differs by ~1e-5 absolute on these latents of magnitude ~13); mixing rows would differ by >1e-2.
-    torch.testing.assert_close(batch, torch.cat([one, two]), rtol=1e-5, atol=1e-5)
+    # Batched and single-row matmuls round differently (diffusers' own SDXL pipeline differs by ~1e-5
+    # absolute on these latents of magnitude ~13; on this CPU one element near 0 differs by 1.25e-5, at
+    # the commit before the layout change too); mixing rows would differ by >1e-2, 200x this tolerance.
+    torch.testing.assert_close(batch, torch.cat([one, two]), rtol=1e-5, atol=5e-5)
 
 
 # ------------------------------------------------------------------------------ processors and bad input

@@ -46,14 +46,18 @@ class CudaGraphPasses:
         self._graphs.clear()
         self._seen.clear()
 
-    def __call__(self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]) -> Tensor:
+    def __call__(
+        self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str], inputs_key: tuple = ()
+    ) -> Tensor:
+        """``model_fn(x, t, branches)``, replayed from a graph after its first two calls with the same
+        branches, shapes, processor state and ``inputs_key`` (the model function's other inputs)."""
         if not (self.enabled and x.is_cuda):
             return model_fn(x, t, branches)
         if not isinstance(t, Tensor) or t.device != x.device:
             t = torch.as_tensor(t).to(x.device)
         st = self.state
         key = (tuple(branches), tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
-        key += (st.capture, st.capture_rows, st.perturbed_rows)
+        key += (st.capture, st.capture_rows, st.perturbed_rows, inputs_key)
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen:  # first time: eager (also the warm-up the capture needs)

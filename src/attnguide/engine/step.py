@@ -148,9 +148,11 @@ class Guider:
         if self.graphs is not None:
             self.graphs.reset()
 
-    def _run(self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str]) -> Tensor:
+    def _run(
+        self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str], inputs_key: tuple
+    ) -> Tensor:
         if self.graphs is not None:
-            return self.graphs(model_fn, x, t, branches)
+            return self.graphs(model_fn, x, t, branches, inputs_key)
         return model_fn(x, t, branches)
 
     # ------------------------------------------------------------------ one step
@@ -162,9 +164,12 @@ class Guider:
         *,
         step: int = 0,
         num_steps: int = 1,
+        inputs_key: tuple = (),
     ) -> StepOutputs:
         """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
-        one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input."""
+        one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input.
+        ``inputs_key`` identifies the model function's own inputs for the CUDA-graph cache (tensors by
+        address: a captured graph reads them there)."""
         if self._sigma_schedule is None:
             self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
         b, channels = x_in.shape[0], x_in.shape[1]
@@ -179,7 +184,7 @@ class Guider:
         st.capture = do_sag and self.sag.needs_map
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         try:
-            out = self._run(model_fn, x_main, t, branches)
+            out = self._run(model_fn, x_main, t, branches, inputs_key)
         finally:
             st.perturbed_rows = 0
             st.capture = False
@@ -212,7 +217,7 @@ class Guider:
                 self.sag.blur_sigma,
                 blur=self.sag.blur,
             )
-            out_sag = self._run(model_fn, x_deg, t, [branches[0]])
+            out_sag = self._run(model_fn, x_deg, t, [branches[0]], inputs_key)
             res.out_sag, _ = split_learned_variance(out_sag, channels)
         return res
 

@@ -6,6 +6,7 @@ included (2C output channels: the variance of the conditional pass is kept).
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -14,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
 from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
-from ._common import divisible_size, pag_from_args, positive_int, sag_from_args
+from .options import GuidanceOptions, divisible_size, positive_int, reject_unknown, with_guidance_options
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -65,6 +66,7 @@ class DDPMSAGPipeline(DiffusionPipeline):
         return labels.to(device)
 
     @torch.no_grad()
+    @with_guidance_options()
     def __call__(
         self,
         batch_size: int = 1,
@@ -76,23 +78,12 @@ class DDPMSAGPipeline(DiffusionPipeline):
         class_labels: int | Sequence[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         null_class_label: int | None = None,
-        sag_scale: float = 0.75,
-        sag_layers: str | list[str] | None = None,
-        sag_threshold: float = 1.0,
-        sag_blur_kernel_size: int = 9,
-        sag_blur_sigma: float = 1.0,
-        sag_mask: str = "attention",
-        sag_window: tuple[float, float] = (0.0, 1.0),
-        pag_scale: float = 0.0,
-        pag_adaptive_scale: float = 0.0,
-        pag_applied_layers: str | list[str] = "mid",
-        pag_window: tuple[float, float] = (0.0, 1.0),
         eta: float = 0.0,
         height: int | None = None,
         width: int | None = None,
         latents: torch.Tensor | None = None,
-        record_masks: bool = False,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        **guidance: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images. The first five arguments are diffusers' ``DDPMPipeline`` ones.
 
@@ -105,10 +96,9 @@ class DDPMSAGPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         check_scale("guidance_scale", guidance_scale)
-        sag = sag_from_args(
-            sag_scale, sag_layers, sag_threshold, sag_blur_kernel_size, sag_blur_sigma, sag_mask, sag_window
-        )
-        pag = pag_from_args(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window)
+        options = GuidanceOptions.take(guidance)
+        reject_unknown(guidance, (), "DDPMSAGPipeline.__call__")
+        sag, pag = options.sag(), options.pag()
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
         height, width = height or default_h, width or default_w
@@ -128,7 +118,7 @@ class DDPMSAGPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale if do_cfg else None,
             sag=sag,
             pag=pag,
-            record_masks=record_masks,
+            record_masks=options.record_masks,
         )
         self.last_guider = guider
 

@@ -6,6 +6,7 @@ paper's Table 4 combines it with CFG. Without a named layer, SAG uses the middle
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import (
@@ -20,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
 from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
-from ._common import pag_from_args, positive_int, sag_from_args
+from .options import GuidanceOptions, positive_int, reject_unknown, with_guidance_options
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -55,6 +56,7 @@ class DiTSAGPipeline(DiffusionPipeline):
     get_label_ids = DiTPipeline.get_label_ids
 
     @torch.no_grad()
+    @with_guidance_options(pag_applied_layers="blocks.1")
     def __call__(
         self,
         class_labels: int | Sequence[int],
@@ -64,20 +66,9 @@ class DiTSAGPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         *,
-        sag_scale: float = 0.75,
-        sag_layers: str | list[str] | None = None,
-        sag_threshold: float = 1.0,
-        sag_blur_kernel_size: int = 9,
-        sag_blur_sigma: float = 1.0,
-        sag_mask: str = "attention",
-        sag_window: tuple[float, float] = (0.0, 1.0),
-        pag_scale: float = 0.0,
-        pag_adaptive_scale: float = 0.0,
-        pag_applied_layers: str | list[str] = "blocks.1",
-        pag_window: tuple[float, float] = (0.0, 1.0),
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
-        record_masks: bool = False,
+        **guidance: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate one image per class label. ``guidance_scale`` > 1 enables CFG (as ``DiTPipeline``)."""
         labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
@@ -91,10 +82,9 @@ class DiTSAGPipeline(DiffusionPipeline):
         check_scale("guidance_scale", guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        sag = sag_from_args(
-            sag_scale, sag_layers, sag_threshold, sag_blur_kernel_size, sag_blur_sigma, sag_mask, sag_window
-        )
-        pag = pag_from_args(pag_scale, pag_adaptive_scale, pag_applied_layers, pag_window)
+        options = GuidanceOptions.take(guidance, pag_applied_layers="blocks.1")
+        reject_unknown(guidance, (), "DiTSAGPipeline.__call__")
+        sag, pag = options.sag(), options.pag()
         do_cfg = guidance_scale > 1
         guider = Guider(
             self.transformer,
@@ -102,7 +92,7 @@ class DiTSAGPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale if do_cfg else None,
             sag=sag,
             pag=pag,
-            record_masks=record_masks,
+            record_masks=options.record_masks,
         )
         self.last_guider = guider
 

@@ -1,0 +1,90 @@
+"""What every drop-in pipeline shares: its diffusers parent's ``__call__`` run inside :func:`guide`."""
+
+from __future__ import annotations
+
+import inspect
+from inspect import Parameter
+from typing import Any
+
+from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
+from ..engine.step import Guider
+from .guide import guide
+from .options import GuidanceOptions, reject_unknown
+
+
+def call_arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A ``__call__``'s own arguments from its ``locals()`` (without ``self`` and ``**kwargs``)."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "kwargs", "__class__")}
+
+
+def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``signature`` (a diffusers ``__call__``, with ``self``) would receive for
+    ``(self, *args, **kwargs)``, defaults applied. Keywords it does not name stay in ``kwargs``."""
+    params = signature.parameters
+    named = {
+        k: kwargs.pop(k) for k in list(kwargs) if k in params and params[k].kind is not Parameter.VAR_KEYWORD
+    }
+    bound = signature.bind_partial(None, *args, **named)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop("self", None)
+    for name, p in params.items():
+        if p.kind is Parameter.VAR_KEYWORD:
+            out.pop(name, None)
+    return out
+
+
+class GuidedPipelineMixin:
+    """Mixed in before a diffusers pipeline class: :meth:`run_guided` validates the call, then runs the
+    parent's own ``__call__`` (its loop, unchanged) inside :func:`attnguide.guide`."""
+
+    #: Replay the denoiser passes from CUDA graphs on a CUDA device (attnguide.engine.cuda_graphs): the
+    #: same results with far less launch overhead at small batch sizes. False runs every pass eagerly.
+    cuda_graphs: bool = True
+    #: When a SAG map is computed memory-flat (attnguide.engine.attention.MapLimits).
+    map_limits: MapLimits = DEFAULT_MAP_LIMITS
+    #: The engine of the last call (its layers, and the masks with ``record_masks=True``).
+    last_guider: Guider | None = None
+
+    def check_call(self, call: dict[str, Any]) -> None:
+        """Checks of the call's arguments that must fail before any model runs (per pipeline)."""
+
+    # diffusers 0.42 dropped these pipeline switches; the SAG pipeline documents them, so they stay here.
+    def enable_vae_slicing(self) -> None:
+        """Decode the batch one image at a time (less memory, same result)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        """Decode the batch in one step again."""
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles (large images with little memory)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        """Decode in one step again."""
+        self.vae.disable_tiling()
+
+    def run_guided(self, options: GuidanceOptions, call: dict[str, Any], extra: dict[str, Any]):
+        """Validate everything, then run the diffusers parent's ``__call__(**call, **extra)`` guided by
+        ``options``. ``extra``: keyword arguments of the parent that this class does not name."""
+        parent = super().__call__  # type: ignore[misc]
+        allowed = set(inspect.signature(parent).parameters)
+        reject_unknown(extra, allowed | set(GuidanceOptions.names()), f"{type(self).__name__}.__call__")
+        call = {**call, **extra}
+        if call.get("callback") is None:  # diffusers' legacy callback: only passed when given
+            call.pop("callback", None)
+            call.pop("callback_steps", None)
+        sag, pag = options.sag(), options.pag()
+        self.check_call(call)
+        with guide(
+            self,
+            sag=sag,
+            pag=pag,
+            record_masks=options.record_masks,
+            cuda_graphs=self.cuda_graphs,
+            map_limits=self.map_limits,
+        ) as guider:
+            self.last_guider = guider
+            return parent(**call)

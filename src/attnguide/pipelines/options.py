@@ -1,0 +1,165 @@
+"""The guidance keyword arguments of every attnguide pipeline, declared once, and the argument checks the
+pipelines share. The guidance math itself is in :mod:`attnguide.engine.guidance`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..engine.guidance import PAG, SAG, check_scale
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """The SAG / blur-guidance / PAG options a pipeline call takes (diffusers' names: ``sag_scale``,
+    ``pag_scale``, ``pag_applied_layers``, ...). ``sag_*`` build a :class:`attnguide.SAG` term (scale 0:
+    none; ``sag_mask="global"`` is blur guidance), ``pag_*`` a :class:`attnguide.PAG` term, and
+    ``record_masks`` keeps the SAG masks in ``pipe.last_guider`` (``mask_sum``, ``last_mask``)."""
+
+    sag_scale: float = 0.75
+    sag_layers: str | list[str] | None = None
+    sag_threshold: float = 1.0
+    sag_blur_kernel_size: int = 9
+    sag_blur_sigma: float = 1.0
+    sag_mask: str = "attention"
+    sag_window: tuple[float, float] = (0.0, 1.0)
+    pag_scale: float = 0.0
+    pag_adaptive_scale: float = 0.0
+    pag_applied_layers: str | list[str] = "mid"
+    pag_window: tuple[float, float] = (0.0, 1.0)
+    record_masks: bool = False
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def take(cls, kwargs: dict[str, Any], **defaults: Any) -> GuidanceOptions:
+        """The options in ``kwargs`` (removed from it), the others from ``defaults`` or the class."""
+        names = set(cls.names())
+        unknown = set(defaults) - names
+        if unknown:
+            raise TypeError(f"not guidance options: {sorted(unknown)}")
+        return cls(**{**defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}})
+
+    def sag(self) -> SAG | None:
+        """The SAG term (None when ``sag_scale`` is 0); ValueError naming the argument for bad values."""
+        check_scale("sag_scale", self.sag_scale)
+        if self.sag_scale == 0:
+            return None
+        return SAG(
+            scale=self.sag_scale,
+            layers=self.sag_layers,
+            threshold=self.sag_threshold,
+            blur_kernel_size=self.sag_blur_kernel_size,
+            blur_sigma=self.sag_blur_sigma,
+            mask=self.sag_mask,
+            window=self.sag_window,
+        )
+
+    def pag(self) -> PAG | None:
+        """The PAG term (None when ``pag_scale`` is 0 or no layer is named)."""
+        check_scale("pag_scale", self.pag_scale)
+        check_scale("pag_adaptive_scale", self.pag_adaptive_scale)
+        layers = self.pag_applied_layers
+        if self.pag_scale == 0 or (not isinstance(layers, str) and len(layers) == 0):
+            return None
+        return PAG(
+            scale=self.pag_scale,
+            adaptive_scale=self.pag_adaptive_scale,
+            layers=layers,
+            window=self.pag_window,
+        )
+
+
+def with_guidance_options(base: Callable | None = None, **defaults: Any) -> Callable[[_F], _F]:
+    """Declare the :class:`GuidanceOptions` keywords on a ``__call__(self, ..., **guidance)``: its
+    signature (``help()``, IDEs, ``inspect``) lists them as keyword-only arguments with ``defaults``
+    (per pipeline: a PAG pipeline's ``sag_scale`` is 0), after the ones the function names itself, or
+    after those of ``base`` (a diffusers ``__call__`` whose arguments the function takes as they are)."""
+
+    def decorate(fn: _F) -> _F:
+        sig = inspect.signature(base if base is not None else fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        own = {p.name for p in params}
+        extra = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default))
+            for f in dataclasses.fields(GuidanceOptions)
+            if f.name not in own
+        ]
+        fn.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+        fn.guidance_defaults = dict(defaults)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def reject_unknown(kwargs: dict[str, Any], allowed: Sequence[str], where: str) -> None:
+    """TypeError like Python's for keyword arguments that ``where`` does not take."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword argument(s): {', '.join(map(repr, unknown))}")
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is a positive int, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return value
+
+
+def divisible_size(name: str, value: Any, factor: int, what: str = "") -> int:
+    """``value`` if it is a positive int divisible by ``factor``, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+        raise ValueError(f"`{name}` must be a positive integer divisible by {factor}{what}, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """None or a number in (0, 1], else ValueError naming ``name``."""
+    if value is not None and (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0.0 < value <= 1.0
+    ):
+        raise ValueError(f"`{name}` must be a fraction in (0, 1] or None, got {value!r}")
+
+
+class PAGLayersMixin:
+    """diffusers' PAG pipeline interface (``PAGMixin``): ``set_pag_applied_layers`` and the properties
+    that callbacks read (``pag_scale``, ``do_perturbed_attention_guidance``, ...)."""
+
+    pag_applied_layers: list[str]
+    _pag_scale: float = 0.0
+    _pag_adaptive_scale: float = 0.0
+
+    def set_pag_applied_layers(self, pag_applied_layers: str | list[str]) -> None:
+        """Choose the PAG layers (paths or patterns, matched by attnguide.engine.attention.resolve_layers)."""
+        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
+        for layer in layers:
+            if not isinstance(layer, str):
+                raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
+        self.pag_applied_layers = layers
+
+    @property
+    def pag_scale(self) -> float:
+        return self._pag_scale
+
+    @property
+    def pag_adaptive_scale(self) -> float:
+        return self._pag_adaptive_scale
+
+    @property
+    def do_pag_adaptive_scaling(self) -> bool:
+        return self._pag_adaptive_scale > 0 and self._pag_scale > 0 and len(self.pag_applied_layers) > 0
+
+    @property
+    def do_perturbed_attention_guidance(self) -> bool:
+        return self._pag_scale > 0 and len(self.pag_applied_layers) > 0
