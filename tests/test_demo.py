@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnguide.apps.cli import BUNDLED_MODEL
+from attnguide.apps.loading import BUNDLED_MODEL
 
 CHROMIUM_ARGS = [
     "--headless",

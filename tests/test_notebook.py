@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from attnguide.apps.cli import BUNDLED_MODEL
+from attnguide.apps.loading import BUNDLED_MODEL
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "sag_quickstart.ipynb"
 BUDGET_S = int(os.environ.get("ATTNGUIDE_NOTEBOOK_BUDGET_S", "120"))

@@ -4,7 +4,7 @@ arms are all ``Arm`` values; :meth:`Arm.from_method` reads the method names they
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +15,8 @@ from ..engine.guidance import PAG, SAG
 METHODS = ("none", "sag", "blur", "pag", "cfg", "cfg+sag", "cfg+pag", "sag+pag")
 #: Methods that need a conditional model (CFG).
 CONDITIONAL_METHODS = frozenset(m for m in METHODS if "cfg" in m.split("+"))
+#: The guidance terms that method names join.
+TERMS = ("cfg", "sag", "blur", "pag")
 
 
 def method_terms(method: str) -> frozenset[str]:
@@ -60,11 +62,37 @@ class Arm:
     ) -> Arm:
         """The arm of a method name ("cfg+sag", "blur", ...) with the scales of the terms it names;
         ``blur_scale`` (default ``sag_scale``) is the scale of blur guidance. ``options``: other fields."""
-        terms = method_terms(method)
+        return cls.from_terms(
+            method_terms(method),
+            name=method,
+            cfg_scale=cfg_scale,
+            sag_scale=sag_scale,
+            pag_scale=pag_scale,
+            blur_scale=blur_scale,
+            **options,
+        )
+
+    @classmethod
+    def from_terms(
+        cls,
+        terms: Iterable[str],
+        *,
+        name: str = "",
+        cfg_scale: float,
+        sag_scale: float,
+        pag_scale: float,
+        blur_scale: float | None = None,
+        **options: Any,
+    ) -> Arm:
+        """Like :meth:`from_method` for any combination of :data:`TERMS` (e.g. {"cfg", "sag", "pag"}, which
+        no method name lists); ValueError for an unknown term."""
+        terms = frozenset(terms)
+        if not terms <= set(TERMS):
+            raise ValueError(f"terms must be among {', '.join(TERMS)}, got {sorted(terms - set(TERMS))}")
         blur = "blur" in terms
         sag = (blur_scale if blur_scale is not None else sag_scale) if blur else sag_scale
         return cls(
-            name=method,
+            name=name,
             cfg_scale=cfg_scale if "cfg" in terms else None,
             sag_scale=sag if terms & {"sag", "blur"} else 0.0,
             sag_mask="global" if blur else "attention",

@@ -11,30 +11,31 @@ timing does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .arms import Arm
+from .files import write_json_atomic, write_text_atomic
+
+#: The arms, by name: CFG at 7.5, SAG at 0.75, PAG at 3.0 (the SD1.5 scales of the two papers).
 ARMS = {
-    #  name       guidance_scale, sag_scale, pag_scale
-    "none": (1.0, 0.0, 0.0),
-    "cfg": (7.5, 0.0, 0.0),
-    "sag": (1.0, 0.75, 0.0),
-    "cfg+sag": (7.5, 0.75, 0.0),
-    "pag": (1.0, 0.0, 3.0),
-    "cfg+pag": (7.5, 0.0, 3.0),
+    name: Arm.from_method(name, cfg_scale=7.5, sag_scale=0.75, pag_scale=3.0)
+    for name in ("none", "cfg", "sag", "cfg+sag", "pag", "cfg+pag")
 }
 PRESETS = {
     # preset: (default resolution in pixels, default steps)
     "tiny": (32, 10),
     "sd15": (512, 50),
 }
+Run = Callable[[], object]
 
 
 def build_components(preset: str, dtype: torch.dtype, device: str) -> tuple[dict, int]:
@@ -78,45 +79,30 @@ def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) 
     return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
 
 
-def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], None]) -> dict:
+def measure_map_memory(
+    pipe, call: Callable[..., Run], device: str, log: Callable[[str], None]
+) -> dict[str, dict]:
     """CFG+SAG with the map from the mid block, from the layer with the most tokens (memory-flat map),
     and from that layer with the exact N x N map forced: seconds and peak memory of each (one warm-up,
-    median of two). Shows what the memory-flat map costs against the mid-block map."""
-    from ..engine import attention
+    median of two). Shows what the memory-flat map costs against the mid-block map. ``call(**kwargs)``:
+    a run of CFG+SAG on ``pipe`` with these further pipeline arguments."""
     from ..engine.attention import default_sag_layer, self_attention_layers
 
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     mid = default_sag_layer(unet)
     big = next(iter(self_attention_layers(unet)))
-    tokens: dict[str, int] = {}
-
-    def count(name: str):
-        module = dict(unet.named_modules())[name]
-
-        def hook(_m, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            tokens[name] = int(x.shape[-2] * x.shape[-1]) if x.ndim == 4 else int(x.shape[1])
-
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
-
-    # Token counts from one call with hooks; the hooks are removed before timing (hooks turn CUDA graphs off).
-    handles = [count(mid), count(big)]
-    try:
-        call(pipe, 7.5, 0.75, 0.0, sag_layers=big)()
-    finally:
-        for h in handles:
-            h.remove()
+    tokens = _count_tokens(unet, [mid, big], call(sag_layers=big))
     rows = {}
     for label, layer, exact in (
         ("mid_block", mid, False),
         ("largest_layer_memory_flat", big, False),
         ("largest_layer_exact", big, True),
     ):
-        saved = attention.EXACT_MAP_MAX_ELEMENTS
-        if exact:
-            attention.EXACT_MAP_MAX_ELEMENTS = 2**62
+        saved = pipe.map_limits
+        if exact:  # the pipeline reads map_limits at each call
+            pipe.map_limits = dataclasses.replace(saved, exact_max_elements=2**62)
         try:
-            t, m = time_call(call(pipe, 7.5, 0.75, 0.0, sag_layers=layer), device, 1, 2)
+            t, m = time_call(call(sag_layers=layer), device, 1, 2)
             rows[label] = {
                 "layer": layer,
                 "seconds": round(t, 5),
@@ -125,7 +111,7 @@ def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], N
         except torch.OutOfMemoryError as err:
             rows[label] = {"layer": layer, "error": f"out of memory: {err}".splitlines()[0]}
         finally:
-            attention.EXACT_MAP_MAX_ELEMENTS = saved
+            pipe.map_limits = saved
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         log(f"map from {label:28s} {rows[label]}")
@@ -136,6 +122,28 @@ def measure_map_memory(pipe, call: Callable, device: str, log: Callable[[str], N
     if base and flat:
         rows["largest_layer_memory_flat"]["peak_vs_mid_block"] = round(flat / base, 4)
     return rows
+
+
+def _count_tokens(unet: torch.nn.Module, layers: Sequence[str], run: Run) -> dict[str, int]:
+    """The number of tokens each of ``layers`` sees in ``run()``, from forward pre-hooks that are removed
+    afterwards (hooks turn CUDA graphs off, so none may stay for the timed runs)."""
+    modules = dict(unet.named_modules())
+    tokens: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            tokens[name] = int(x.shape[-2] * x.shape[-1]) if x.ndim == 4 else int(x.shape[1])
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True) for name in layers]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return tokens
 
 
 def profile_arm(arm: str, fns: dict[str, Callable[[], object]], device: str, out: Path, log) -> dict:
@@ -156,8 +164,9 @@ def profile_arm(arm: str, fns: dict[str, Callable[[], object]], device: str, out
         ka = prof.key_averages()
         sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         path = out / f"profile-{arm.replace('+', '_')}-{impl}.txt"
-        path.write_text(
-            ka.table(sort_by=sort, row_limit=25) + "\n\n" + ka.table(sort_by="cpu_time_total", row_limit=25)
+        write_text_atomic(
+            path,
+            ka.table(sort_by=sort, row_limit=25) + "\n\n" + ka.table(sort_by="cpu_time_total", row_limit=25),
         )
         row = {
             "table": str(path),
@@ -206,6 +215,150 @@ def time_interleaved(
     return {k: (statistics.median(v), peaks[k] if cuda else None) for k, v in times.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Pipelines:
+    """diffusers' SAG and PAG pipelines and attnguide's, on the same components (one UNet), and the
+    inputs every timed call shares (random prompt embeddings, resolution, steps)."""
+
+    ref_sag: Any
+    ref_pag: Any
+    ours: Any
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    resolution: int
+    steps: int
+
+    def _inputs(self) -> dict:
+        return dict(
+            prompt_embeds=self.prompt_embeds,
+            negative_prompt_embeds=self.negative_prompt_embeds,
+            height=self.resolution,
+            width=self.resolution,
+            num_inference_steps=self.steps,
+            output_type="latent",
+            generator=torch.Generator(device="cpu").manual_seed(0),
+        )
+
+    def reference(self, arm: Arm) -> Run:
+        """diffusers' run of ``arm``: its PAG pipeline for the PAG arms, its SAG pipeline otherwise."""
+        kw = dict(self._inputs(), guidance_scale=arm.guidance_scale)
+        if arm.pag_scale > 0:
+            return lambda: self.ref_pag(pag_scale=arm.pag_scale, **kw)
+        return lambda: self.ref_sag(sag_scale=arm.sag_scale, **kw)
+
+    def attnguide(self, arm: Arm, **extra) -> Run:
+        """attnguide's run of ``arm`` (``extra``: further pipeline arguments)."""
+        kw = dict(self._inputs(), **arm.pipeline_kwargs(), **extra)
+        return lambda: self.ours(**kw)
+
+
+def build_pipelines(
+    preset: str, *, batch_size: int, resolution: int, steps: int, dtype: torch.dtype, device: str
+) -> Pipelines:
+    """The three pipelines on :func:`build_components`, with random prompt embeddings for ``batch_size``."""
+    from diffusers import StableDiffusionPAGPipeline as RefPAG
+    from diffusers.utils import logging as dlog
+
+    from ..pipelines import StableDiffusionSAGPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import StableDiffusionSAGPipeline as RefSAG
+
+    dlog.set_verbosity_error()
+    comps, width = build_components(preset, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pe = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=dtype)
+    ne = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=dtype)
+    ref_sag = RefSAG(**comps).to(device)
+    ref_pag = RefPAG(**comps, pag_applied_layers=["mid"]).to(device)
+    ours = StableDiffusionSAGPipeline(**comps).to(device)
+    for p in (ref_sag, ref_pag, ours):
+        p.set_progress_bar_config(disable=True)
+    return Pipelines(ref_sag, ref_pag, ours, pe, ne, resolution, steps)
+
+
+def _arm_row(ref: tuple[float, float | None], ours: tuple[float, float | None]) -> dict:
+    (t_ref, m_ref), (t_ours, m_ours) = ref, ours
+    return {
+        "diffusers_s": round(t_ref, 5),
+        "attnguide_s": round(t_ours, 5),
+        "ratio": round(t_ours / t_ref, 4),
+        "diffusers_peak_mib": None if m_ref is None else round(m_ref, 1),
+        "attnguide_peak_mib": None if m_ours is None else round(m_ours, 1),
+    }
+
+
+def time_eager(
+    pipes: Pipelines, arms: Sequence[str], device: str, warmup: int, repeats: int, log: Callable[[str], None]
+) -> dict[str, dict]:
+    """Each arm with both implementations eager, their runs interleaved: the rows of the result."""
+    results = {}
+    for name in arms:
+        arm = ARMS[name]
+        timed = time_interleaved(
+            {"diffusers": pipes.reference(arm), "attnguide": pipes.attnguide(arm)}, device, warmup, repeats
+        )
+        results[name] = _arm_row(timed["diffusers"], timed["attnguide"])
+        t_ref, t_ours = timed["diffusers"][0], timed["attnguide"][0]
+        log(f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}")
+    return results
+
+
+def time_compiled(
+    pipes: Pipelines,
+    arms: Sequence[str],
+    device: str,
+    warmup: int,
+    repeats: int,
+    log: Callable[[str], None],
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
+) -> tuple[dict[str, dict], dict]:
+    """diffusers' pipelines eager first (they share the UNet), then attnguide with the UNet compiled in
+    place (``unet.compile()``); the compiled graphs are counted after the warm-up runs. Returns the rows
+    and the compilation summary."""
+    from torch._dynamo.utils import counters
+
+    ref_times = {name: time_call(pipes.reference(ARMS[name]), device, warmup, repeats) for name in arms}
+    pipes.ours.unet.compile(backend=backend, **({"mode": mode} if mode else {}))
+    t0 = time.perf_counter()
+    for name in arms:
+        for _ in range(max(1, warmup)):
+            pipes.attnguide(ARMS[name])()
+    _sync(device)
+    compile_s = time.perf_counter() - t0
+    graphs_after_warmup = counters["stats"]["unique_graphs"]
+    # dynamo converts a frame only when no compiled entry's guards pass: a conversion during the timed
+    # runs would be a recompilation
+    frames_after_warmup = counters["frames"]["total"]
+    results = {}
+    for name in arms:
+        ours = time_call(pipes.attnguide(ARMS[name]), device, 0, repeats)
+        results[name] = _arm_row(ref_times[name], ours)
+        t_ref, t_ours = ref_times[name][0], ours[0]
+        log(
+            f"{name:8s} diffusers eager {t_ref:8.4f} s   attnguide compiled {t_ours:8.4f} s   "
+            f"ratio {t_ours / t_ref:.3f}"
+        )
+    info = {
+        "backend": backend,
+        "mode": mode,
+        "warmup_seconds": round(compile_s, 2),
+        "graphs_after_warmup": graphs_after_warmup,
+        "graphs_compiled_during_timed_runs": counters["stats"]["unique_graphs"] - graphs_after_warmup,
+        "frames_converted_during_timed_runs": counters["frames"]["total"] - frames_after_warmup,
+    }
+    return results, info
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def run_benchmark(
     preset: str = "tiny",
     *,
@@ -226,127 +379,37 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time every arm for both implementations; returns the JSON-ready result."""
-    from diffusers import StableDiffusionPAGPipeline as RefPAG
-    from diffusers.utils import logging as dlog
-
-    from ..pipelines import StableDiffusionSAGPipeline
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from diffusers import StableDiffusionSAGPipeline as RefSAG
-
-    dlog.set_verbosity_error()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype)
     res = resolution or PRESETS[preset][0]
     steps = steps or PRESETS[preset][1]
-    comps, width = build_components(preset, torch_dtype, device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    pe = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=torch_dtype)
-    ne = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=torch_dtype)
-    ref_sag = RefSAG(**comps).to(device)
-    ref_pag = RefPAG(**comps, pag_applied_layers=["mid"]).to(device)
-    ours = StableDiffusionSAGPipeline(**comps).to(device)
-    for p in (ref_sag, ref_pag, ours):
-        p.set_progress_bar_config(disable=True)
-    ours.cuda_graphs = cuda_graphs
-
-    def call(pipe, gs: float, sag: float, pag: float, **extra_kw):
-        kw = dict(
-            prompt_embeds=pe,
-            negative_prompt_embeds=ne,
-            height=res,
-            width=res,
-            num_inference_steps=steps,
-            guidance_scale=gs,
-            output_type="latent",
-            generator=torch.Generator(device="cpu").manual_seed(0),
-        )
-        if pipe is ref_pag:
-            return lambda: pipe(pag_scale=pag, **kw)
-        if pipe is ref_sag:
-            return lambda: pipe(sag_scale=sag, **kw)
-        return lambda: pipe(sag_scale=sag, pag_scale=pag, **kw, **extra_kw)
-
-    def arm_row(t_ref, m_ref, t_ours, m_ours) -> dict:
-        return {
-            "diffusers_s": round(t_ref, 5),
-            "attnguide_s": round(t_ours, 5),
-            "ratio": round(t_ours / t_ref, 4),
-            "diffusers_peak_mib": None if m_ref is None else round(m_ref, 1),
-            "attnguide_peak_mib": None if m_ours is None else round(m_ours, 1),
-        }
-
-    def ref_for(name: str):
-        gs, sag, pag = ARMS[name]
-        return call(ref_pag if pag > 0 else ref_sag, gs, sag, pag)
-
-    results: dict[str, dict] = {}
+    pipes = build_pipelines(
+        preset, batch_size=batch_size, resolution=res, steps=steps, dtype=getattr(torch, dtype), device=device
+    )
+    pipes.ours.cuda_graphs = cuda_graphs
     compile_info = None
-    if not compile_unet:
-        for name in arms:
-            timed = time_interleaved(
-                {"diffusers": ref_for(name), "attnguide": call(ours, *ARMS[name])}, device, warmup, repeats
-            )
-            (t_ref, m_ref), (t_ours, m_ours) = timed["diffusers"], timed["attnguide"]
-            results[name] = arm_row(t_ref, m_ref, t_ours, m_ours)
-            log(
-                f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}"
-            )
+    if compile_unet:
+        results, compile_info = time_compiled(
+            pipes, arms, device, warmup, repeats, log, backend=compile_backend, mode=compile_mode
+        )
     else:
-        # diffusers' pipelines eager first (they share the UNet), then attnguide with the UNet compiled in
-        # place (``unet.compile()``); the compiled graphs are counted after the warm-up runs.
-        ref_times = {name: time_call(ref_for(name), device, warmup, repeats) for name in arms}
-        from torch._dynamo.utils import counters
+        results = time_eager(pipes, arms, device, warmup, repeats, log)
 
-        comps["unet"].compile(backend=compile_backend, **({"mode": compile_mode} if compile_mode else {}))
-        t0 = time.perf_counter()
-        for name in arms:
-            for _ in range(max(1, warmup)):
-                call(ours, *ARMS[name])()
-        _sync(device)
-        compile_s = time.perf_counter() - t0
-        graphs_after_warmup = counters["stats"]["unique_graphs"]
-        # dynamo converts a frame only when no compiled entry's guards pass: a conversion during the timed
-        # runs would be a recompilation
-        frames_after_warmup = counters["frames"]["total"]
-        for name in arms:
-            t_ours, m_ours = time_call(call(ours, *ARMS[name]), device, 0, repeats)
-            (t_ref, m_ref) = ref_times[name]
-            results[name] = arm_row(t_ref, m_ref, t_ours, m_ours)
-            log(
-                f"{name:8s} diffusers eager {t_ref:8.4f} s   attnguide compiled {t_ours:8.4f} s   "
-                f"ratio {t_ours / t_ref:.3f}"
-            )
-        compile_info = {
-            "backend": compile_backend,
-            "mode": compile_mode,
-            "warmup_seconds": round(compile_s, 2),
-            "graphs_after_warmup": graphs_after_warmup,
-            "graphs_compiled_during_timed_runs": counters["stats"]["unique_graphs"] - graphs_after_warmup,
-            "frames_converted_during_timed_runs": counters["frames"]["total"] - frames_after_warmup,
-        }
-
+    cfg_sag = ARMS["cfg+sag"]
     extra: dict = {}
     if map_memory:
-        extra["map_memory"] = measure_map_memory(ours, call, device, log)
-    if profile_dir is not None:
-        extra["profile"] = profile_arm(
-            "cfg+sag",
-            {"diffusers": ref_for("cfg+sag"), "attnguide": call(ours, *ARMS["cfg+sag"])},
-            device,
-            Path(profile_dir),
-            log,
+        extra["map_memory"] = measure_map_memory(
+            pipes.ours, lambda **kw: pipes.attnguide(cfg_sag, **kw), device, log
         )
+    if profile_dir is not None:
+        fns = {"diffusers": pipes.reference(cfg_sag), "attnguide": pipes.attnguide(cfg_sag)}
+        extra["profile"] = profile_arm("cfg+sag", fns, device, Path(profile_dir), log)
     overhead = None
     if {"none", "cfg", "cfg+sag"} <= set(results):
         r = {k: results[k]["attnguide_s"] for k in ("none", "cfg", "cfg+sag")}
         overhead = round((r["cfg+sag"] - r["cfg"]) / r["none"], 4)
     return {
         "preset": preset,
-        "device": torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": _device_name(device),
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "batch_size": batch_size,
@@ -364,6 +427,7 @@ def run_benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``attnguide bench`` with ``argv``: run the benchmark and write its JSON; returns the exit status."""
     parser = argparse.ArgumentParser(prog="attnguide bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -421,9 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         map_memory=args.map_memory,
         profile_dir=args.profile_dir,
     )
-    from .cli import write_atomic
-
-    write_atomic(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    write_json_atomic(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -26,20 +26,12 @@ import torch
 from PIL import Image
 
 from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
-from .cli import BUNDLED_MODEL, Arm, _size, _to_uint8, load_pipeline, overlay_masks
+from .arms import Arm
+from .images import overlay_masks
+from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
 
-# Shown in the method dropdown -> the guidance terms of the guided run.
-METHODS: dict[str, frozenset[str]] = {
-    "SAG": frozenset({"sag"}),
-    "blur": frozenset({"blur"}),
-    "PAG": frozenset({"pag"}),
-    "CFG": frozenset({"cfg"}),
-    "CFG+SAG": frozenset({"cfg", "sag"}),
-    "CFG+PAG": frozenset({"cfg", "pag"}),
-    "SAG+PAG": frozenset({"sag", "pag"}),
-    "CFG+SAG+PAG": frozenset({"cfg", "sag", "pag"}),
-    "none": frozenset(),
-}
+# The method dropdown: guidance terms (attnguide.apps.arms.TERMS, in capitals but "blur") joined by "+".
+METHODS = ("SAG", "blur", "PAG", "CFG", "CFG+SAG", "CFG+PAG", "SAG+PAG", "CFG+SAG+PAG", "none")
 LIMITS = {  # name -> (minimum, maximum), inclusive
     "SAG scale": (0.0, 10.0),
     "PAG scale": (0.0, 10.0),
@@ -75,16 +67,21 @@ class Settings:
     prompt: str
     num_images: int
 
-    def guided_arm(self) -> Arm:
-        terms = METHODS[self.method]
-        sag = self.sag_scale if terms & {"sag", "blur"} else 0.0
-        return Arm(
-            self.method,
-            self.cfg_scale if "cfg" in terms else 1.0,
-            sag,
-            "global" if "blur" in terms else "attention",
-            self.pag_scale if "pag" in terms else 0.0,
+    def arm(self, method: str) -> Arm:
+        """The arm of a method of the dropdown, with the form's scales and blur sigma."""
+        return Arm.from_terms(
+            dropdown_terms(method),
+            name=method,
+            cfg_scale=self.cfg_scale,
+            sag_scale=self.sag_scale,
+            pag_scale=self.pag_scale,
+            sag_sigma=self.blur_sigma,
         )
+
+
+def dropdown_terms(method: str) -> frozenset[str]:
+    """The guidance terms of a method of the dropdown ("CFG+SAG" -> {"cfg", "sag"}; "none" -> {})."""
+    return frozenset() if method == "none" else frozenset(method.lower().split("+"))
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -142,7 +139,7 @@ def validate(
         num_images=_number("Images", num_images, integer=True),
     )
     # Text models take any prompt (the empty one samples unconditionally); pixel models a class label.
-    cfg = "cfg" in METHODS[method]
+    cfg = "cfg" in dropdown_terms(method)
     if model.pixel and model.num_classes is not None:
         if settings.label not in model.label_choices:
             raise InputError(f"Unknown class label {settings.label!r}: choose one of the list.")
@@ -183,36 +180,24 @@ class DemoModel:
             return [i % real for i in range(s.num_images)]
         return [int(s.label)] * s.num_images
 
-    def sample(self, s: Settings, arm: Arm, record_masks: bool, on_step: Callable[[int], None]):
+    def sample(
+        self, s: Settings, arm: Arm, record_masks: bool, on_step: Callable[[int], None]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Images (N, H, W, 3 uint8) of one run and the SAG masks (N, h, w in [0, 1]) if recorded."""
-        pipe = self.pipe
-        pipe.scheduler = scheduler_from_name(s.scheduler, self.base_scheduler_config)
-        gen = torch.Generator(device="cpu").manual_seed(s.seed)
-        common = dict(
-            num_inference_steps=s.steps,
-            generator=gen,
-            guidance_scale=arm.guidance_scale,
-            sag_scale=arm.sag_scale,
-            sag_mask=arm.sag_mask,
-            sag_blur_sigma=s.blur_sigma,
-            sag_layers=s.layer,
-            pag_scale=arm.pag_scale,
-            pag_applied_layers=s.layer,
+        self.pipe.scheduler = scheduler_from_name(s.scheduler, self.base_scheduler_config)
+        return sample_arm(
+            self.pipe,
+            arm,
+            num_images=s.num_images,
+            steps=s.steps,
+            seed=s.seed,
+            class_labels=self.labels_for(s),
+            prompt=s.prompt,
             record_masks=record_masks,
-            output_type="np",
-            callback=lambda i, *_: on_step(i + 1),
+            on_step=on_step,
+            sag_layers=s.layer,
+            pag_applied_layers=s.layer,
         )
-        if self.pixel:
-            cfg = pipe.unet.config
-            latents = torch.randn((s.num_images, cfg.in_channels, *_size(cfg.sample_size)), generator=gen)
-            images = pipe(s.num_images, class_labels=self.labels_for(s), latents=latents, **common).images
-        else:
-            images = pipe([s.prompt] * s.num_images, **common).images
-        masks = None
-        guider = pipe.last_guider
-        if record_masks and guider is not None and guider.mask_sum is not None:
-            masks = (guider.mask_sum[:, 0].float() / max(1, guider.mask_steps)).clamp(0, 1).cpu().numpy()
-        return _to_uint8(images), masks
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -240,9 +225,7 @@ def generate(model: DemoModel, *form: Any, progress: Callable | None = None):
     """
     try:
         s = validate(model, *form)
-        arm = s.guided_arm()
-        unguided = Arm("none", 1.0, 0.0, "attention", 0.0)
-        sag_on = arm.sag_scale > 0 and arm.sag_mask == "attention"
+        arm = s.arm(s.method)
         total = 2 * s.steps
         t0 = time.perf_counter()
 
@@ -254,8 +237,8 @@ def generate(model: DemoModel, *form: Any, progress: Callable | None = None):
             return on_step
 
         reporter(0, "unguided")(0)
-        base, _ = model.sample(s, unguided, False, reporter(0, "unguided"))
-        guided, masks = model.sample(s, arm, sag_on, reporter(s.steps, s.method))
+        base, _ = model.sample(s, s.arm("none"), False, reporter(0, "unguided"))
+        guided, masks = model.sample(s, arm, arm.uses_attention_mask, reporter(s.steps, s.method))
         dt = time.perf_counter() - t0
     except ValueError as err:  # the form (InputError) or the pipeline's own argument checks
         return None, None, None, f"**Error:** {err}"
