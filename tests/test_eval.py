@@ -1,5 +1,5 @@
-"""``attnguide eval`` (attnguide.evaluate) on a tiny random 28x28 class-conditional UNet: every experiment end
-to end, resume, configuration mismatch, and 2-process sharding with torchrun equal to 1 process."""
+"""``attnguide eval`` (attnguide.apps.eval) on a tiny random 28x28 class-conditional UNet: every experiment
+end to end, resume, configuration mismatch, and 2-process sharding with torchrun equal to 1 process."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnguide.apps import evaluate
-from attnguide.apps.evaluate import ArmSpec, Sampler, blur_kernel_for, build_experiments, load_model
+import attnguide.apps.eval as evaluate
+from attnguide.apps.arms import Arm
+from attnguide.apps.eval import Sampler, blur_kernel_for, build_experiments, load_model
 
 EXPECTED_PNGS = {
     "table1": ["table1.png"],
@@ -211,7 +212,7 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "attnguide.apps.evaluate",
+        "attnguide.apps.eval",
         *_args(tiny_model, two, "table1,masking"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
@@ -236,22 +237,22 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
 def test_samples_do_not_depend_on_batching(tiny_model):
     unet, cfg = load_model(str(tiny_model), "cpu")
     s = Sampler(unet, cfg, "ddim", 2, 0, "cpu", 11)
-    for arm in (ArmSpec(), ArmSpec(conditional=True, cfg_scale=2.0)):
+    for arm in (Arm(), Arm(conditional=True, cfg_scale=2.0)):
         full, _ = s.sample(arm, range(4), 0)
         part, _ = s.sample(arm, range(2, 4), 1)
         np.testing.assert_allclose(full[2:], part, atol=1e-5)
     ddpm = Sampler(unet, cfg, "ddpm", 2, 0, "cpu", 11)  # stochastic scheduler: per-sample generators
-    full, _ = ddpm.sample(ArmSpec(), range(4), 0)
-    part, _ = ddpm.sample(ArmSpec(), range(3, 4), 1)
+    full, _ = ddpm.sample(Arm(), range(4), 0)
+    part, _ = ddpm.sample(Arm(), range(3, 4), 1)
     np.testing.assert_allclose(full[3:], part, atol=1e-5)
 
 
 def test_arm_keys_and_kernels():
-    assert ArmSpec(sag_scale=0.0, sag_mask="global", sag_sigma=3.0).key == "u"
-    assert ArmSpec(conditional=True, cfg_scale=1.5, sag_scale=0.75).key == "c-cfg1.5-sag0.75"
-    assert ArmSpec(sag_scale=-0.1).key == "u-sag-0.1"
-    assert ArmSpec(sag_scale=0.5, sag_window=(0.25, 1.0)).key == "u-sag0.5-win0.25-1"
-    assert ArmSpec(sag_scale=0.0, sag_window=(0.25, 1.0)).key == "u"
+    assert Arm(sag_scale=0.0, sag_mask="global", sag_sigma=3.0).key == "u"
+    assert Arm(conditional=True, cfg_scale=1.5, sag_scale=0.75).key == "c-cfg1.5-sag0.75"
+    assert Arm(sag_scale=-0.1).key == "u-sag-0.1"
+    assert Arm(sag_scale=0.5, sag_window=(0.25, 1.0)).key == "u-sag0.5-win0.25-1"
+    assert Arm(sag_scale=0.0, sag_window=(0.25, 1.0)).key == "u"
     for sigma, size in ((1, 28), (3, 28), (9, 28), (27, 28), (1e6, 16)):
         k = blur_kernel_for(sigma, size)
         assert k % 2 == 1 and k >= 9 and k // 2 < size
@@ -269,12 +270,29 @@ def test_arm_keys_and_kernels():
     assert all(not e.arm.conditional for rows in exps.values() for e in rows)
 
 
-def test_average_pixel_blur_is_restored():
-    from attnguide.engine import guidance
+def test_average_pixel_arm_blurs_to_the_mean_pixel(tiny_model):
+    """sigma -> infinity: the arm's SAG term (the one the sampler uses) takes the engine's mean-pixel blur
+    strategy, and the degraded input replaces x0_hat under the mask by each image's mean pixel."""
+    from attnguide.engine.degrade import mean_pixel_blur
+    from attnguide.engine.guidance import sag_degraded_input
 
-    original = guidance.gaussian_blur_2d
-    x = torch.rand(2, 1, 8, 8)
-    with evaluate._average_pixel_blur():
-        y = guidance.gaussian_blur_2d(x, 9, 1.0)
-    assert guidance.gaussian_blur_2d is original
-    torch.testing.assert_close(y, x.mean(dim=(-2, -1), keepdim=True).expand_as(x))
+    arm = Arm(sag_scale=0.75, sag_average=True)
+    assert arm.sag_term().blur is mean_pixel_blur
+    assert Arm(sag_scale=0.75).sag_term().blur is None
+    unet, cfg = load_model(str(tiny_model), "cpu")
+    sag = Sampler(unet, cfg, "ddim", 2, 0, "cpu", 11).guider(arm, 0).sag
+    assert sag.blur is mean_pixel_blur
+
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    abar = torch.tensor(0.6)
+    got = sag_degraded_input(
+        x, eps, abar, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma, blur=sag.blur
+    )
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    mean = x0.mean(dim=(-2, -1), keepdim=True).expand_as(x0)
+    expected = abar.sqrt() * (mask * mean + (1 - mask) * x0) + (1 - abar).sqrt() * eps
+    torch.testing.assert_close(got, expected)
+    blurred = sag_degraded_input(x, eps, abar, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma)
+    assert not torch.allclose(got, blurred)  # the Gaussian blur would give something else

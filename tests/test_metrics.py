@@ -1,4 +1,4 @@
-"""FID / sFID / IS / improved precision-recall (attnguide.metrics) and the feature extractors."""
+"""FID / sFID / IS / improved precision-recall (attnguide.apps.eval.metrics) and the feature extractors."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from attnguide.apps.features import (
+from attnguide.apps.eval.features import (
     SFID_CHANNELS,
     DigitClassifierExtractor,
     InceptionExtractor,
     extract_features,
 )
-from attnguide.apps.metrics import (
+from attnguide.apps.eval.metrics import (
     FrechetToReference,
     fid_from_features,
     frechet_distance,

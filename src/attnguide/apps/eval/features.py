@@ -1,4 +1,4 @@
-"""Feature extractors for the metrics in :mod:`attnguide.metrics`.
+"""Feature extractors for the metrics in :mod:`attnguide.apps.eval.metrics`.
 
 An extractor is any callable ``extractor(images) -> dict`` that takes images in ``[0, 1]`` as a float
 tensor ``(N, C, H, W)`` and returns
@@ -13,7 +13,7 @@ changes, used to key cached reference features).
 Two are provided:
 
 - :class:`DigitClassifierExtractor` (default): the small MNIST CNN shipped with the bundled model
-  (:func:`attnguide.train.load_digit_classifier`). Offline and fast, but its figures are **not comparable
+  (:func:`attnguide.apps.train.load_digit_classifier`). Offline and fast, but its figures are **not comparable
   with published FIDs**, which use Inception-v3 features of ImageNet-scale images.
 - :class:`InceptionExtractor`: Inception-v3 from a TorchScript file that the user provides, in the
   convention of NVIDIA's StyleGAN2-ADA / StyleGAN3 / EDM metrics (``inception-2015-12-05.pt``):
@@ -75,7 +75,7 @@ class DigitClassifierExtractor:
     name = "digit-classifier"
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, model=None, device: str = "cpu"):
-        from .train import load_digit_classifier
+        from ..train import load_digit_classifier
 
         if model is None:
             if path is None:

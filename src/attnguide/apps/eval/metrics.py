@@ -13,7 +13,8 @@ The definitions follow the evaluator of guided-diffusion (Dhariwal & Nichol 2021
   sample's ball, recall the fraction of real samples inside some generated sample's ball.
 
 Every function takes NumPy arrays or torch tensors of features and returns plain Python floats, so the
-metrics do not depend on which feature extractor produced the features (see :mod:`attnguide.features`).
+metrics do not depend on which feature extractor produced the features (see
+:mod:`attnguide.apps.eval.features`).
 """
 
 from __future__ import annotations

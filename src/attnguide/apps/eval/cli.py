@@ -1,0 +1,169 @@
+"""``attnguide eval``: the argument parser, option checks, and the entry points :func:`run` and
+:func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...pipelines.schedulers import SCHEDULER_NAMES
+from ..loading import BUNDLED_MODEL
+from .distributed import setup_distributed
+from .experiments import DEFAULT_SCALES, DEFAULT_SIGMAS, EXPERIMENTS
+from .runner import Evaluation
+
+__all__ = ["build_parser", "experiment_names", "main", "parse_floats", "run"]
+
+
+def parse_floats(text: str, name: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers (option ``name``); SystemExit otherwise."""
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"error: {name} must be a comma-separated list of numbers, got {text!r}") from None
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise SystemExit(f"error: {name} must be finite numbers, got {text!r}")
+    return vals
+
+
+def experiment_names(spec: str) -> list[str]:
+    """The experiments of ``spec`` ("all" or a comma-separated list) in :data:`EXPERIMENTS` order."""
+    if spec == "all":
+        return list(EXPERIMENTS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in EXPERIMENTS]
+    if bad or not names:
+        raise SystemExit(
+            f"error: unknown experiment(s) {bad or spec!r}; choose from {', '.join(EXPERIMENTS)}, all"
+        )
+    return [n for n in EXPERIMENTS if n in names]
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per arm (default 1000)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument(
+        "--scheduler", default="ddim", choices=sorted(SCHEDULER_NAMES), help="scheduler (default ddim)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="base seed: sample i uses seed + i (default 0)")
+    p.add_argument("--batch-size", type=int, default=100, help="samples per shard and batch (default 100)")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder (default: the bundled model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale s of the SAG arms (default 0.75)")
+    p.add_argument(
+        "--cfg-scale", type=float, default=1.5, help="CFG weight w (default 1.5, as paper Table 4)"
+    )
+    p.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
+    p.add_argument(
+        "--scales",
+        default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
+        help="SAG scales of the scale sweep (default %(default)s)",
+    )
+    p.add_argument(
+        "--sigmas",
+        default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS),
+        help="blur sigmas of the sigma sweep, besides the extremes (default %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=64,
+        help="samples of the SAG arm whose mean attention-mask fraction sets the other masks' (default 64)",
+    )
+    p.add_argument(
+        "--cost-batch", type=int, default=16, help="batch size of the cost experiment (default 16)"
+    )
+
+
+def _add_metric_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", default=None, help="digit classifier folder (default: MODEL/classifier)")
+    p.add_argument(
+        "--inception",
+        default=None,
+        help="Inception-v3 TorchScript file (inception-2015-12-05.pt convention) to use instead of the "
+        "digit classifier",
+    )
+    p.add_argument("--num-reference", type=int, default=None, help="use only the first N real digits")
+    p.add_argument("--bootstrap", type=int, default=50, help="paired bootstrap resamples for FID deltas (50)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``attnguide eval``."""
+    p = argparse.ArgumentParser(
+        prog="attnguide eval",
+        description="Reproduce the SAG paper's tables (FID, sFID, IS, precision, recall) on a pixel-space "
+        "model with paired seeds; resumable, shardable across processes with torchrun.",
+    )
+    p.add_argument(
+        "experiment",
+        help=f"experiment(s): {', '.join(EXPERIMENTS)}, a comma-separated list, or 'all'",
+    )
+    p.add_argument("--out", required=True, help="output folder (metrics, plots, report.md)")
+    _add_sampling_options(p)
+    _add_metric_options(p)
+    p.add_argument("--shard-dir", default=None, help="where sample shards go (default: OUT/shards)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    return p
+
+
+def _check_options(
+    args: argparse.Namespace, names: Sequence[str]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """SystemExit for options no run can use; returns the parsed (scales, sigmas)."""
+    for name in ("num_samples", "steps", "batch_size", "cost_batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive integer")
+    if args.num_samples < 4 and any(n != "cost" for n in names):
+        raise SystemExit("error: --num-samples must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
+    for name in ("sag_scale", "cfg_scale", "pag_scale"):
+        if not math.isfinite(getattr(args, name)):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be finite")
+    if args.sag_scale == 0 and any(n in names for n in ("table1", "masking", "sigma", "cfg")):
+        raise SystemExit("error: --sag-scale must not be 0 for the SAG experiments")
+    scales = parse_floats(args.scales, "--scales")
+    sigmas = parse_floats(args.sigmas, "--sigmas")
+    if any(s <= 0 for s in sigmas):
+        raise SystemExit("error: --sigmas must be positive")
+    return scales, sigmas
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads``, else an equal share of the cores for each local process of a torchrun launch."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+
+
+def run(argv: Sequence[str]) -> dict[str, Any] | None:
+    """Run ``attnguide eval`` with ``argv``; returns the results on rank 0 (None on other ranks)."""
+    args = build_parser().parse_args(list(argv))
+    args.argv = list(argv)
+    names = experiment_names(args.experiment)
+    scales, sigmas = _check_options(args, names)
+    _set_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist, device = setup_distributed(device)
+    quiet = args.quiet
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, flush=True)
+
+    try:
+        return Evaluation(args, names, scales, sigmas, device, dist, log).run()
+    finally:
+        dist.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``attnguide eval ...``; returns the exit status."""
+    run(list(sys.argv[1:] if argv is None else argv))
+    return 0
