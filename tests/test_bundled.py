@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from attnguide import DDPMSAGPipeline
-from attnguide.apps.cli import BUNDLED_MODEL, load_pipeline
+from attnguide.apps.loading import BUNDLED_MODEL, load_pipeline
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_MODEL / "unet" / "diffusion_pytorch_model.safetensors").exists(),

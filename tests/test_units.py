@@ -670,25 +670,25 @@ def test_combine_formulas(outs):
 
     assert combine(c) is c
     close(combine(c, out_uncond=u, guidance_scale=w), u + w * (c - u))
-    close(combine(c, sag_ref=c, out_sag=d, sag_scale=s), c + s * (c - d))
+    close(combine(c, sag_ref=c, out_degraded=d, sag_scale=s), c + s * (c - d))
     close(
-        combine(c, out_uncond=u, guidance_scale=w, sag_ref=u, out_sag=d, sag_scale=s),
+        combine(c, out_uncond=u, guidance_scale=w, sag_ref=u, out_degraded=d, sag_scale=s),
         u + w * (c - u) + s * (u - d),
     )
     close(
-        combine(c, out_uncond=u, guidance_scale=w, out_ptb=p, pag_scale=sp),
+        combine(c, out_uncond=u, guidance_scale=w, out_perturbed=p, pag_scale=sp),
         u + w * (c - u) + sp * (c - p),
     )
-    close(combine(c, out_ptb=p, pag_scale=sp), c + sp * (c - p))
+    close(combine(c, out_perturbed=p, pag_scale=sp), c + sp * (c - p))
     close(
         combine(
             c,
             out_uncond=u,
             guidance_scale=w,
             sag_ref=u,
-            out_sag=d,
+            out_degraded=d,
             sag_scale=s,
-            out_ptb=p,
+            out_perturbed=p,
             pag_scale=sp,
         ),
         u + w * (c - u) + s * (u - d) + sp * (c - p),

@@ -1,7 +1,13 @@
 """attnguide: Self-Attention Guidance, blur guidance and Perturbed-Attention Guidance for diffusion models.
 
-The guidance formulas are in :mod:`attnguide.guidance`; the per-step engine that any pipeline calls is
-:class:`attnguide.Guider`; drop-in diffusers pipelines are in :mod:`attnguide.pipelines`.
+Three layers, dependencies pointing one way (docs/architecture.md):
+
+* :mod:`attnguide.engine`: the guidance terms and formulas (``engine.guidance``), degradations, attention
+  processors, model-output conversions and the guided step (:class:`attnguide.Guider`). Imports nothing
+  of the layers above.
+* :mod:`attnguide.pipelines`: diffusers integration: :func:`attnguide.guide` for any pipeline, and the
+  drop-in pipelines (diffusers' own loops run inside ``guide``).
+* :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train).
 """
 
 from .engine.guidance import PAG, SAG

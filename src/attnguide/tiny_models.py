@@ -8,7 +8,6 @@ mid block, VAE decoding, schedulers) as the real Stable Diffusion 1.x checkpoint
 
 from __future__ import annotations
 
-import inspect
 import json
 import tempfile
 from collections.abc import Callable
@@ -18,20 +17,13 @@ from typing import Any, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
     UNet2DConditionModel,
     UNet2DModel,
-    UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
 
 __all__ = [
     "BOS_TOKEN",
@@ -127,54 +119,14 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def _build(cls: type[SchedulerMixin], prediction_type: str, **extra: Any) -> SchedulerMixin:
-    """Instantiate ``cls`` with the SD1.5 settings it accepts (others are dropped silently)."""
-    if getattr(cls, "_backends", None) is not None:
-        # A diffusers placeholder for a class whose optional dependency is missing
-        # (LMSDiscreteScheduler without scipy): instantiating raises a clear ImportError.
-        cls()
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in {**SD15_SCHEDULER_CONFIG, **extra}.items() if k in accepted}
-    if "prediction_type" in accepted:
-        kwargs["prediction_type"] = prediction_type
-    elif prediction_type != "epsilon":
-        raise ValueError(f"{cls.__name__} does not support prediction_type={prediction_type!r}")
-    return cls(**kwargs)
-
-
-def _factory(cls: type[SchedulerMixin], **extra: Any) -> Callable[[str], SchedulerMixin]:
-    def make(prediction_type: str = "epsilon") -> SchedulerMixin:
-        return _build(cls, prediction_type, **extra)
-
-    make.__doc__ = f"Build a {cls.__name__} ({extra or 'default options'}) with SD1.5 settings."
-    return make
-
-
-#: Scheduler name -> factory taking ``prediction_type``.
-SCHEDULERS: dict[str, Callable[[str], SchedulerMixin]] = {
-    "ddim": _factory(DDIMScheduler),
-    "pndm": _factory(PNDMScheduler),
-    "dpm": _factory(DPMSolverMultistepScheduler),
-    "dpm_karras": _factory(DPMSolverMultistepScheduler, use_karras_sigmas=True),
-    "euler": _factory(EulerDiscreteScheduler),
-    "euler_a": _factory(EulerAncestralDiscreteScheduler),
-    "euler_karras": _factory(EulerDiscreteScheduler, use_karras_sigmas=True),
-    "heun": _factory(HeunDiscreteScheduler),
-    "lms": _factory(LMSDiscreteScheduler),  # stepping needs scipy
-    "ddpm": _factory(DDPMScheduler),
-    "unipc": _factory(UniPCMultistepScheduler),
-}
+#: The scheduler names (attnguide's one registry, :data:`attnguide.pipelines.schedulers.SCHEDULER_NAMES`).
+SCHEDULERS = SCHEDULER_NAMES
 
 
 def make_scheduler(name: str, prediction_type: str = "epsilon") -> SchedulerMixin:
-    """Build the scheduler called ``name`` (a key of :data:`SCHEDULERS`) with SD1.5 settings."""
-    try:
-        factory = SCHEDULERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown scheduler {name!r}; expected one of: {', '.join(sorted(SCHEDULERS))}"
-        ) from None
-    return factory(prediction_type)
+    """The scheduler called ``name`` (a key of :data:`SCHEDULERS`) with Stable Diffusion 1.5's noise
+    schedule and ``prediction_type``; ValueError listing the names for an unknown one."""
+    return scheduler_from_name(name, {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
 # ---------------------------------------------------------------------------

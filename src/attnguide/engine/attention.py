@@ -1,9 +1,10 @@
 """Attention processors and layer selection.
 
 * :class:`AttentionMapCapture` computes a self-attention layer as usual and records its aggregated map
-  (mean over heads, sum over queries: SAG paper Eq. 13 before reshaping) for the guidance step.
+  (mean over heads, sum over queries: SAG paper, arXiv:2210.00939, Eq. 13 before reshaping) for the
+  guidance step.
 * :class:`IdentityPerturbation` replaces a layer's attention by the identity for the trailing, perturbed
-  rows of the batch (PAG): output = to_out(to_v(x)).
+  rows of the batch (PAG, arXiv:2403.17377): output = to_out(to_v(x)).
 * :func:`resolve_layers` chooses layers by exact module path or by a pattern that matches on number
   boundaries ("blocks.1" matches "blocks.1.attn1", not "blocks.10.attn1").
 * :class:`ProcessorSwap` installs processors and always restores the originals.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -193,18 +194,10 @@ class AttentionMapCapture:
         temb: Tensor | None = None,
     ) -> Tensor:
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        grid = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            grid = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        hidden_states, shape4 = _to_tokens(attn, hidden_states, temb)
+        grid = None if shape4 is None else (shape4[2], shape4[3])
         batch_size, sequence_length, _ = hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
@@ -250,13 +243,7 @@ class AttentionMapCapture:
             hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
             hidden_states = hidden_states.to(query.dtype)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _from_tokens(attn, hidden_states, residual, shape4)
 
 
 def _accepts(processor: object) -> set[str]:
@@ -306,30 +293,43 @@ class IdentityPerturbation:
             if keep > 0
             else None
         )
-        out_ptb = identity_attention(attn, hidden_states[keep:], rows(temb, slice(keep, None)))
-        return out_ptb if out_keep is None else torch.cat([out_keep, out_ptb])
+        out_perturbed = identity_attention(attn, hidden_states[keep:], rows(temb, slice(keep, None)))
+        return out_perturbed if out_keep is None else torch.cat([out_keep, out_perturbed])
 
 
 def identity_attention(attn: Attention, hidden_states: Tensor, temb: Tensor | None = None) -> Tensor:
     """A self-attention layer whose attention matrix is the identity: to_out(to_v(x)), with the module's
     own norms, residual connection and output rescaling."""
-    residual = hidden_states
+    tokens, shape4 = _to_tokens(attn, hidden_states, temb)
+    return _from_tokens(attn, attn.to_v(tokens), hidden_states, shape4)
+
+
+def _to_tokens(
+    attn: Attention, hidden_states: Tensor, temb: Tensor | None
+) -> tuple[Tensor, torch.Size | None]:
+    """diffusers' processor preamble: spatial norm, (B, C, H, W) -> (B, HW, C) tokens, group norm.
+    Returns the tokens and the 4-d input shape (None for token input)."""
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch_size, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    shape4 = None
+    if hidden_states.ndim == 4:
+        shape4 = hidden_states.shape
+        b, c, h, w = shape4
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    hidden_states = attn.to_v(hidden_states)
-    hidden_states = attn.to_out[0](hidden_states)
-    hidden_states = attn.to_out[1](hidden_states)
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    return hidden_states, shape4
+
+
+def _from_tokens(attn: Attention, out: Tensor, residual: Tensor, shape4: Size | None) -> Tensor:
+    """diffusers' processor epilogue: output projection and dropout, back to (B, C, H, W) where the
+    input was 4-d, residual connection, output rescaling."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if shape4 is not None:
+        out = out.transpose(-1, -2).reshape(shape4)
     if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 class ProcessorSwap:

@@ -1,6 +1,7 @@
 """Degradations used by the guidance terms: Gaussian blur and the masks that say where to blur.
 
-SAG paper, Sec. 5.1 (blur guidance: blur everywhere) and Sec. 5.2, Eq. 13-15 (SAG: blur where the
+SAG paper (Hong et al., arXiv:2210.00939), Sec. 5.1 (blur guidance: blur everywhere) and Sec. 5.2,
+Eq. 13-15 (SAG: blur where the
 aggregated self-attention map exceeds the threshold psi). The masks of the paper's Table 5 ablation
 (global, random, square, high-frequency) live here too, so every masking strategy is one function.
 """
@@ -119,26 +120,16 @@ def combine_attention_maps(maps: list[tuple[Tensor, tuple[int, int]]], size: tup
 
 
 def random_mask(
-    shape: tuple[int, int, int, int],
-    fraction: float,
-    generator: torch.Generator | None = None,
-    *,
-    device=None,
-    dtype=None,
+    shape: tuple[int, int, int, int], fraction: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Each pixel masked independently with probability ``fraction`` (Table 5, "Random")."""
     b, _, h, w = shape
-    u = torch.rand((b, 1, h, w), generator=generator, device=device)
-    return (u < fraction).to(dtype or torch.float32)
+    u = torch.rand((b, 1, h, w), generator=generator)
+    return (u < fraction).float()
 
 
 def square_mask(
-    shape: tuple[int, int, int, int],
-    fraction: float,
-    generator: torch.Generator | None = None,
-    *,
-    device=None,
-    dtype=None,
+    shape: tuple[int, int, int, int], fraction: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """One axis-aligned square per image covering about ``fraction`` of it, at a random place.
 
@@ -146,7 +137,7 @@ def square_mask(
     """
     b, _, h, w = shape
     side = max(1, min(h, w, round(math.sqrt(fraction * h * w))))
-    mask = torch.zeros((b, 1, h, w), device=device, dtype=dtype or torch.float32)
+    mask = torch.zeros((b, 1, h, w))
     tops = torch.randint(0, h - side + 1, (b,), generator=generator)
     lefts = torch.randint(0, w - side + 1, (b,), generator=generator)
     for i in range(b):

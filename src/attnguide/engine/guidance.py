@@ -1,6 +1,8 @@
 """The guidance terms and how they combine: the formulas, in one place.
 
-Notation of the SAG paper (Hong et al., ICCV 2023). Every term is "prediction minus a weaker
+Papers: SAG, Hong et al., ICCV 2023, arXiv:2210.00939; PAG, Ahn et al. 2024, arXiv:2403.17377; CFG, Ho &
+Salimans 2022, arXiv:2207.12598; CFG rescale, Lin et al. 2023, arXiv:2305.08891.
+Notation of the SAG paper. Every term is "prediction minus a weaker
 prediction", times its own scale s (diffusers' and ComfyUI's convention; the official ADM code passes
 1 + s instead). Predictions are the model's raw outputs (eps, v or x0, whichever it predicts), as in
 diffusers' SAG and PAG pipelines.
@@ -51,7 +53,8 @@ def _check_window(name: str, start: float, stop: float) -> None:
 
 @dataclass(frozen=True)
 class SAG:
-    """Self-Attention Guidance (mask="attention") or blur guidance (mask="global") and its ablations.
+    """Self-Attention Guidance (mask="attention") or blur guidance (mask="global") and its ablations
+    (Hong et al., arXiv:2210.00939, Alg. 1 and Eq. 12-16; blur guidance Sec. 5.1; ablations Table 5).
 
     scale: s of Eq. 16 (diffusers convention; 0 disables). layers: self-attention layer path(s) or
     pattern(s) whose map gives the mask (None: the model's default, the mid block's first
@@ -101,7 +104,8 @@ class SAG:
 
 @dataclass(frozen=True)
 class PAG:
-    """Perturbed-Attention Guidance: identity self-attention in ``layers`` for the perturbed pass.
+    """Perturbed-Attention Guidance (Ahn et al., arXiv:2403.17377): identity self-attention in ``layers``
+    for the perturbed pass.
 
     scale: s_pag (diffusers' pag_scale). adaptive_scale: a, giving s_t = max(0, s - a (1000 - t)) as in
     diffusers. layers: paths or patterns (default "mid"). window: as for :class:`SAG`.
@@ -153,18 +157,18 @@ def combine(
     out_uncond: Tensor | None = None,
     guidance_scale: float = 1.0,
     sag_ref: Tensor | None = None,
-    out_sag: Tensor | None = None,
+    out_degraded: Tensor | None = None,
     sag_scale: float = 0.0,
-    out_ptb: Tensor | None = None,
+    out_perturbed: Tensor | None = None,
     pag_scale: float = 0.0,
 ) -> Tensor:
     """The guided prediction: CFG, then the SAG term s_sag (ref - degraded), then the PAG term
     s_pag (c - perturbed); each term only where its weak prediction is given."""
     out = cfg(out_cond, out_uncond, guidance_scale)
-    if out_sag is not None:
-        out = out + sag_scale * (sag_ref - out_sag)
-    if out_ptb is not None:
-        out = out + pag_scale * (out_cond - out_ptb)
+    if out_degraded is not None:
+        out = out + sag_scale * (sag_ref - out_degraded)
+    if out_perturbed is not None:
+        out = out + pag_scale * (out_cond - out_perturbed)
     return out
 
 

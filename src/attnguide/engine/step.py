@@ -4,7 +4,7 @@ A pipeline gathers its inputs into a *model function* ``model_fn(x, t, branches)
 ``len(branches)`` chunks of the batch stacked on dim 0, and ``branches[i]`` ("cond" or "uncond") says
 which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batchable terms
 ([uncond, cond, perturbed cond]) and once more for SAG's degraded input, and combines the outputs with
-:mod:`attnguide.guidance`. Any diffusers scheduler works: the guided output goes to ``scheduler.step``.
+:mod:`attnguide.engine.guidance`. Any diffusers scheduler works: the guided output goes to ``scheduler.step``.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ class StepOutputs:
     out_uncond: Tensor | None = None
     variance: Tensor | None = None
     sag_ref: Tensor | None = None
-    out_sag: Tensor | None = None
+    out_degraded: Tensor | None = None
     sag_scale: float = 0.0
-    out_ptb: Tensor | None = None
+    out_perturbed: Tensor | None = None
     pag_scale: float = 0.0
 
 
@@ -148,7 +148,7 @@ class Guider:
         if self.graphs is not None:
             self.graphs.reset()
 
-    def _run(
+    def _call_model(
         self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str], inputs_key: tuple
     ) -> Tensor:
         if self.graphs is not None:
@@ -184,7 +184,7 @@ class Guider:
         st.capture = do_sag and self.sag.needs_map
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         try:
-            out = self._run(model_fn, x_main, t, branches, inputs_key)
+            out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
             st.perturbed_rows = 0
             st.capture = False
@@ -197,7 +197,7 @@ class Guider:
             out_cond=preds[i_cond],
             out_uncond=preds[0] if self.do_cfg else None,
             variance=variances[i_cond],
-            out_ptb=preds[-1] if do_pag else None,
+            out_perturbed=preds[-1] if do_pag else None,
             pag_scale=self.pag.scale_at(t) if do_pag else 0.0,
         )
         if do_sag:
@@ -217,18 +217,12 @@ class Guider:
                 self.sag.blur_sigma,
                 blur=self.sag.blur,
             )
-            out_sag = self._run(model_fn, x_deg, t, [branches[0]], inputs_key)
-            res.out_sag, _ = split_learned_variance(out_sag, channels)
+            out_degraded = self._call_model(model_fn, x_deg, t, [branches[0]], inputs_key)
+            res.out_degraded, _ = split_learned_variance(out_degraded, channels)
         return res
 
     def __call__(
-        self,
-        model_fn: ModelFn,
-        sample: Tensor,
-        t: Tensor,
-        *,
-        step: int = 0,
-        num_steps: int = 1,
+        self, model_fn: ModelFn, sample: Tensor, t: Tensor, *, step: int = 0, num_steps: int = 1
     ) -> Tensor:
         """The guided model output for ``sample`` at timestep ``t`` (to hand to ``scheduler.step``).
 
@@ -241,9 +235,9 @@ class Guider:
             out_uncond=r.out_uncond,
             guidance_scale=self.guidance_scale if self.do_cfg else 1.0,
             sag_ref=r.sag_ref,
-            out_sag=r.out_sag,
+            out_degraded=r.out_degraded,
             sag_scale=r.sag_scale,
-            out_ptb=r.out_ptb,
+            out_perturbed=r.out_perturbed,
             pag_scale=r.pag_scale,
         )
         if self.do_cfg and self.guidance_rescale > 0.0:

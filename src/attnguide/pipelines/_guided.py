@@ -6,8 +6,13 @@ import inspect
 from inspect import Parameter
 from typing import Any
 
+import torch
+from diffusers import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
-from ..engine.step import Guider
+from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from .guide import guide
 from .options import GuidanceOptions, reject_unknown
 
@@ -88,3 +93,66 @@ class GuidedPipelineMixin:
         ) as guider:
             self.last_guider = guider
             return parent(**call)
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class OwnLoopMixin:
+    """For the pipelines that diffusers has no loop for (class-conditional pixel UNets with CFG, DiT with
+    any scheduler and null label): the engine's :func:`attnguide.sample_loop` and the output step."""
+
+    last_guider: Guider | None = None
+
+    def sample_guided(
+        self,
+        denoiser: nn.Module,
+        model_fn: ModelFn,
+        options: GuidanceOptions,
+        *,
+        guidance_scale: float | None,
+        shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
+        eta: float,
+        callback=None,
+    ) -> torch.Tensor:
+        """Denoise from ``latents`` (or fresh noise of ``shape``) with CFG weight ``guidance_scale``
+        (None: no CFG) and the terms of ``options``; the Guider stays in ``self.last_guider``."""
+        guider = Guider(
+            denoiser,
+            self.scheduler,
+            guidance_scale=guidance_scale,
+            sag=options.sag(),
+            pag=options.pag(),
+            record_masks=options.record_masks,
+        )
+        self.last_guider = guider
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return sample_loop(
+            guider,
+            model_fn,
+            latents,
+            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
+            progress=self.progress_bar,
+            callback=callback,
+        )
+
+    def image_output(self, images: torch.Tensor, output_type: str, return_dict: bool):
+        """Images in [-1, 1] as diffusers returns them: [0, 1] tensors, numpy arrays or PIL images."""
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

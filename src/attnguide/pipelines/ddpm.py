@@ -11,16 +11,13 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
-from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
+from ._guided import OUTPUT_TYPES, OwnLoopMixin
 from .options import GuidanceOptions, divisible_size, positive_int, reject_unknown, with_guidance_options
 
-OUTPUT_TYPES = ("pil", "np", "pt")
 
-
-class DDPMSAGPipeline(DiffusionPipeline):
+class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
     """Sampling from a pixel-space ``UNet2DModel`` with SAG / blur guidance / PAG / CFG, on any scheduler.
 
     Unconditional models: ``pipe(batch_size=8, sag_scale=0.75)``. Class-conditional models
@@ -35,7 +32,6 @@ class DDPMSAGPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.last_guider: Guider | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -98,7 +94,7 @@ class DDPMSAGPipeline(DiffusionPipeline):
         check_scale("guidance_scale", guidance_scale)
         options = GuidanceOptions.take(guidance)
         reject_unknown(guidance, (), "DDPMSAGPipeline.__call__")
-        sag, pag = options.sag(), options.pag()
+        options.sag(), options.pag()  # bad options fail here, before any model runs
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
         height, width = height or default_h, width or default_w
@@ -112,23 +108,7 @@ class DDPMSAGPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 and labels is not None and class_labels is not None
         if guidance_scale > 1.0 and not do_cfg and n is None:
             raise ValueError("`guidance_scale` > 1 needs a class-conditional UNet (num_class_embeds)")
-        guider = Guider(
-            self.unet,
-            self.scheduler,
-            guidance_scale=guidance_scale if do_cfg else None,
-            sag=sag,
-            pag=pag,
-            record_masks=options.record_masks,
-        )
-        self.last_guider = guider
-
         shape = (batch_size, self.unet.config.in_channels, height, width)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
 
         branch_labels = None
         if labels is not None:
@@ -142,20 +122,16 @@ class DDPMSAGPipeline(DiffusionPipeline):
                 cache[key] = None if branch_labels is None else torch.cat([branch_labels[b] for b in key])
             return self.unet(x, t, class_labels=cache[key]).sample
 
-        image = sample_loop(
-            guider,
+        image = self.sample_guided(
+            self.unet,
             model_fn,
-            latents,
-            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-            progress=self.progress_bar,
+            options,
+            guidance_scale=guidance_scale if do_cfg else None,
+            shape=shape,
+            latents=latents,
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
             callback=callback,
         )
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self.image_output(image, output_type, return_dict)

@@ -17,16 +17,13 @@ from diffusers import (
     ImagePipelineOutput,
 )
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..engine.guidance import check_scale
-from ..engine.step import Guider, sample_loop, scheduler_step_kwargs
+from ._guided import OUTPUT_TYPES, OwnLoopMixin
 from .options import GuidanceOptions, positive_int, reject_unknown, with_guidance_options
 
-OUTPUT_TYPES = ("pil", "np", "pt")
 
-
-class DiTSAGPipeline(DiffusionPipeline):
+class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
     """DiT class-conditional sampling with CFG, SAG, blur guidance and PAG, on any scheduler.
 
     Same constructor as diffusers' ``DiTPipeline``; ``__call__`` takes its arguments (class_labels,
@@ -51,7 +48,6 @@ class DiTSAGPipeline(DiffusionPipeline):
                 for label in value.split(","):
                     self.labels[label.lstrip().rstrip()] = int(key)
             self.labels = dict(sorted(self.labels.items()))
-        self.last_guider: Guider | None = None
 
     get_label_ids = DiTPipeline.get_label_ids
 
@@ -84,28 +80,11 @@ class DiTSAGPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         options = GuidanceOptions.take(guidance, pag_applied_layers="blocks.1")
         reject_unknown(guidance, (), "DiTSAGPipeline.__call__")
-        sag, pag = options.sag(), options.pag()
-        do_cfg = guidance_scale > 1
-        guider = Guider(
-            self.transformer,
-            self.scheduler,
-            guidance_scale=guidance_scale if do_cfg else None,
-            sag=sag,
-            pag=pag,
-            record_masks=options.record_masks,
-        )
-        self.last_guider = guider
-
-        device = self._execution_device
+        options.sag(), options.pag()  # bad options fail here, before any model runs
         batch = len(labels)
         size = self.transformer.config.sample_size
-        channels = self.transformer.config.in_channels
-        shape = (batch, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        shape = (batch, self.transformer.config.in_channels, size, size)
+        device = self._execution_device
         ids = {
             "cond": torch.tensor(labels, device=device),
             "uncond": torch.full((batch,), null, device=device),
@@ -119,21 +98,16 @@ class DiTSAGPipeline(DiffusionPipeline):
             timesteps = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
             return self.transformer(x, timestep=timesteps, class_labels=cache[key]).sample
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = sample_loop(
-            guider,
+        latents = self.sample_guided(
+            self.transformer,
             model_fn,
-            latents,
-            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-            progress=self.progress_bar,
+            options,
+            guidance_scale=guidance_scale if guidance_scale > 1 else None,
+            shape=shape,
+            latents=latents,
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
         )
         samples = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        samples = (samples / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                samples = self.numpy_to_pil(samples)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (samples,)
-        return ImagePipelineOutput(images=samples)
+        return self.image_output(samples, output_type, return_dict)

@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 from ..engine.guidance import PAG, SAG, check_scale
 
@@ -132,6 +132,30 @@ def check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a fraction in (0, 1] or None, got {value!r}")
 
 
+def init_with_pag_layers(base_init: Callable[..., None]) -> Callable[..., None]:
+    """An ``__init__`` that takes ``base_init``'s arguments plus ``pag_applied_layers`` (default "mid"),
+    as diffusers' PAG pipelines do. Its signature says so, which diffusers' loaders (``from_pretrained``,
+    ``from_pipe``) read to know the components."""
+    sig = inspect.signature(base_init)
+    layers = inspect.Parameter("pag_applied_layers", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="mid")
+    full = sig.replace(parameters=[*sig.parameters.values(), layers])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = full.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        pag_layers = arguments.pop("pag_applied_layers")
+        base_init(self, **arguments)
+        self.set_pag_applied_layers(pag_layers)
+
+    __init__.__signature__ = full  # type: ignore[attr-defined]
+    # diffusers' from_pipe matches components by these type hints
+    __init__.__annotations__ = {**get_type_hints(base_init), "pag_applied_layers": str | list[str]}
+    __init__.__doc__ = f"{base_init.__qualname__}'s arguments, then ``pag_applied_layers``."
+    return __init__
+
+
 class PAGLayersMixin:
     """diffusers' PAG pipeline interface (``PAGMixin``): ``set_pag_applied_layers`` and the properties
     that callbacks read (``pag_scale``, ``do_perturbed_attention_guidance``, ...)."""
@@ -147,6 +171,19 @@ class PAGLayersMixin:
             if not isinstance(layer, str):
                 raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
         self.pag_applied_layers = layers
+
+    def pag_options(self, call: dict[str, Any], kwargs: dict[str, Any]) -> GuidanceOptions:
+        """The guidance options of a PAG pipeline call: ``pag_scale`` / ``pag_adaptive_scale`` taken from
+        ``call`` (and kept for the properties), the rest from ``kwargs``; no SAG unless asked for."""
+        self._pag_scale = call.pop("pag_scale")
+        self._pag_adaptive_scale = call.pop("pag_adaptive_scale")
+        return GuidanceOptions.take(
+            kwargs,
+            sag_scale=0.0,
+            pag_scale=self._pag_scale,
+            pag_adaptive_scale=self._pag_adaptive_scale,
+            pag_applied_layers=self.pag_applied_layers,
+        )
 
     @property
     def pag_scale(self) -> float:

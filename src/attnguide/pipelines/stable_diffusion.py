@@ -11,19 +11,27 @@ every pass.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPAGPipeline as _DiffusersPAG
+from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..engine.guidance import check_scale
-from ._guided import GuidedPipelineMixin, call_arguments
-from .options import GuidanceOptions, PAGLayersMixin, divisible_size, positive_int, with_guidance_options
+from ._guided import GuidedPipelineMixin, bind_arguments, call_arguments
+from .options import (
+    GuidanceOptions,
+    PAGLayersMixin,
+    divisible_size,
+    init_with_pag_layers,
+    positive_int,
+    with_guidance_options,
+)
+
+_PAG_CALL = inspect.signature(_DiffusersPAG.__call__)
 
 
 class _GuidedStableDiffusion(GuidedPipelineMixin, StableDiffusionPipeline):
@@ -132,80 +140,18 @@ class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
     "blocks.10"). A string that matches no self-attention layer raises ValueError before sampling.
     """
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: StableDiffusionSafetyChecker,
-        feature_extractor: CLIPImageProcessor,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        requires_safety_checker: bool = True,
-        pag_applied_layers: str | list[str] = "mid",
-    ):
-        super().__init__(
-            vae,
-            text_encoder,
-            tokenizer,
-            unet,
-            scheduler,
-            safety_checker,
-            feature_extractor,
-            image_encoder,
-            requires_safety_checker,
-        )
-        self.set_pag_applied_layers(pag_applied_layers)
+    __init__ = init_with_pag_layers(StableDiffusionPipeline.__init__)
 
     @torch.no_grad()
-    @with_guidance_options(sag_scale=0.0)
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image: PipelineImageInput | None = None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        pag_scale: float = 3.0,
-        pag_adaptive_scale: float = 0.0,
-        **kwargs: Any,
-    ):
+    @with_guidance_options(base=_DiffusersPAG.__call__, sag_scale=0.0)
+    def __call__(self, *args: Any, **kwargs: Any):
         """Generate images with CFG and PAG (and SAG where ``sag_scale`` > 0).
 
-        The named arguments are diffusers' ``StableDiffusionPAGPipeline.__call__`` ones with the same
-        defaults and meaning; the keyword-only :class:`GuidanceOptions` add SAG and step windows.
+        The arguments of diffusers' ``StableDiffusionPAGPipeline.__call__`` (same defaults and meaning),
+        then the keyword-only :class:`GuidanceOptions` (SAG, step windows, ``record_masks``).
         """
-        call = call_arguments(locals())
-        self._pag_scale = call.pop("pag_scale")
-        self._pag_adaptive_scale = call.pop("pag_adaptive_scale")
-        call["callback_on_step_end_tensor_inputs"] = callback_on_step_end_tensor_inputs or ["latents"]
-        options = GuidanceOptions.take(
-            kwargs,
-            sag_scale=0.0,
-            pag_scale=self._pag_scale,
-            pag_adaptive_scale=self._pag_adaptive_scale,
-            pag_applied_layers=self.pag_applied_layers,
-        )
-        return self.run_guided(options, call, kwargs)
+        call = bind_arguments(_PAG_CALL, args, kwargs)
+        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]

@@ -36,6 +36,7 @@ from .options import (
     PAGLayersMixin,
     check_fraction,
     divisible_size,
+    init_with_pag_layers,
     positive_int,
     with_guidance_options,
 )
@@ -194,35 +195,7 @@ class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
 
     _callback_tensor_inputs = _DiffusersXLPAG._callback_tensor_inputs
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = None,
-        pag_applied_layers: str | list[str] = "mid",
-    ):
-        super().__init__(
-            vae,
-            text_encoder,
-            text_encoder_2,
-            tokenizer,
-            tokenizer_2,
-            unet,
-            scheduler,
-            image_encoder,
-            feature_extractor,
-            force_zeros_for_empty_prompt,
-            add_watermarker,
-        )
-        self.set_pag_applied_layers(pag_applied_layers)
+    __init__ = init_with_pag_layers(_GuidedStableDiffusionXL.__init__)
 
     @torch.no_grad()
     @with_guidance_options(base=_DiffusersXLPAG.__call__, sag_scale=0.0)
@@ -233,16 +206,7 @@ class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
         then the keyword-only :class:`GuidanceOptions`.
         """
         call = bind_arguments(_XL_PAG_CALL, args, kwargs)
-        self._pag_scale = call.pop("pag_scale")
-        self._pag_adaptive_scale = call.pop("pag_adaptive_scale")
-        options = GuidanceOptions.take(
-            kwargs,
-            sag_scale=0.0,
-            pag_scale=self._pag_scale,
-            pag_adaptive_scale=self._pag_adaptive_scale,
-            pag_applied_layers=self.pag_applied_layers,
-        )
-        return self.run_guided(options, call, kwargs)
+        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["StableDiffusionXLPAGPipeline", "StableDiffusionXLSAGPipeline"]
