@@ -169,7 +169,8 @@ class GuidedForward:
         )
         parts = {"cond": guided}
         if "uncond" in rows:
-            w = _cfg_weight(self.pipe) if self.layout in ("auto", "uncond_first") else None
+            uncond_first = rows["uncond"].start == 0  # diffusers' text pipelines, whose w we can read
+            w = _cfg_weight(self.pipe) if uncond_first else None
             delta = guided - r.out_cond
             if w is not None:
                 parts = {"cond": r.out_cond, "uncond": r.out_uncond - delta / (w - 1)}
