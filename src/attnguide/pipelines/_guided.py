@@ -76,7 +76,7 @@ class GuidedPipelineMixin:
         ``options``. ``extra``: keyword arguments of the parent that this class does not name."""
         parent = super().__call__  # type: ignore[misc]
         allowed = set(inspect.signature(parent).parameters)
-        reject_unknown(extra, allowed | set(GuidanceOptions.names()), f"{type(self).__name__}.__call__")
+        reject_unknown(extra, allowed, f"{type(self).__name__}.__call__")
         call = {**call, **extra}
         if call.get("callback") is None:  # diffusers' legacy callback: only passed when given
             call.pop("callback", None)

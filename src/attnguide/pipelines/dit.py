@@ -22,6 +22,9 @@ from ..engine.guidance import check_scale
 from ._guided import OUTPUT_TYPES, OwnLoopMixin
 from .options import GuidanceOptions, positive_int, reject_unknown, with_guidance_options
 
+#: diffusers' PAG default for DiTs: block 1 ("mid" matches no layer of a transformer).
+_GUIDANCE_DEFAULTS = {"pag_applied_layers": "blocks.1"}
+
 
 class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
     """DiT class-conditional sampling with CFG, SAG, blur guidance and PAG, on any scheduler.
@@ -52,7 +55,7 @@ class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
     get_label_ids = DiTPipeline.get_label_ids
 
     @torch.no_grad()
-    @with_guidance_options(pag_applied_layers="blocks.1")
+    @with_guidance_options(**_GUIDANCE_DEFAULTS)
     def __call__(
         self,
         class_labels: int | Sequence[int],
@@ -78,7 +81,7 @@ class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         check_scale("guidance_scale", guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        options = GuidanceOptions.take(guidance, pag_applied_layers="blocks.1")
+        options = GuidanceOptions.take(guidance, **_GUIDANCE_DEFAULTS)
         reject_unknown(guidance, (), "DiTSAGPipeline.__call__")
         options.sag(), options.pag()  # bad options fail here, before any model runs
         batch = len(labels)

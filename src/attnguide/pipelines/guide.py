@@ -111,13 +111,8 @@ class GuidedForward:
         inner = getattr(module, "_orig_mod", module)  # a torch.compile wrapper's forward is (*args, **kw)
         params = list(inspect.signature(inner.forward).parameters)
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
-        self.module, self.original, self.guider, self.pipe, self.layout = (
-            module,
-            original,
-            guider,
-            pipe,
-            layout,
-        )
+        self.module, self.original, self.guider = module, original, guider
+        self.pipe, self.layout = pipe, layout
         self.step = 0
 
     def __call__(self, sample: Tensor, *args, **kwargs):
@@ -132,7 +127,8 @@ class GuidedForward:
         rows = branch_rows(resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs), total)
         g = self.guider
         g.guidance_scale = 1.0 if "uncond" in rows else None  # marks the uncond branch; the pipeline does CFG
-        t0 = torch.as_tensor(t).reshape(-1)[0] if torch.as_tensor(t).ndim > 0 else torch.as_tensor(t)
+        t0 = torch.as_tensor(t)
+        t0 = t0.reshape(-1)[0] if t0.ndim > 0 else t0  # the step's timestep, as the engine takes it
         per_row_t = isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == total
         r = g.passes(
             self._model_fn(kwargs, rows, total, per_row_t),
@@ -180,9 +176,7 @@ class GuidedForward:
         for name, sl in rows.items():
             out[sl] = parts[name]
         if r.variance is not None:
-            var = torch.empty(
-                (total, *r.variance.shape[1:]), dtype=r.variance.dtype, device=r.variance.device
-            )
+            var = r.variance.new_empty((total, *r.variance.shape[1:]))
             for sl in rows.values():
                 var[sl] = r.variance
             out = torch.cat([out, var], dim=1)

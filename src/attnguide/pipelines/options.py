@@ -14,6 +14,9 @@ from ..engine.guidance import PAG, SAG, check_scale
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+#: The guidance defaults of the PAG drop-ins that differ from :class:`GuidanceOptions`': no SAG unless asked.
+PAG_PIPELINE_DEFAULTS: dict[str, Any] = {"sag_scale": 0.0}
+
 
 @dataclass(frozen=True)
 class GuidanceOptions:
@@ -94,7 +97,6 @@ def with_guidance_options(base: Callable | None = None, **defaults: Any) -> Call
             if f.name not in own
         ]
         fn.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
-        fn.guidance_defaults = dict(defaults)  # type: ignore[attr-defined]
         return fn
 
     return decorate
@@ -179,7 +181,7 @@ class PAGLayersMixin:
         self._pag_adaptive_scale = call.pop("pag_adaptive_scale")
         return GuidanceOptions.take(
             kwargs,
-            sag_scale=0.0,
+            **PAG_PIPELINE_DEFAULTS,
             pag_scale=self._pag_scale,
             pag_adaptive_scale=self._pag_adaptive_scale,
             pag_applied_layers=self.pag_applied_layers,

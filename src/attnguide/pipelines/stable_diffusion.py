@@ -23,6 +23,7 @@ from diffusers.image_processor import PipelineImageInput
 from ..engine.guidance import check_scale
 from ._guided import GuidedPipelineMixin, bind_arguments, call_arguments
 from .options import (
+    PAG_PIPELINE_DEFAULTS,
     GuidanceOptions,
     PAGLayersMixin,
     divisible_size,
@@ -91,7 +92,7 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
     """
 
     @torch.no_grad()
-    @with_guidance_options(sag_scale=0.75)
+    @with_guidance_options()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -143,7 +144,7 @@ class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
     __init__ = init_with_pag_layers(StableDiffusionPipeline.__init__)
 
     @torch.no_grad()
-    @with_guidance_options(base=_DiffusersPAG.__call__, sag_scale=0.0)
+    @with_guidance_options(base=_DiffusersPAG.__call__, **PAG_PIPELINE_DEFAULTS)
     def __call__(self, *args: Any, **kwargs: Any):
         """Generate images with CFG and PAG (and SAG where ``sag_scale`` > 0).
 

@@ -32,6 +32,7 @@ from transformers import (
 from ..engine.guidance import check_scale
 from ._guided import GuidedPipelineMixin, bind_arguments
 from .options import (
+    PAG_PIPELINE_DEFAULTS,
     GuidanceOptions,
     PAGLayersMixin,
     check_fraction,
@@ -177,14 +178,14 @@ class StableDiffusionXLSAGPipeline(_GuidedStableDiffusionXL):
     """
 
     @torch.no_grad()
-    @with_guidance_options(base=StableDiffusionXLPipeline.__call__, sag_scale=0.75)
+    @with_guidance_options(base=StableDiffusionXLPipeline.__call__)
     def __call__(self, *args: Any, **kwargs: Any):
         """Generate images with CFG (``guidance_scale`` > 1), SAG (``sag_scale`` > 0) and, optionally, PAG.
 
         The arguments of diffusers' ``StableDiffusionXLPipeline.__call__`` (same defaults and meaning), then
         the keyword-only :class:`GuidanceOptions` (``sag_scale=0.75``, ``sag_layers``, ``pag_scale``, ...).
         """
-        options = GuidanceOptions.take(kwargs, sag_scale=0.75)
+        options = GuidanceOptions.take(kwargs)
         call = bind_arguments(_XL_CALL, args, kwargs)
         return self.run_guided(options, call, kwargs)
 
@@ -198,7 +199,7 @@ class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
     __init__ = init_with_pag_layers(_GuidedStableDiffusionXL.__init__)
 
     @torch.no_grad()
-    @with_guidance_options(base=_DiffusersXLPAG.__call__, sag_scale=0.0)
+    @with_guidance_options(base=_DiffusersXLPAG.__call__, **PAG_PIPELINE_DEFAULTS)
     def __call__(self, *args: Any, **kwargs: Any):
         """Generate images with CFG and PAG (and SAG where ``sag_scale`` > 0).
 
