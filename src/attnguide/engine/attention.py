@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -330,6 +332,21 @@ def _from_tokens(attn: Attention, out: Tensor, residual: Tensor, shape4: Size | 
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock a guided run holds on ``model`` while its processors (and, in attnguide.guide, its
+    forward) are replaced: concurrent runs on one model take turns instead of seeing each other's
+    processors. Re-entrant, so one thread may nest runs."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 class ProcessorSwap:

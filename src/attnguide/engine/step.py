@@ -23,6 +23,7 @@ from .attention import (
     ProcessorSwap,
     default_sag_layer,
     install_guidance_processors,
+    model_lock,
     resolve_layers,
 )
 from .cuda_graphs import CudaGraphPasses, ModelFn, graph_safe
@@ -125,6 +126,7 @@ class Guider:
             else []
         )
         self._swap = ProcessorSwap(inner)
+        self._lock = model_lock(inner)  # held from __enter__ to __exit__: one run at a time per model
         self._sigma_schedule: bool | None = None
         self._abar_table: Tensor | None = None
 
@@ -133,20 +135,25 @@ class Guider:
         return self.guidance_scale is not None
 
     def __enter__(self) -> Guider:
+        self._lock.acquire()
         try:
             install_guidance_processors(
                 self._swap, self.state, self.sag_layers, self.pag_layers, self.map_limits
             )
         except BaseException:
             self._swap.restore()
+            self._lock.release()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._swap.restore()
-        self.state.maps.clear()
-        if self.graphs is not None:
-            self.graphs.reset()
+        try:
+            self._swap.restore()
+            self.state.maps.clear()
+            if self.graphs is not None:
+                self.graphs.reset()
+        finally:
+            self._lock.release()
 
     def _call_model(
         self, model_fn: ModelFn, x: Tensor, t: Tensor, branches: Sequence[str], inputs_key: tuple

@@ -11,7 +11,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
+from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
 from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from .guide import guide
 from .options import GuidanceOptions, reject_unknown
@@ -135,15 +135,16 @@ class OwnLoopMixin:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return sample_loop(
-            guider,
-            model_fn,
-            latents,
-            extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-            progress=self.progress_bar,
-            callback=callback,
-        )
+        with model_lock(denoiser):  # the scheduler's state is this run's until the loop ends
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return sample_loop(
+                guider,
+                model_fn,
+                latents,
+                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
+                progress=self.progress_bar,
+                callback=callback,
+            )
 
     def image_output(self, images: torch.Tensor, output_type: str, return_dict: bool):
         """Images in [-1, 1] as diffusers returns them: [0, 1] tensors, numpy arrays or PIL images."""

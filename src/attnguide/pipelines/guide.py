@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits
+from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
 from ..engine.guidance import PAG, SAG, combine
 from ..engine.step import Guider, StepOutputs
 
@@ -249,14 +249,17 @@ def guide(
     if guider.sag is None and guider.pag is None and not graphed:
         yield guider
         return
-    original = module.forward
-    had_instance_forward = "forward" in module.__dict__
-    module.forward = GuidedForward(module, original, guider, pipe, cfg_layout)
-    try:
-        with guider:
-            yield guider
-    finally:
-        if had_instance_forward:
-            module.forward = original
-        else:
-            del module.forward
+    # The forward and the processors are replaced for the whole block, under the model's lock: another
+    # thread's guided call of the same pipeline (or model) waits for this one, scheduler state included.
+    with model_lock(getattr(module, "_orig_mod", module)):
+        original = module.forward
+        had_instance_forward = "forward" in module.__dict__
+        module.forward = GuidedForward(module, original, guider, pipe, cfg_layout)
+        try:
+            with guider:
+                yield guider
+        finally:
+            if had_instance_forward:
+                module.forward = original
+            else:
+                del module.forward
