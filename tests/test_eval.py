@@ -275,6 +275,7 @@ def test_average_pixel_arm_blurs_to_the_mean_pixel(tiny_model):
     strategy, and the degraded input replaces x0_hat under the mask by each image's mean pixel."""
     from attnguide.engine.degrade import mean_pixel_blur
     from attnguide.engine.guidance import sag_degraded_input
+    from attnguide.engine.parameterization import NoiseLevel
 
     arm = Arm(sag_scale=0.75, sag_average=True)
     assert arm.sag_term().blur is mean_pixel_blur
@@ -287,12 +288,13 @@ def test_average_pixel_arm_blurs_to_the_mean_pixel(tiny_model):
     x, eps = torch.rand(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
     mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
     abar = torch.tensor(0.6)
+    level = NoiseLevel.variance_preserving(abar)
     got = sag_degraded_input(
-        x, eps, abar, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma, blur=sag.blur
+        x, eps, level, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma, blur=sag.blur
     )
     x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
     mean = x0.mean(dim=(-2, -1), keepdim=True).expand_as(x0)
     expected = abar.sqrt() * (mask * mean + (1 - mask) * x0) + (1 - abar).sqrt() * eps
     torch.testing.assert_close(got, expected)
-    blurred = sag_degraded_input(x, eps, abar, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma)
+    blurred = sag_degraded_input(x, eps, level, "epsilon", mask, sag.blur_kernel_size, sag.blur_sigma)
     assert not torch.allclose(got, blurred)  # the Gaussian blur would give something else

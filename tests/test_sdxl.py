@@ -264,8 +264,14 @@ def test_diffusers_sag_pipeline_cannot_run_sdxl():
             requires_safety_checker=False,
         )
     )
-    with pytest.raises(TypeError):  # the SDXL UNet needs added_cond_kwargs, which that pipeline never passes
-        ref(generator=gen(0), **SMALL)
+    before = dict(c["unet"].attn_processors)
+    try:
+        with pytest.raises(TypeError):  # the SDXL UNet needs added_cond_kwargs, which that pipeline never passes
+            ref(generator=gen(0), **SMALL)
+        # ... and leaves its map-storing processor installed (no try/finally there)
+        assert dict(c["unet"].attn_processors) != before
+    finally:
+        c["unet"].set_attn_processor(before)
 
 
 @pytest.mark.parametrize("sched", ["euler", "ddim"])

@@ -16,13 +16,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from torch import nn
 
 from attnguide.engine.attention import (
-    AttentionMapCapture,
     GuidanceState,
-    IdentityPerturbation,
+    GuidedAttention,
     MapLimits,
     ProcessorSwap,
     aggregated_map_chunked,
+    default_pag_layers,
     default_sag_layer,
+    guided_attention,
     resolve_layers,
 )
 from attnguide.engine.degrade import (
@@ -43,15 +44,28 @@ from attnguide.engine.guidance import (
     rescale_cfg,
     sag_degraded_input,
 )
+from attnguide.engine.layout import LatentLayout, as_images, from_images
 from attnguide.engine.parameterization import (
     PREDICTION_TYPES,
+    NoiseLevel,
     alpha_bar_at,
     predict_eps,
     predict_x0,
     renoise,
-    split_learned_variance,
     uses_sigma_schedule,
 )
+
+
+def _vp(abar) -> NoiseLevel:
+    return NoiseLevel.variance_preserving(torch.as_tensor(abar))
+
+
+def _capture(name: str, state: GuidanceState, limits: MapLimits = MapLimits()) -> GuidedAttention:
+    return guided_attention(AttnProcessor2_0(), name, state, capture=True, limits=limits)
+
+
+def _identity(inner, state: GuidanceState, name: str = "layer") -> GuidedAttention:
+    return guided_attention(inner, name, state, perturb=True)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -296,7 +310,7 @@ def test_capture_processor_3d(memory_flat):
     ref = attn(x)
 
     state = GuidanceState(capture=True)
-    attn.set_processor(AttentionMapCapture("layer", state, limits))
+    attn.set_processor(_capture("layer", state, limits))
     out = attn(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     agg, grid = state.maps["layer"]
@@ -320,7 +334,7 @@ def test_capture_processor_4d_unet_block(memory_flat):
     x = _randn(2, 32, 4, 6, seed=2)
     ref = AttnProcessor2_0()(attn, x)
     state = GuidanceState(capture=True)
-    attn.set_processor(AttentionMapCapture("mid", state, limits))
+    attn.set_processor(_capture("mid", state, limits))
     out = attn(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -340,7 +354,7 @@ def test_identity_perturbation_3d(n):
     x = _randn(3, 10, 16, seed=3)
     keep = 3 - n
     state = GuidanceState(perturbed_rows=n)
-    attn.set_processor(IdentityPerturbation(AttnProcessor2_0(), state))
+    attn.set_processor(_identity(AttnProcessor2_0(), state))
     out = attn(x)
     assert out.shape == x.shape
     if keep:
@@ -357,7 +371,7 @@ def test_identity_perturbation_zero_rows_is_pass_through():
     x = _randn(2, 10, 16, seed=4)
     ref = AttnProcessor2_0()(attn, x)
     state = GuidanceState(perturbed_rows=0)
-    attn.set_processor(IdentityPerturbation(AttnProcessor2_0(), state))
+    attn.set_processor(_identity(AttnProcessor2_0(), state))
     torch.testing.assert_close(attn(x), ref, atol=1e-6, rtol=0)
 
 
@@ -366,7 +380,7 @@ def test_identity_perturbation_4d():
     attn = _attn_4d()
     x = _randn(3, 32, 4, 6, seed=5)
     state = GuidanceState(perturbed_rows=1)
-    attn.set_processor(IdentityPerturbation(AttnProcessor2_0(), state))
+    attn.set_processor(_identity(AttnProcessor2_0(), state))
     out = attn(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out[:2], AttnProcessor2_0()(attn, x[:2]), atol=1e-5, rtol=0)
@@ -495,6 +509,25 @@ def test_default_sag_layer(toy_model):
     assert default_sag_layer(_ToyModel(n_blocks=4, mid=False)) == "blocks.2.attn1"
 
 
+class _VideoBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attentions = nn.ModuleList([_Block(cross=False)])
+        self.motion_modules = nn.ModuleList([_Block(cross=False)])
+
+
+def test_default_layers_per_family(toy_model):
+    """diffusers' PAG defaults: the mid block in UNets ("mid"), "blocks.1" in transformers (block 1 only,
+    not 10-19); spatial layers only (video motion modules are selectable, never the default)."""
+    assert default_pag_layers(toy_model) == [MID]
+    assert default_pag_layers(_ToyModel(n_blocks=12, mid=False)) == ["blocks.1.attn1"]
+    video = nn.Module()
+    video.mid_block = _VideoBlock()
+    assert default_pag_layers(video) == ["mid_block.attentions.0.attn1"]
+    assert default_sag_layer(video) == "mid_block.attentions.0.attn1"
+    assert resolve_layers(video, "motion_modules") == ["mid_block.motion_modules.0.attn1"]
+
+
 # =========================================================================== attention: processor swap
 
 
@@ -519,17 +552,18 @@ def test_processor_swap_restores_on_exit_and_on_error():
     state = GuidanceState()
 
     with ProcessorSwap(model) as swap:
-        swap.install(names[0], lambda _old: AttentionMapCapture(names[0], state))
-        swap.install(names[1], lambda old: IdentityPerturbation(old, state))
-        swap.install(names[0], lambda old: IdentityPerturbation(old, state))  # stacked on the same layer
-        assert isinstance(modules[names[0]].processor, IdentityPerturbation)
-        assert isinstance(modules[names[0]].processor.inner, AttentionMapCapture)
+        swap.install(names[0], lambda old: guided_attention(old, names[0], state, capture=True))
+        swap.install(names[1], lambda old: _identity(old, state))
+        assert isinstance(modules[names[0]].processor, GuidedAttention)
+        assert modules[names[0]].processor.inner is originals[names[0]]
         assert modules[names[1]].processor.inner is originals[names[1]]
+        with pytest.raises(ValueError, match="already guided"):  # a second guided run on the same layer
+            ProcessorSwap(model).install(names[0], lambda old: _identity(old, state))
     for n in names:
         assert modules[n].processor is originals[n]
 
     with pytest.raises(RuntimeError, match="boom"), ProcessorSwap(model) as swap:
-        swap.install(names[2], lambda old: IdentityPerturbation(old, state))
+        swap.install(names[2], lambda old: _identity(old, state))
         assert modules[names[2]].processor is not originals[names[2]]
         raise RuntimeError("boom")
     for n in names:
@@ -549,7 +583,7 @@ def test_processor_swap_restores_module_processor():
 
     state = GuidanceState(capture=True)
     with ProcessorSwap(model) as swap:
-        swap.install("blocks.1.attn1", lambda _old: AttentionMapCapture("blocks.1.attn1", state))
+        swap.install("blocks.1.attn1", lambda old: guided_attention(old, "blocks.1.attn1", state, capture=True))
         assert "processor" not in attn._modules
         assert len(list(model.parameters())) == n_params - 1
         attn(x)
@@ -569,34 +603,70 @@ def test_predict_x0_eps_round_trip(prediction_type, abar_value):
     x0 = _randn(2, 4, 8, 8, seed=1)
     eps = _randn(2, 4, 8, 8, seed=2)
     abar = torch.tensor(abar_value)
-    x = renoise(x0, eps, abar)
+    level = _vp(abar)
+    x = renoise(x0, eps, level)
     torch.testing.assert_close(x, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
     model_output = {
         "epsilon": eps,
         "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0,
         "sample": x0,
     }[prediction_type]
-    torch.testing.assert_close(predict_x0(x, model_output, abar, prediction_type), x0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(predict_eps(x, model_output, abar, prediction_type), eps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(predict_x0(x, model_output, level, prediction_type), x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(predict_eps(x, model_output, level, prediction_type), eps, atol=1e-5, rtol=0)
 
 
 def test_predict_unknown_type_raises():
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="prediction_type"):
-        predict_x0(x, x, torch.tensor(0.5), "flow")
+        predict_x0(x, x, _vp(0.5), "flow")
     with pytest.raises(ValueError, match="prediction_type"):
-        predict_eps(x, x, torch.tensor(0.5), "flow")
+        predict_eps(x, x, _vp(0.5), "flow")
 
 
-def test_split_learned_variance():
-    out = _randn(2, 4, 3, 3)
-    pred, var = split_learned_variance(out, 4)
-    assert pred is out and var is None
+def test_layout_split_learned_variance():
+    layout = LatentLayout.from_channels(4, 8)
+    assert layout == LatentLayout(4, 0, True)
     out2 = _randn(2, 8, 3, 3)
-    pred, var = split_learned_variance(out2, 4)
+    pred, var = layout.split_output(out2)
     assert torch.equal(pred, out2[:, :4]) and torch.equal(var, out2[:, 4:])
+    pred, var = LatentLayout.from_channels(4, 4).split_output(out2[:, :4])
+    assert var is None
     with pytest.raises(ValueError, match="12 channels"):
-        split_learned_variance(_randn(2, 12, 3, 3), 4)
+        layout.split_output(_randn(2, 12, 3, 3))
+
+
+@pytest.mark.parametrize(
+    ("channels", "expected"),
+    [
+        ((9, 4), LatentLayout(4, 5, False)),  # SD inpainting: latent + mask + masked-image latents
+        ((7, 4), LatentLayout(4, 3, False)),  # SD x4 upscaler: latent + low-resolution image
+        ((3, 6), LatentLayout(3, 0, True)),  # pixel UNet with a learned variance
+        ((4, 8), LatentLayout(4, 0, True)),  # DiT, learned sigma
+    ],
+)
+def test_layout_from_channels(channels, expected):
+    assert LatentLayout.from_channels(*channels) == expected
+    # DeepFloyd IF stage II: 3 + 3 in, prediction + variance out, known from the scheduler
+    assert LatentLayout.from_channels(6, 6, variance=True) == LatentLayout(3, 3, True)
+    with pytest.raises(ValueError, match="cannot place"):
+        LatentLayout.from_channels(4, 5)
+
+
+def test_layout_keeps_conditioning_channels_and_frames():
+    layout = LatentLayout.from_channels(9, 4)
+    x = _randn(2, 9, 4, 4)
+    latent, cond = layout.split_input(x)
+    assert latent.shape[1] == 4 and cond.shape[1] == 5
+    assert torch.equal(layout.join_input(latent, cond), x)
+    video = _randn(2, 4, 3, 5, 6)  # (B, C, F, H, W)
+    frames = as_images(video)
+    assert frames.shape == (6, 4, 5, 6)
+    assert torch.equal(frames[4], video[1, :, 1])  # batch-major frames
+    assert torch.equal(from_images(frames, video), video)
+    with pytest.raises(ValueError, match="channels"):
+        layout.check_input(_randn(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="understand"):
+        layout.check_input(_randn(1, 9, 4))
 
 
 def test_uses_sigma_schedule():
@@ -710,7 +780,7 @@ def test_rescale_cfg_equals_diffusers(outs, phi):
 def test_sag_degraded_input(prediction_type):
     x_in = _randn(2, 4, 16, 16, seed=1)
     model_output = _randn(2, 4, 16, 16, seed=2)
-    abar = torch.tensor(0.42)
+    abar = _vp(0.42)
     zeros = torch.zeros(2, 1, 16, 16)
     ones = torch.ones(2, 1, 16, 16)
 
@@ -735,7 +805,7 @@ def test_sag_degraded_input_epsilon_by_hand():
     a = 0.3
     x0_hat = (x_in - math.sqrt(1 - a) * eps) / math.sqrt(a)
     expected = math.sqrt(a) * ref_gaussian_blur_2d(x0_hat, 9, 1.0) + math.sqrt(1 - a) * eps
-    out = sag_degraded_input(x_in, eps, torch.tensor(a), "epsilon", torch.ones(1, 1, 12, 12))
+    out = sag_degraded_input(x_in, eps, _vp(a), "epsilon", torch.ones(1, 1, 12, 12))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 

@@ -1,28 +1,31 @@
 """Attention processors and layer selection.
 
-* :class:`AttentionMapCapture` computes a self-attention layer as usual and records its aggregated map
-  (mean over heads, sum over queries: SAG paper, arXiv:2210.00939, Eq. 13 before reshaping) for the
-  guidance step.
-* :class:`IdentityPerturbation` replaces a layer's attention by the identity for the trailing, perturbed
-  rows of the batch (PAG, arXiv:2403.17377): output = to_out(to_v(x)).
+* :class:`GuidedAttention` wraps the processor installed on a self-attention layer and, during a guided
+  model call only, intercepts its ``scaled_dot_product_attention``: to record the layer's aggregated map
+  (mean over heads, sum over queries: SAG paper, arXiv:2210.00939, Eq. 13 before reshaping) and to give
+  the perturbed rows of the batch identity attention (PAG, arXiv:2403.17377: the output is V). Every
+  argument reaches the wrapped processor, so the model is never changed beyond the guidance.
 * :func:`resolve_layers` chooses layers by exact module path or by a pattern that matches on number
-  boundaries ("blocks.1" matches "blocks.1.attn1", not "blocks.10.attn1").
-* :class:`ProcessorSwap` installs processors and always restores the originals.
+  boundaries ("blocks.1" matches "blocks.1.attn1", not "blocks.10.attn1"); :func:`default_sag_layer` and
+  :func:`default_pag_layers` are the per-family defaults (spatial layers only).
+* :class:`ProcessorSwap` installs processors and always restores the originals; :func:`model_lock`
+  serialises guided runs on one model.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 import threading
+import types
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from torch import Size, Tensor, nn
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -123,34 +126,72 @@ def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument:
     return [name for name in layers if name in chosen]
 
 
-def default_sag_layer(model: nn.Module) -> str:
-    """The SAG layer used when none is named: the first self-attention of the mid block (diffusers'
-    choice for Stable Diffusion), else the middle self-attention layer of the model."""
-    layers = list(self_attention_layers(model))
+#: Layers that attend across frames (video motion modules, spatio-temporal blocks): selectable by name,
+#: never chosen by default.
+TEMPORAL_LAYER = re.compile(r"motion_modules|temporal|temp_attention")
+
+
+def spatial_layers(model: nn.Module) -> list[str]:
+    """The self-attention layers of ``model`` that attend over image positions (not over frames)."""
+    layers = self_attention_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no self-attention layer, so it cannot be guided by SAG or PAG"
         )
+    return [name for name in layers if not TEMPORAL_LAYER.search(name)] or list(layers)
+
+
+def default_sag_layer(model: nn.Module) -> str:
+    """The SAG layer used when none is named: the first spatial self-attention of the mid block
+    (diffusers' choice for Stable Diffusion), else the middle spatial self-attention layer of the model
+    (a transformer's middle block)."""
+    layers = spatial_layers(model)
     for name in layers:
         if name.startswith("mid_block."):
             return name
     return layers[len(layers) // 2]
 
 
+def default_pag_layers(model: nn.Module) -> list[str]:
+    """The PAG layers used when none are named, as diffusers' PAG pipelines choose them: the spatial
+    self-attention of the mid block in UNets ("mid"), the first-but-one transformer block in
+    transformers ("blocks.1": DiT, PixArt, HunyuanDiT, SD3)."""
+    layers = spatial_layers(model)
+    mid = [name for name in layers if name.startswith("mid_block.")]
+    if mid:
+        return mid
+    rx = _bounded(r"blocks.1")
+    hits = [name for name in layers if rx.search(name)]
+    return hits or [layers[min(1, len(layers) - 1)]]
+
+
 @dataclass
 class GuidanceState:
-    """Mutable state shared by the installed processors and the sampling step.
+    """What the installed processors do in the current model call of one thread.
 
-    ``perturbed_rows``: how many trailing batch rows the PAG processors perturb in the next call (0: none).
-    ``capture``: whether capture processors record their map in the next call; ``capture_rows``: how many
-    leading batch rows need it (0: all); the memory-flat path computes only those.
-    ``maps``: aggregated maps recorded by capture processors, per layer path: (rows, N) and the grid.
+    ``perturbed_rows``: how many trailing rows of the model's batch of ``batch_rows`` the PAG processors
+    perturb (0: none). ``capture``: whether capture processors record their map; ``capture_rows``: how
+    many leading rows of the model batch need it (0: all). A layer that sees k rows per model row (video
+    frames, or spatial tokens in temporal layers) scales these by k. ``maps``: the aggregated maps
+    recorded, per layer path: (rows, N) and the token grid (None where the layer saw tokens).
     """
 
     perturbed_rows: int = 0
     capture: bool = False
     capture_rows: int = 0
+    batch_rows: int = 0
     maps: dict[str, tuple[Tensor, tuple[int, int] | None]] = field(default_factory=dict)
+
+    def layer_rows(self, rows: int, layer_batch: int) -> int:
+        """``rows`` model rows expressed in the rows of a layer whose batch is ``layer_batch``."""
+        if self.batch_rows <= 0 or layer_batch == self.batch_rows:
+            return rows
+        if layer_batch % self.batch_rows:
+            raise RuntimeError(
+                f"attnguide: a self-attention layer saw a batch of {layer_batch} rows for a model batch of "
+                f"{self.batch_rows}; cannot tell which rows belong to which branch"
+            )
+        return rows * (layer_batch // self.batch_rows)
 
 
 def aggregated_map_chunked(
@@ -172,166 +213,183 @@ def aggregated_map_chunked(
     return total.mean(dim=1)
 
 
-class AttentionMapCapture:
-    """Self-attention processor that also records the aggregated attention map of its layer.
+class _SDPAIntercept(TorchFunctionMode):
+    """While the wrapped processor runs: its ``scaled_dot_product_attention`` call goes to ``handler``,
+    which sees the final q, k, v (after the processor's norms and rotary embeddings). Every other
+    function runs as it is. Torch function modes are per thread."""
 
-    Up to ``limits.exact_max_elements`` (:class:`MapLimits`) it follows diffusers' ``AttnProcessor``
-    (explicit probabilities, ``attn.get_attention_scores`` then ``bmm``), which is also how diffusers' SAG
-    pipeline computes its map, so masks match the reference bit for bit. Above it, the output comes from
-    fused scaled-dot-product attention and the map from :func:`aggregated_map_chunked` (memory-flat). The
-    head count is the module's own (``attn.heads``).
+    def __init__(self, handler: Callable[..., Tensor]):
+        super().__init__()
+        self.handler = handler
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+            return self.handler(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of one ``scaled_dot_product_attention`` call, by name."""
+    named = dict(zip(_SDPA_ARGS, args, strict=False))
+    named.update(kwargs)
+    return named
+
+
+def _rows(t: Tensor | None, sl: slice, total: int) -> Tensor | None:
+    """Rows ``sl`` of a per-row tensor (an attention mask of the whole batch); broadcast ones as they are."""
+    return t[sl] if (isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == total) else t
+
+
+class GuidedAttention:
+    """The processor attnguide puts on a self-attention layer: it wraps the processor that was installed
+    (``inner``: diffusers' default, IP-adapter, fused or custom processors, rotary embeddings ...) and
+    passes every argument through. Only its ``scaled_dot_product_attention`` call is intercepted, and only
+    while the current thread's guided run asks for it:
+
+    * ``capture`` (SAG, arXiv:2210.00939, Eq. 13 before reshaping): the attention probabilities of the
+      leading rows, mean over heads, summed over queries, recorded in ``state.maps[name]``. Up to
+      ``limits.exact_max_elements`` probabilities they are computed as diffusers' ``AttnProcessor`` and
+      SAG pipeline do (``attn.get_attention_scores``, then ``bmm``: bit-identical masks); above it, the
+      output comes from the fused kernel and the map from :func:`aggregated_map_chunked` (memory-flat).
+    * ``perturb`` (PAG, arXiv:2403.17377): the trailing perturbed rows get the identity attention matrix,
+      i.e. the attention output is V (diffusers' ``PAGIdentitySelfAttnProcessor2_0``).
+
+    Outside a guided call (``state`` asks for nothing) it is the inner processor. :func:`guided_attention`
+    builds one with the inner processor's call signature, which diffusers reads to decide which keyword
+    arguments reach it. The state is a plain object (no thread lookups), so the processor compiles into a
+    ``torch.compile``d model without graph breaks; the guided step serialises its use across threads.
     """
 
-    def __init__(self, name: str, state: GuidanceState, limits: MapLimits = DEFAULT_MAP_LIMITS):
-        self.name = name
-        self.state = state
-        self.limits = limits
-
-    def __call__(
+    def __init__(
         self,
-        attn: Attention,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-    ) -> Tensor:
-        residual = hidden_states
-        hidden_states, shape4 = _to_tokens(attn, hidden_states, temb)
-        grid = None if shape4 is None else (shape4[2], shape4[3])
-        batch_size, sequence_length, _ = hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        inner: object,
+        name: str,
+        state: GuidanceState,
+        *,
+        capture: bool = False,
+        perturb: bool = False,
+        limits: MapLimits = DEFAULT_MAP_LIMITS,
+    ):
+        self.inner, self.name, self.state = inner, name, state
+        self.capture, self.perturb, self.limits = capture, perturb, limits
+        # diffusers' classic processor computes the same attention with explicit matrices; its fused
+        # twin runs in its place during guided calls, where the attention call must be intercepted.
+        self._guided_inner = AttnProcessor2_0() if type(inner) is AttnProcessor else inner
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        heads = attn.heads
-        n_probs = batch_size * heads * sequence_length * sequence_length
-
-        if n_probs <= self.limits.exact_max_elements:
-            query = attn.head_to_batch_dim(query)
-            key = attn.head_to_batch_dim(key)
-            value = attn.head_to_batch_dim(value)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            probs = attn.get_attention_scores(query, key, attention_mask)
-            if self.state.capture:
-                agg = probs.reshape(batch_size, heads, sequence_length, -1).mean(1).sum(1)
-                self.state.maps[self.name] = (agg, grid)
-            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        else:
-            head_dim = key.shape[-1] // heads
-            query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-            key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-            value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            if attention_mask is not None:
-                attention_mask = attention_mask.view(batch_size, heads, -1, attention_mask.shape[-1])
-            if self.state.capture:
-                if attention_mask is not None:
-                    raise NotImplementedError("memory-flat attention maps do not support attention masks")
-                rows = self.state.capture_rows or batch_size
-                agg = aggregated_map_chunked(
-                    query[:rows], key[:rows], attn.scale, self.limits.chunk_elements
-                ).to(query.dtype)
-                self.state.maps[self.name] = (agg, grid)
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-            )
-            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
-            hidden_states = hidden_states.to(query.dtype)
-
-        return _from_tokens(attn, hidden_states, residual, shape4)
-
-
-def _accepts(processor: object) -> set[str]:
-    return set(inspect.signature(processor.__call__).parameters)
-
-
-class IdentityPerturbation:
-    """PAG processor: the trailing ``state.perturbed_rows`` rows of the batch get identity self-attention.
-
-    The other rows go through the processor that was installed before (``inner``), unchanged. For the
-    perturbed rows the attention matrix is the identity, so the output is ``to_out(to_v(x))``, as in the
-    PAG paper and diffusers' ``PAGIdentitySelfAttnProcessor2_0``.
-    """
-
-    def __init__(self, inner: object, state: GuidanceState):
-        self.inner = inner
-        self.state = state
-        self._inner_takes_temb = "temb" in _accepts(inner)
-
-    def _call_inner(self, attn, hidden_states, attention_mask, temb):
-        kwargs = {"temb": temb} if (self._inner_takes_temb and temb is not None) else {}
-        return self.inner(
-            attn, hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **kwargs
-        )
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-    ) -> Tensor:
-        n = self.state.perturbed_rows
-        if n <= 0:
-            return self._call_inner(attn, hidden_states, attention_mask, temb)
+    def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        st = self.state
+        capture = self.capture and st.capture
+        perturb = self.perturb and st.perturbed_rows > 0
+        if not (capture or perturb):
+            return self.inner(attn, hidden_states, *args, **kwargs)
         total = hidden_states.shape[0]
-        keep = total - n
-
-        def rows(t: Tensor | None, sl: slice) -> Tensor | None:
-            return t[sl] if (t is not None and t.shape[0] == total) else t
-
-        out_keep = (
-            self._call_inner(
-                attn, hidden_states[:keep], rows(attention_mask, slice(0, keep)), rows(temb, slice(0, keep))
-            )
-            if keep > 0
-            else None
+        grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
+        mode = _SDPAIntercept(
+            lambda *a, **kw: self._attention(attn, st, capture, perturb, total, grid, _sdpa_arguments(a, kw))
         )
-        out_perturbed = identity_attention(attn, hidden_states[keep:], rows(temb, slice(keep, None)))
-        return out_perturbed if out_keep is None else torch.cat([out_keep, out_perturbed])
+        with mode:
+            out = self._guided_inner(attn, hidden_states, *args, **kwargs)
+        if mode.calls == 0:
+            raise ValueError(
+                f"attnguide: the processor of layer {self.name!r} ({type(self.inner).__name__}) computes "
+                "attention without torch's scaled_dot_product_attention, so its map and identity attention "
+                "cannot be taken; install diffusers' AttnProcessor2_0 there (or choose another layer)"
+            )
+        return out
+
+    def _attention(self, attn, st: GuidanceState, capture, perturb, total, grid, a: dict) -> Tensor:
+        """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
+        tensors: identity for the perturbed rows, map capture for the leading rows."""
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        b = q.shape[0]
+        keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
+        mask_keep = _rows(mask, slice(0, keep), b)
+        options = {n: a[n] for n in _SDPA_ARGS[4:] if n in a}
+        out_keep = None
+        if capture and self.name not in st.maps:
+            rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else keep
+            out_keep, agg = self._attend_and_map(attn, q[:keep], k[:keep], v[:keep], mask_keep, options, rows)
+            st.maps[self.name] = (agg, grid)
+        elif keep > 0:
+            out_keep = F.scaled_dot_product_attention(
+                q[:keep], k[:keep], v[:keep], attn_mask=mask_keep, **options
+            )
+        if keep == b:
+            return out_keep
+        if v.shape[-2] != q.shape[-2]:
+            raise ValueError(f"attnguide: PAG needs self-attention; {self.name!r} attends to other tokens")
+        identity = v[keep:]
+        return identity if out_keep is None else torch.cat([out_keep, identity.to(out_keep.dtype)])
+
+    def _attend_and_map(self, attn, q, k, v, mask, options: dict, rows: int) -> tuple[Tensor, Tensor]:
+        """The attention output of all rows and the aggregated map (B, N) of the first ``rows``."""
+        b, heads, n, d = q.shape
+        m = k.shape[-2]
+        scale = options.get("scale")
+        scale = d**-0.5 if scale is None else scale  # what the fused kernel uses by default
+        if b * heads * n * m <= self.limits.exact_max_elements:
+            # As diffusers' AttnProcessor (and SAG pipeline): get_attention_scores' probabilities, then bmm.
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    zeros = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                    mask = zeros.masked_fill(~mask, -torch.inf)
+                mask = mask.expand(b, heads, n, m).reshape(b * heads, n, m)
+            probs = _scores(attn, q.reshape(b * heads, n, d), k.reshape(b * heads, m, d), mask, scale)
+            agg = probs.reshape(b, heads, n, m)[:rows].mean(1).sum(1)
+            out = torch.bmm(probs, v.reshape(b * heads, m, v.shape[-1])).reshape(b, heads, n, -1)
+            return out, agg
+        if mask is not None:
+            raise NotImplementedError("memory-flat attention maps do not support attention masks")
+        agg = aggregated_map_chunked(q[:rows], k[:rows], scale, self.limits.chunk_elements).to(q.dtype)
+        options = {key: val for key, val in options.items() if key != "scale"}
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **options), agg
 
 
-def identity_attention(attn: Attention, hidden_states: Tensor, temb: Tensor | None = None) -> Tensor:
-    """A self-attention layer whose attention matrix is the identity: to_out(to_v(x)), with the module's
-    own norms, residual connection and output rescaling."""
-    tokens, shape4 = _to_tokens(attn, hidden_states, temb)
-    return _from_tokens(attn, attn.to_v(tokens), hidden_states, shape4)
+def _scores(attn: Attention, query: Tensor, key: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """diffusers' ``Attention.get_attention_scores`` (baddbmm, upcasts, softmax) with the scale of the
+    intercepted call: the same probabilities as diffusers' ``AttnProcessor`` and SAG pipeline."""
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if mask is None:
+        shape = (query.shape[0], query.shape[1], key.shape[1])
+        base, beta = torch.empty(shape, dtype=query.dtype, device=query.device), 0
+    else:
+        base, beta = mask, 1
+    scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
 
 
-def _to_tokens(
-    attn: Attention, hidden_states: Tensor, temb: Tensor | None
-) -> tuple[Tensor, torch.Size | None]:
-    """diffusers' processor preamble: spatial norm, (B, C, H, W) -> (B, HW, C) tokens, group norm.
-    Returns the tokens and the 4-d input shape (None for token input)."""
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    shape4 = None
-    if hidden_states.ndim == 4:
-        shape4 = hidden_states.shape
-        b, c, h, w = shape4
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return hidden_states, shape4
+_GUIDED_TYPES: dict[type, type] = {}
 
 
-def _from_tokens(attn: Attention, out: Tensor, residual: Tensor, shape4: Size | None) -> Tensor:
-    """diffusers' processor epilogue: output projection and dropout, back to (B, C, H, W) where the
-    input was 4-d, residual connection, output rescaling."""
-    out = attn.to_out[1](attn.to_out[0](out))
-    if shape4 is not None:
-        out = out.transpose(-1, -2).reshape(shape4)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+def guided_attention(inner: object, name: str, state: GuidanceState, **options) -> GuidedAttention:
+    """A :class:`GuidedAttention` around ``inner`` whose ``__call__`` has ``inner``'s signature.
+
+    diffusers' ``Attention.forward`` passes a keyword argument (``image_rotary_emb``, ``temb``, IP-adapter
+    inputs, ...) to its processor only where the processor's signature names it; with the inner signature
+    the wrapped processor gets exactly what it would get alone.
+    """
+    cls = type(inner)
+    wrapper = _GUIDED_TYPES.get(cls)
+    if wrapper is None:
+        base = GuidedAttention.__call__
+        # A copy of the function (not a forwarding call), so torch.compile inlines it like any method;
+        # inspect.signature follows __wrapped__ to the inner class's __call__.
+        call = types.FunctionType(base.__code__, base.__globals__, "__call__", base.__defaults__)
+        call.__wrapped__ = cls.__call__
+        call.__qualname__ = f"Guided{cls.__name__}.__call__"
+        wrapper = type(f"Guided{cls.__name__}", (GuidedAttention,), {"__call__": call})
+        _GUIDED_TYPES[cls] = wrapper
+    return wrapper(inner, name, state, **options)
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -358,9 +416,15 @@ class ProcessorSwap:
         self._originals: dict[str, object] = {}
         self._modules = dict(model.named_modules())
 
-    def install(self, name: str, make: callable) -> None:
-        """Replace the processor of module ``name`` by ``make(current_processor)``."""
+    def install(self, name: str, make: Callable[[object], object]) -> None:
+        """Replace the processor of module ``name`` by ``make(current_processor)``. ValueError where
+        attnguide already guides that layer (a guided run nested in another on the same model)."""
         module = self._modules[name]
+        if isinstance(module.processor, GuidedAttention) and name not in self._originals:
+            raise ValueError(
+                f"attnguide: layer {name!r} is already guided by another run on this model (nested guided "
+                "runs on one model are not supported); put every term into one run"
+            )
         if name not in self._originals:
             self._originals[name] = module.processor
         module.set_processor(make(module.processor))
@@ -384,9 +448,13 @@ def install_guidance_processors(
     perturb_layers: Iterable[str],
     limits: MapLimits = DEFAULT_MAP_LIMITS,
 ) -> None:
-    """Capture processors first, then PAG wrappers around whatever is installed (a capture processor where
-    a layer is both), so the captured map always comes from the unperturbed rows."""
-    for name in capture_layers:
-        swap.install(name, lambda _old, name=name: AttentionMapCapture(name, state, limits))
-    for name in perturb_layers:
-        swap.install(name, lambda old: IdentityPerturbation(old, state))
+    """One :class:`GuidedAttention` around the installed processor of each layer that captures a map
+    (SAG) or is perturbed (PAG); a layer that does both computes its map from the unperturbed rows."""
+    capture, perturb = list(capture_layers), list(perturb_layers)
+    for name in dict.fromkeys(capture + perturb):
+        swap.install(
+            name,
+            lambda old, name=name: guided_attention(
+                old, name, state, capture=name in capture, perturb=name in perturb, limits=limits
+            ),
+        )

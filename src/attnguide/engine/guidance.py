@@ -14,9 +14,13 @@ diffusers' SAG and PAG pipelines.
 
 where x_tilde_t comes from :func:`sag_degraded_input` (Alg. 1 / Eq. 13-15):
 
-    x0_hat   = (x_t - sqrt(1 - abar) eps) / sqrt(abar)                              (Eq. 2)
+    x0_hat   = (x_t - b eps) / a,    a = sqrt(abar), b = sqrt(1 - abar)              (Eq. 2)
     x0_tilde = M * Blur(x0_hat) + (1 - M) * x0_hat                                   (Eq. 15, M from Eq. 14)
-    x_tilde  = sqrt(abar) x0_tilde + sqrt(1 - abar) eps                              (re-noise, same eps)
+    x_tilde  = a x0_tilde + b eps                                                    (re-noise, same eps)
+
+with x_t = a x0 + b eps the step's noise parameterisation (engine/parameterization.py: variance
+preserving and sigma schedules; eps / v / x0 outputs converted there). Only the latent channels are
+degraded, frame by frame for video; conditioning channels of the input stay (engine/layout.py).
 
 Eq. 15 written on x0 (blur x0_hat under the mask, then re-noise) equals the paper's form on x_t
 (mix x_t and the re-noised blur with M), because re-noising is affine with the same eps.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .degrade import MASK_KINDS, Blur, gaussian_blur_2d
-from .parameterization import predict_eps, predict_x0, renoise
+from .parameterization import NoiseLevel, predict_eps, predict_x0, renoise
 
 
 def check_scale(name: str, value: float, *, minimum: float = 0.0) -> float:
@@ -108,12 +112,13 @@ class PAG:
     for the perturbed pass.
 
     scale: s_pag (diffusers' pag_scale). adaptive_scale: a, giving s_t = max(0, s - a (1000 - t)) as in
-    diffusers. layers: paths or patterns (default "mid"). window: as for :class:`SAG`.
+    diffusers. layers: paths or patterns; None: the model's default as diffusers chooses it (UNets: the
+    mid block, "mid"; transformers: "blocks.1"; spatial layers only). window: as for :class:`SAG`.
     """
 
     scale: float = 3.0
     adaptive_scale: float = 0.0
-    layers: str | Sequence[str] = "mid"
+    layers: str | Sequence[str] | None = None
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
@@ -175,7 +180,7 @@ def combine(
 def sag_degraded_input(
     x_in: Tensor,
     model_output: Tensor,
-    alpha_bar: Tensor,
+    level: NoiseLevel,
     prediction_type: str,
     mask: Tensor,
     blur_kernel_size: int = 9,
@@ -185,15 +190,16 @@ def sag_degraded_input(
 ) -> Tensor:
     """x_tilde_t of Alg. 1: blur x0_hat where ``mask`` is 1 and re-noise with the model's own eps.
 
-    ``x_in`` is the model input at this step (after ``scale_model_input``), ``model_output`` the raw
-    output for it, ``mask`` (B, 1 or C, H, W) in {0, 1} (all ones: blur guidance). ``blur`` replaces the
+    ``x_in`` is the model input at this step (after ``scale_model_input``; latent channels only, 2-D
+    images), ``model_output`` the raw output for it, ``level`` its noise level x_in = a x0 + b eps,
+    ``mask`` (B, 1 or C, H, W) in {0, 1} (all ones: blur guidance). ``blur`` replaces the
     Gaussian of ``blur_kernel_size`` / ``blur_sigma`` by another strategy. Returns a model input.
     """
-    x0 = predict_x0(x_in, model_output, alpha_bar, prediction_type)
-    eps = predict_eps(x_in, model_output, alpha_bar, prediction_type)
+    x0 = predict_x0(x_in, model_output, level, prediction_type)
+    eps = predict_eps(x_in, model_output, level, prediction_type)
     blurred = blur(x0) if blur is not None else gaussian_blur_2d(x0, blur_kernel_size, blur_sigma)
     x0_tilde = blurred * mask + x0 * (1 - mask)
-    return renoise(x0_tilde, eps, alpha_bar)
+    return renoise(x0_tilde, eps, level)
 
 
 __all__ = [

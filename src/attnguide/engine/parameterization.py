@@ -1,18 +1,51 @@
-"""Model-output conversions and the noise level of the current step, for any diffusers scheduler.
+"""The noise parameterisation of one step: x_in = a x0 + b eps, in the model's input space, for any
+diffusers scheduler, and the conversions of a model output to x0 / eps and back.
 
-Everything here works in the model's input space, where x_in = sqrt(abar) x0 + sqrt(1 - abar) eps
-(variance preserving; paper Eq. 2). For schedulers whose samples are variance exploding (Euler, Heun,
-LMS: x = x0 + sigma eps), ``scheduler.scale_model_input`` maps the sample into that space and
-abar = 1 / (1 + sigma^2), with sigma the scheduler's sigma at the current step.
+* discrete variance preserving schedules (DDPM, DDIM, PNDM, DPM-Solver, ...): a = sqrt(abar_t),
+  b = sqrt(1 - abar_t) (paper Eq. 2), abar from ``alphas_cumprod[t]``;
+* sigma schedules (Euler, Heun, LMS, Karras sigmas: samples x = x0 + sigma eps): the model sees
+  ``scale_model_input(x) = x / sqrt(1 + sigma^2)``, which is variance preserving with
+  abar = 1 / (1 + sigma^2), sigma the scheduler's at the current step;
+* flow matching (x = (1 - sigma) x0 + sigma eps, velocity v = eps - x0) is a = 1 - sigma, b = sigma: the
+  seam for it is :class:`NoiseLevel` and ``prediction_type="flow"`` (not enabled yet: the guided step
+  refuses flow-matching schedulers).
+
+Output conversions, with a, b of the step:
+    epsilon:       x0 = (x - b eps) / a                       eps = eps
+    v_prediction:  x0 = a x - b v                              eps = b x + a v      (a^2 + b^2 = 1)
+    sample:        x0 = x0                                     eps = (x - a x0) / b
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _SIGMA_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """x_in = a x0 + b eps at the current step (0-d tensors). ``alpha_bar`` is kept for variance
+    preserving levels, where a and b are computed from it exactly as diffusers' SAG pipeline does."""
+
+    a: Tensor
+    b: Tensor
+    alpha_bar: Tensor | None = None
+
+    @classmethod
+    def variance_preserving(cls, alpha_bar: Tensor | float) -> NoiseLevel:
+        """a = sqrt(abar), b = sqrt(1 - abar)."""
+        alpha_bar = torch.as_tensor(alpha_bar)
+        return cls(alpha_bar**0.5, (1 - alpha_bar) ** 0.5, alpha_bar)
+
+    def on(self, x: Tensor, *, cast: bool = False) -> tuple[Tensor, Tensor]:
+        """(a, b) on ``x``'s device (and in its dtype with ``cast``)."""
+        opts = {"device": x.device, "dtype": x.dtype} if cast else {"device": x.device}
+        return self.a.to(**opts), self.b.to(**opts)
 
 
 def uses_sigma_schedule(scheduler, timesteps: Tensor) -> bool:
@@ -46,52 +79,46 @@ def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | 
     return scheduler.alphas_cumprod[int(t)]
 
 
-def predict_x0(x_in: Tensor, model_output: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+def noise_level(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | None = None) -> NoiseLevel:
+    """The :class:`NoiseLevel` of the current step in the model's input space (see the module text)."""
+    abar = alpha_bar_at(scheduler, t, sigma_schedule=sigma_schedule, table=table)
+    return NoiseLevel.variance_preserving(abar)
+
+
+def _check_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predict_x0(x_in: Tensor, model_output: Tensor, level: NoiseLevel, prediction_type: str) -> Tensor:
     """x0_hat from the model output (paper Eq. 2 for epsilon); same operations as diffusers' SAG."""
-    alpha_bar = alpha_bar.to(x_in.device)
-    beta = 1 - alpha_bar
+    _check_type(prediction_type)
+    a, b = level.on(x_in)
     if prediction_type == "epsilon":
-        return (x_in - beta**0.5 * model_output) / alpha_bar**0.5
+        return (x_in - b * model_output) / a
     if prediction_type == "sample":
         return model_output
-    if prediction_type == "v_prediction":
-        return (alpha_bar**0.5) * x_in - (beta**0.5) * model_output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return a * x_in - b * model_output
 
 
-def predict_eps(x_in: Tensor, model_output: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+def predict_eps(x_in: Tensor, model_output: Tensor, level: NoiseLevel, prediction_type: str) -> Tensor:
     """eps_hat from the model output; same operations as diffusers' SAG."""
-    alpha_bar = alpha_bar.to(x_in.device)
-    beta = 1 - alpha_bar
+    _check_type(prediction_type)
+    a, b = level.on(x_in)
     if prediction_type == "epsilon":
         return model_output
     if prediction_type == "sample":
-        return (x_in - (alpha_bar**0.5) * model_output) / (beta**0.5)
-    if prediction_type == "v_prediction":
-        return (beta**0.5) * x_in + (alpha_bar**0.5) * model_output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        return (x_in - a * model_output) / b
+    return b * x_in + a * model_output
 
 
-def renoise(x0: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
-    """q(x_t | x0) with a given eps: sqrt(abar) x0 + sqrt(1 - abar) eps (as ``scheduler.add_noise``)."""
-    alpha_bar = alpha_bar.to(device=x0.device, dtype=x0.dtype)
-    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
-
-
-def split_learned_variance(model_output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
-    """Split an output with learned variance (2C channels, IDDPM/ADM/DiT) into (prediction, variance).
-
-    Outputs with C channels come back as (output, None). Any other channel count raises ValueError.
-    """
-    c = model_output.shape[1]
-    if c == channels:
-        return model_output, None
-    if c == 2 * channels:
-        return model_output[:, :channels], model_output[:, channels:]
-    raise ValueError(
-        f"the model returned {c} channels for an input of {channels}; attnguide understands C channels "
-        "(a prediction) or 2C channels (a prediction and a learned variance)"
-    )
+def renoise(x0: Tensor, eps: Tensor, level: NoiseLevel) -> Tensor:
+    """x = a x0 + b eps with a given eps (as ``scheduler.add_noise`` for variance preserving levels)."""
+    if level.alpha_bar is not None:  # as add_noise: alphas_cumprod in the sample's dtype, then the roots
+        abar = level.alpha_bar.to(device=x0.device, dtype=x0.dtype)
+        return abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
+    a, b = level.on(x0, cast=True)
+    return a * x0 + b * eps
 
 
 def scheduler_takes_variance(scheduler) -> bool:

@@ -10,6 +10,7 @@ which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batch
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .attention import (
     GuidanceState,
     MapLimits,
     ProcessorSwap,
+    default_pag_layers,
     default_sag_layer,
     install_guidance_processors,
     model_lock,
@@ -36,12 +38,14 @@ from .degrade import (
     square_mask,
 )
 from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
+from .layout import LatentLayout, as_images, from_images
 from .parameterization import (
     PREDICTION_TYPES,
-    alpha_bar_at,
+    NoiseLevel,
+    noise_level,
     output_for_scheduler,
     predict_x0,
-    split_learned_variance,
+    scheduler_takes_variance,
     uses_sigma_schedule,
 )
 
@@ -73,6 +77,11 @@ class Guider:
     cuda_graphs: replay the model passes from CUDA graphs on a CUDA device (:class:`CudaGraphPasses`);
     the model function's own tensors must then stay fixed during the run (else call ``graphs.reset()``).
     map_limits: when a SAG map is computed memory-flat (:class:`attnguide.engine.attention.MapLimits`).
+    layout: the model's :class:`LatentLayout` (latent / conditioning / variance channels); None reads it
+    from the model's config (``in_channels``, ``out_channels``), or from the first pass's shapes.
+    owner: the thread whose calls are guided (None: every thread's), read by callers such as
+    ``attnguide.guide``. Threads share one installation: :meth:`passes` holds ``step_lock``, so the
+    passes of concurrent steps take turns and never see each other's state.
     """
 
     def __init__(
@@ -89,6 +98,8 @@ class Guider:
         generator: torch.Generator | None = None,
         cuda_graphs: bool = False,
         map_limits: MapLimits = DEFAULT_MAP_LIMITS,
+        layout: LatentLayout | None = None,
+        owner: int | None = None,
     ):
         self.model = model
         self.scheduler = scheduler
@@ -111,20 +122,22 @@ class Guider:
         self.mask_sum: Tensor | None = None
         self.mask_steps = 0  # steps whose mask is in mask_sum
         self.last_mask: Tensor | None = None
+        self.owner = owner
+        self.step_lock = threading.RLock()
         self.state = GuidanceState()
-        # Resolve layers now, so a bad name fails before any model call. A torch.compile wrapper
-        # (``torch.compile(unet)``) is looked through, so layer paths read as in the plain model.
+        # Resolve layers and layout now, so a bad name or an unplaceable model fails before any model
+        # call. A torch.compile wrapper (``torch.compile(unet)``) is looked through.
         inner = getattr(model, "_orig_mod", model)
+        self.layout = layout if layout is not None else config_layout(inner, scheduler)
         self.graphs = CudaGraphPasses(self.state) if cuda_graphs and graph_safe(inner) else None
         self.sag_layers: list[str] = []
         if self.sag is not None and self.sag.needs_map:
             names = self.sag.layers if self.sag.layers is not None else default_sag_layer(inner)
             self.sag_layers = resolve_layers(inner, names, argument="sag_layers")
-        self.pag_layers: list[str] = (
-            resolve_layers(inner, self.pag.layers, argument="pag_applied_layers")
-            if self.pag is not None
-            else []
-        )
+        self.pag_layers: list[str] = []
+        if self.pag is not None:
+            names = self.pag.layers if self.pag.layers is not None else default_pag_layers(inner)
+            self.pag_layers = resolve_layers(inner, names, argument="pag_applied_layers")
         self._swap = ProcessorSwap(inner)
         self._lock = model_lock(inner)  # held from __enter__ to __exit__: one run at a time per model
         self._sigma_schedule: bool | None = None
@@ -133,6 +146,13 @@ class Guider:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale is not None
+
+    def guides_this_thread(self) -> bool:
+        """Whether calls from the current thread are guided (see ``owner``). Inside a ``torch.compile``d
+        model every call is (dynamo cannot read thread identities without a graph break)."""
+        if self.owner is None or torch.compiler.is_compiling():
+            return True
+        return self.owner == threading.get_ident()
 
     def __enter__(self) -> Guider:
         self._lock.acquire()
@@ -172,61 +192,84 @@ class Guider:
         step: int = 0,
         num_steps: int = 1,
         inputs_key: tuple = (),
+        cfg: bool | None = None,
     ) -> StepOutputs:
         """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
         one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input.
+        ``cfg``: whether the model function has an "uncond" branch (default: ``guidance_scale`` given).
         ``inputs_key`` identifies the model function's own inputs for the CUDA-graph cache (tensors by
-        address: a captured graph reads them there)."""
+        address: a captured graph reads them there). Holds ``step_lock`` (threads take turns)."""
+        if torch.compiler.is_compiling():  # traced into a compiled model: dynamo cannot enter a lock
+            return self._passes(model_fn, x_in, t, step, num_steps, inputs_key, cfg)
+        with self.step_lock:
+            return self._passes(model_fn, x_in, t, step, num_steps, inputs_key, cfg)
+
+    def _passes(self, model_fn, x_in, t, step, num_steps, inputs_key, cfg) -> StepOutputs:
+        st = self.state
+        do_cfg = self.do_cfg if cfg is None else cfg
+        if self.layout is not None:
+            self.layout.check_input(x_in)
         if self._sigma_schedule is None:
             self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
-        b, channels = x_in.shape[0], x_in.shape[1]
+        b = x_in.shape[0]
         do_sag = self.sag is not None and in_window(self.sag.window, step, num_steps)
         do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
 
-        branches = (["uncond"] if self.do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
+        branches = (["uncond"] if do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
         x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
-        st = self.state
         st.maps.clear()
         st.perturbed_rows = b if do_pag else 0
         st.capture = do_sag and self.sag.needs_map
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
+        st.batch_rows = x_main.shape[0]
         try:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
             st.perturbed_rows = 0
             st.capture = False
             st.capture_rows = 0
-        preds, variances = zip(
-            *(split_learned_variance(c, channels) for c in out.chunk(len(branches))), strict=True
+        layout = self.layout or LatentLayout.from_channels(
+            x_in.shape[1], out.shape[1], variance=scheduler_takes_variance(self.scheduler)
         )
-        i_cond = 1 if self.do_cfg else 0
+        preds, variances = zip(*(layout.split_output(c) for c in out.chunk(len(branches))), strict=True)
+        i_cond = 1 if do_cfg else 0
         res = StepOutputs(
             out_cond=preds[i_cond],
-            out_uncond=preds[0] if self.do_cfg else None,
+            out_uncond=preds[0] if do_cfg else None,
             variance=variances[i_cond],
             out_perturbed=preds[-1] if do_pag else None,
             pag_scale=self.pag.scale_at(t) if do_pag else 0.0,
         )
         if do_sag:
-            res.sag_ref = res.out_uncond if self.do_cfg else res.out_cond
+            res.sag_ref = res.out_uncond if do_cfg else res.out_cond
             res.sag_scale = self.sag.scale
-            alpha_bar = alpha_bar_at(
-                self.scheduler, t, sigma_schedule=self._sigma_schedule, table=self._alpha_table(t)
-            )
-            mask = self._mask(x_in, res.sag_ref, alpha_bar, b)
-            x_deg = sag_degraded_input(
-                x_in,
-                res.sag_ref,
-                alpha_bar,
-                self.prediction_type,
-                mask,
-                self.sag.blur_kernel_size,
-                self.sag.blur_sigma,
-                blur=self.sag.blur,
-            )
+            x_deg = self._degraded_input(x_in, res.sag_ref, t, layout, st)
+            st.batch_rows = b
             out_degraded = self._call_model(model_fn, x_deg, t, [branches[0]], inputs_key)
-            res.out_degraded, _ = split_learned_variance(out_degraded, channels)
+            res.out_degraded, _ = layout.split_output(out_degraded)
         return res
+
+    def _degraded_input(
+        self, x_in: Tensor, ref: Tensor, t: Tensor, layout: LatentLayout, st: GuidanceState
+    ) -> Tensor:
+        """SAG's degraded model input (Alg. 1): the latent channels blurred under the mask frame by frame
+        and re-noised with the reference prediction's own eps; conditioning channels kept."""
+        latent, cond = layout.split_input(x_in)
+        table = self._alpha_table(t)
+        level = noise_level(self.scheduler, t, sigma_schedule=self._sigma_schedule, table=table)
+        images, ref_images = as_images(latent), as_images(ref)
+        mask = self._mask(images, ref_images, level, st)
+        degraded = sag_degraded_input(
+            images,
+            ref_images,
+            level,
+            self.prediction_type,
+            mask,
+            self.sag.blur_kernel_size,
+            self.sag.blur_sigma,
+            blur=self.sag.blur,
+        )
+        return layout.join_input(from_images(degraded, latent), cond)
 
     def __call__(
         self, model_fn: ModelFn, sample: Tensor, t: Tensor, *, step: int = 0, num_steps: int = 1
@@ -261,18 +304,23 @@ class Guider:
         return self._abar_table
 
     # ------------------------------------------------------------------ masks
-    def _mask(self, x_in: Tensor, ref: Tensor, alpha_bar: Tensor, b: int) -> Tensor:
-        """M of Eq. 14 for the first ``b`` rows (the SAG reference branch), shape (B, 1, H, W)."""
-        size = tuple(x_in.shape[-2:])
+    def _mask(self, images: Tensor, ref: Tensor, level: NoiseLevel, st: GuidanceState) -> Tensor:
+        """M of Eq. 14 for the SAG reference branch's images (frames of a video: one row each), shape
+        (B, 1, H, W)."""
+        b, size = images.shape[0], tuple(images.shape[-2:])
         kind = self.sag.mask
-        opts = {"device": x_in.device, "dtype": x_in.dtype}
+        opts = {"device": images.device, "dtype": images.dtype}
         if kind == "attention":
             maps = []
             for name in self.sag_layers:
-                if name not in self.state.maps:
+                if name not in st.maps:
                     raise RuntimeError(f"SAG layer {name!r} was not called during the model pass")
-                agg, grid = self.state.maps[name]
-                agg = agg[:b]
+                agg, grid = st.maps[name]
+                if agg.shape[0] != b:
+                    raise ValueError(
+                        f"`sag_layers`: layer {name!r} saw {agg.shape[0]} rows for {b} images; choose a "
+                        "spatial self-attention layer (not a temporal one)"
+                    )
                 maps.append((agg, grid if grid is not None else infer_grid(agg.shape[1], *size)))
             if len(maps) == 1:
                 mask = attention_mask(maps[0][0], maps[0][1], size, self.sag.threshold)
@@ -285,14 +333,28 @@ class Guider:
         elif kind == "square":
             mask = square_mask((b, 1, *size), self.sag.mask_fraction, self.generator).to(**opts)
         else:  # highfreq
-            x0 = predict_x0(x_in, ref, alpha_bar, self.prediction_type)
-            mask = highfreq_mask(x0, self.sag.mask_fraction)
+            mask = highfreq_mask(predict_x0(images, ref, level, self.prediction_type), self.sag.mask_fraction)
         if self.record_masks:
             m = mask.detach().float()
             self.last_mask = m
             self.mask_sum = m if self.mask_sum is None else self.mask_sum + m
             self.mask_steps += 1
         return mask
+
+
+def config_layout(model: nn.Module, scheduler) -> LatentLayout | None:
+    """The :class:`LatentLayout` that ``model``'s config gives (``in_channels``, ``out_channels``), or
+    None for a model without one (then the first pass's shapes give it). ValueError where the channels
+    cannot be placed, before any model call."""
+    config = getattr(model, "config", None)
+    in_ch = getattr(config, "in_channels", None)
+    if not isinstance(in_ch, int):
+        return None
+    out_ch = getattr(model, "out_channels", None)
+    if not isinstance(out_ch, int):
+        out_ch = getattr(config, "out_channels", None)
+    out_ch = out_ch if isinstance(out_ch, int) else in_ch
+    return LatentLayout.from_channels(in_ch, out_ch, variance=scheduler_takes_variance(scheduler))
 
 
 def scheduler_step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from inspect import Parameter
 from typing import Any
 
@@ -90,6 +91,7 @@ class GuidedPipelineMixin:
             record_masks=options.record_masks,
             cuda_graphs=self.cuda_graphs,
             map_limits=self.map_limits,
+            calling_thread_only=True,
         ) as guider:
             self.last_guider = guider
             return parent(**call)
@@ -127,6 +129,7 @@ class OwnLoopMixin:
             sag=options.sag(),
             pag=options.pag(),
             record_masks=options.record_masks,
+            owner=threading.get_ident(),
         )
         self.last_guider = guider
         device = self._execution_device

@@ -11,12 +11,24 @@ Why it is exact: the guidance terms add d = s_sag (ref - degraded) + s_pag (c - 
 prediction. A pipeline that combines u + w (c - u) gets u + w (c - u) + d when it is handed c and
 u - d / (w - 1) (w known: diffusers' text pipelines; then its CFG rescale still sees the unguided c, as
 diffusers' PAG pipelines do), or c + d and u + d (w unknown, e.g. DiT); without CFG it gets c + d.
+
+Where the CFG branches sit is read, not guessed: diffusers' text pipelines pass
+``do_classifier_free_guidance`` to ``encode_prompt`` (recorded at each call, per thread) and put
+[uncond, cond]; DiT puts [cond, null label]; a pipeline whose ``__call__`` takes no ``guidance_scale``
+has no CFG. Anything else needs ``cfg_layout``.
+
+Threads: one block serves every thread that calls the pipeline inside it; each thread keeps its own
+place in its pipeline call (for step windows) and the passes of one step hold the guider's step lock, so
+concurrent calls take turns step by step and give the sequential results. Blocks on one denoiser take
+turns as a whole (the model's lock); a block nested in another on the same denoiser raises ValueError at
+entry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,24 +73,39 @@ def _inputs_key(obj: Any) -> tuple:
     return ("v", obj)
 
 
-def resolve_cfg_layout(layout: str, pipe: Any, module: nn.Module, x: Tensor, kwargs: dict) -> str:
-    """Resolve "auto": diffusers' text pipelines put [uncond, cond] when do_classifier_free_guidance;
-    DiT puts [cond, null-label] (recognised by the null label in the second half)."""
+def resolve_cfg_layout(
+    layout: str, pipe: Any, module: nn.Module, x: Tensor, kwargs: dict, recorded: bool | None = None
+) -> str:
+    """Resolve "auto" from what is known of this call: ``recorded`` (the ``do_classifier_free_guidance``
+    this thread's pipeline call passed to ``encode_prompt``: diffusers' text pipelines, [uncond, cond]),
+    else the pipeline's ``do_classifier_free_guidance`` property, else DiT's null label in the second
+    half ([cond, null]), else "none" for a pipeline without ``guidance_scale``. ValueError otherwise."""
     if layout != "auto":
         return layout
-    flag = getattr(pipe, "do_classifier_free_guidance", None) if pipe is not None else None
-    if flag is not None:
-        try:
-            return "uncond_first" if bool(flag) else "none"
-        except Exception:  # property read outside a call
-            pass
+    if recorded is not None:
+        return "uncond_first" if recorded else "none"
+    try:
+        flag = getattr(pipe, "do_classifier_free_guidance", None) if pipe is not None else None
+    except Exception:  # a property read outside a call
+        flag = None
+    if isinstance(flag, bool):
+        return "uncond_first" if flag else "none"
     labels = kwargs.get("class_labels")
     null = getattr(getattr(module, "config", None), "num_embeds_ada_norm", None)
-    if isinstance(labels, Tensor) and null is not None and labels.shape[0] % 2 == 0 and x.shape[0] % 2 == 0:
+    if isinstance(labels, Tensor) and null is not None and labels.ndim == 1:
         half = labels.shape[0] // 2
-        if bool((labels[half:] == null).all()) and not bool((labels[:half] == null).all()):
+        even = labels.shape[0] % 2 == 0 and x.shape[0] % 2 == 0 and half > 0
+        if even and bool((labels[half:] == null).all()) and not bool((labels[:half] == null).all()):
             return "cond_first"
-    return "none"
+        return "none"
+    if pipe is not None and "guidance_scale" not in inspect.signature(type(pipe).__call__).parameters:
+        return "none"
+    where = type(pipe).__name__ if pipe is not None else "your loop"
+    raise ValueError(
+        f"`cfg_layout`: attnguide cannot tell where {where}"
+        " puts the classifier-free guidance branches in the denoiser batch; pass cfg_layout="
+        "'uncond_first' ([uncond, cond]), 'cond_first' ([cond, uncond]) or 'none' (no CFG)"
+    )
 
 
 def branch_rows(layout: str, total: int) -> dict[str, slice]:
@@ -103,19 +130,69 @@ def _cfg_weight(pipe: Any) -> float | None:
     return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and w > 1 else None
 
 
+class _Position(threading.local):
+    """One thread's place in its current pipeline call: the schedule index where the call started and
+    the last one seen (a new call starts where the index goes back), and a count of calls whose timestep
+    is not in the schedule."""
+
+    start: int = 0
+    last: int | None = None
+    count: int = 0
+
+
+class CFGRecorder:
+    """Put on a pipeline's ``encode_prompt`` for a ``guide`` block: records, per thread, the
+    ``do_classifier_free_guidance`` each call passes (diffusers' text pipelines all do), which says
+    whether this call's denoiser batch is [uncond, cond] or unbatched."""
+
+    def __init__(self, original):
+        self.original = original
+        self.signature = inspect.signature(original)
+        self._local = threading.local()
+
+    def __call__(self, *args, **kwargs):
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            flag = bound.arguments.get("do_classifier_free_guidance")
+        except TypeError:
+            flag = None
+        if flag is not None:
+            self._local.flag = bool(flag)
+        return self.original(*args, **kwargs)
+
+    def flag(self) -> bool | None:
+        """This thread's last recorded flag (None: none recorded)."""
+        return getattr(self._local, "flag", None)
+
+
 class GuidedForward:
     """The ``forward`` that :func:`guide` puts on the denoiser for the ``with`` block: the guidance passes
-    of one step, answered in the layout the pipeline asked for."""
+    of one step, answered in the layout the pipeline asked for. Threads the block does not guide get the
+    original forward."""
 
-    def __init__(self, module: nn.Module, original, guider: Guider, pipe: Any, layout: str):
+    def __init__(
+        self,
+        module: nn.Module,
+        original,
+        guider: Guider,
+        pipe: Any,
+        layout: str,
+        recorder: CFGRecorder | None,
+    ):
         inner = getattr(module, "_orig_mod", module)  # a torch.compile wrapper's forward is (*args, **kw)
         params = list(inspect.signature(inner.forward).parameters)
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
         self.module, self.original, self.guider = module, original, guider
-        self.pipe, self.layout = pipe, layout
-        self.step = 0
+        self.pipe, self.layout, self.recorder = pipe, layout, recorder
+        self.windowed = any(
+            term is not None and term.window != (0.0, 1.0) for term in (guider.sag, guider.pag)
+        )
+        self._position = _Position()
 
     def __call__(self, sample: Tensor, *args, **kwargs):
+        if not self.guider.guides_this_thread():  # unguided, once no guided step is running
+            return self._unguided(sample, *args, **kwargs)
         if args:  # diffusers denoisers take (sample, timestep, ...); keep the timestep as a keyword
             kwargs[self.timestep_arg] = args[0]
             args = args[1:]
@@ -124,22 +201,46 @@ class GuidedForward:
         t = kwargs.pop(self.timestep_arg)
         return_dict = kwargs.pop("return_dict", True)
         total = sample.shape[0]
-        rows = branch_rows(resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs), total)
-        g = self.guider
-        g.guidance_scale = 1.0 if "uncond" in rows else None  # marks the uncond branch; the pipeline does CFG
+        recorded = self.recorder.flag() if self.recorder is not None else None
+        layout = resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs, recorded)
+        rows = branch_rows(layout, total)
         t0 = torch.as_tensor(t)
         t0 = t0.reshape(-1)[0] if t0.ndim > 0 else t0  # the step's timestep, as the engine takes it
         per_row_t = isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == total
-        r = g.passes(
+        step, num_steps = self._step_of(t0)
+        r = self.guider.passes(
             self._model_fn(kwargs, rows, total, per_row_t),
             sample[rows["cond"]],
             t0,
-            step=self.step,
-            num_steps=len(getattr(g.scheduler, "timesteps", [])) or 1,
+            step=step,
+            num_steps=num_steps,
             inputs_key=_inputs_key(kwargs),
+            cfg="uncond" in rows,
         )
-        self.step += 1
         return _wrap_output(self._assemble(r, rows, total), return_dict)
+
+    def _unguided(self, *args, **kwargs):
+        with self.guider.step_lock:
+            return self.original(*args, **kwargs)
+
+    def _step_of(self, t: Tensor) -> tuple[int, int]:
+        """(step, number of steps) of this call within the calling thread's current pipeline call: the
+        timestep's place in the schedule, counted from where this pipeline call started (img2img starts
+        late), so a window restarts at each pipeline call. Only computed where a window needs it."""
+        timesteps = getattr(self.guider.scheduler, "timesteps", None)
+        n = len(timesteps) if timesteps is not None else 0
+        if not self.windowed or n == 0:
+            return 0, max(n, 1)
+        pos = self._position
+        hits = (timesteps == t.to(timesteps.device)).nonzero()
+        if len(hits) == 0:  # a timestep outside the schedule (a loop of one's own): count the calls
+            pos.count += 1
+            return pos.count - 1, n
+        idx = int(hits[0, 0])
+        if pos.last is None or idx < pos.last:
+            pos.start = idx
+        pos.last = idx
+        return idx - pos.start, n - pos.start
 
     def _model_fn(self, kwargs: dict, rows: dict[str, slice], total: int, per_row_t: bool):
         """``model_fn(x, t, branches)`` of the engine: the original forward with each branch's rows of
@@ -208,6 +309,26 @@ def _denoiser_of(target: Any, scheduler: Any) -> tuple[Any, nn.Module, Any]:
     return target, module, scheduler or target.scheduler
 
 
+#: Pipelines whose denoiser output is not the scheduler's prediction, so SAG's x0 cannot be read from it
+#: (PAG, which only compares two outputs, still works).
+SAG_UNSUPPORTED = {
+    "StableDiffusionLatentUpscalePipeline": "its UNet output is preconditioned (c_skip / c_out), not the "
+    "scheduler's eps / v / x0",
+}
+
+
+def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
+    """TypeError for terms of the wrong type, ValueError for SAG where the family cannot run it."""
+    if sag is not None and not isinstance(sag, SAG):
+        raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {type(sag).__name__}")
+    if pag is not None and not isinstance(pag, PAG):
+        raise TypeError(f"`pag` must be an attnguide.PAG (or None), got {type(pag).__name__}")
+    if sag is not None and sag.scale != 0 and pipe is not None:
+        for cls in type(pipe).__mro__:
+            if cls.__name__ in SAG_UNSUPPORTED:
+                raise ValueError(f"`sag`: SAG cannot guide {cls.__name__}: {SAG_UNSUPPORTED[cls.__name__]}")
+
+
 @contextlib.contextmanager
 def guide(
     target: Any,
@@ -219,20 +340,32 @@ def guide(
     record_masks: bool = False,
     cuda_graphs: bool = False,
     map_limits: MapLimits = DEFAULT_MAP_LIMITS,
+    calling_thread_only: bool = False,
 ) -> Iterator[Guider]:
     """Add SAG / blur guidance / PAG to an existing pipeline (or a bare denoiser) for the ``with`` block.
 
     target: a diffusers pipeline with a ``unet`` or ``transformer``, or a denoiser module (then
-    ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses).
-    cfg_layout: how CFG branches sit in the denoiser's batch: "auto" (diffusers' text pipelines:
-    [uncond, cond] when CFG is on; DiT: [cond, null label]), "uncond_first", "cond_first" or "none".
+    ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses, and
+    ``cfg_layout`` too).
+    cfg_layout: how CFG branches sit in the denoiser's batch: "auto" (known for diffusers' pipelines: see
+    the module text), "uncond_first", "cond_first" or "none".
     record_masks, cuda_graphs, map_limits: as for :class:`attnguide.Guider`.
-    The denoiser's ``forward`` and the attention processors are restored on exit, also on error.
-    Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with ``record_masks``).
+    calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
+    pipelines do this); other threads' calls of the denoiser meanwhile run unguided. Default: every
+    thread's calls inside the block are guided, each with its own per-call state.
+    The denoiser's ``forward``, the pipeline's ``encode_prompt`` and the attention processors are
+    restored on exit, also on error. Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with
+    ``record_masks``).
     """
     if cfg_layout not in CFG_LAYOUTS:
         raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
     pipe, module, scheduler = _denoiser_of(target, scheduler)
+    _check_terms(sag, pag, pipe)
+    if pipe is None and cfg_layout == "auto":
+        raise ValueError(
+            "`cfg_layout`: a bare denoiser's batch layout cannot be known; pass cfg_layout='none' (your "
+            "loop calls it without CFG), 'uncond_first' or 'cond_first'"
+        )
     guider = Guider(
         module,
         scheduler,
@@ -241,6 +374,7 @@ def guide(
         record_masks=record_masks,
         cuda_graphs=cuda_graphs,
         map_limits=map_limits,
+        owner=threading.get_ident() if calling_thread_only else None,
     )
     # Without a term the pipeline's own call is the same computation; the forward still goes in where its
     # passes can be replayed from CUDA graphs (the speed-up applies to unguided and CFG-only runs too).
@@ -250,16 +384,34 @@ def guide(
         yield guider
         return
     # The forward and the processors are replaced for the whole block, under the model's lock: another
-    # thread's guided call of the same pipeline (or model) waits for this one, scheduler state included.
-    with model_lock(getattr(module, "_orig_mod", module)):
-        original = module.forward
-        had_instance_forward = "forward" in module.__dict__
-        module.forward = GuidedForward(module, original, guider, pipe, cfg_layout)
-        try:
-            with guider:
-                yield guider
-        finally:
-            if had_instance_forward:
-                module.forward = original
+    # block on the same model (any thread) waits for this one, scheduler state included.
+    with model_lock(getattr(module, "_orig_mod", module)), _patched(module, pipe, guider, cfg_layout), guider:
+        yield guider
+
+
+@contextlib.contextmanager
+def _patched(module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str) -> Iterator[None]:
+    """The denoiser's forward (and the pipeline's ``encode_prompt``) replaced for a block, always put
+    back; ValueError where an enclosing block of this thread already guides the denoiser."""
+    if isinstance(module.__dict__.get("forward"), GuidedForward):
+        raise ValueError(
+            f"attnguide.guide: this {type(module).__name__} is already guided by an enclosing guide() block "
+            "(or an attnguide pipeline call); put every term into one guide(...) call instead of nesting"
+        )
+    originals = {}
+    recorder = None
+    encode = getattr(pipe, "encode_prompt", None) if pipe is not None else None
+    if callable(encode):
+        originals["encode_prompt"] = (pipe, pipe.__dict__.get("encode_prompt"))
+        recorder = CFGRecorder(encode)
+        pipe.encode_prompt = recorder
+    originals["forward"] = (module, module.__dict__.get("forward"))
+    module.forward = GuidedForward(module, module.forward, guider, pipe, cfg_layout, recorder)
+    try:
+        yield
+    finally:
+        for name, (owner, before) in originals.items():
+            if before is not None:
+                setattr(owner, name, before)
             else:
-                del module.forward
+                delattr(owner, name)
