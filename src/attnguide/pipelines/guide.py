@@ -42,17 +42,22 @@ from ..engine.step import Guider, StepOutputs
 CFG_LAYOUTS = ("auto", "uncond_first", "cond_first", "none")
 
 
-def _select_rows(obj: Any, parts: list[slice], total: int) -> Any:
+def _select_rows(obj: Any, parts: list[slice], total: int, per_row: int = 1) -> Any:
     """The rows ``parts`` (stacked in that order) of every tensor in ``obj`` (nested dicts / lists /
-    tuples) whose first dim is ``total``; other values as they are."""
+    tuples) whose first dim is ``total``, or ``total * per_row`` (video pipelines hand in one row per
+    frame, batch-major); other values as they are."""
     if isinstance(obj, Tensor):
-        if obj.ndim == 0 or obj.shape[0] != total:
+        if obj.ndim == 0:
             return obj
-        return obj[parts[0]] if len(parts) == 1 else torch.cat([obj[p] for p in parts])
+        k = 1 if obj.shape[0] == total else per_row if obj.shape[0] == total * per_row else 0
+        if k == 0:
+            return obj
+        picked = [obj[p.start * k : p.stop * k] for p in parts]
+        return picked[0] if len(picked) == 1 else torch.cat(picked)
     if isinstance(obj, dict):
-        return {k: _select_rows(v, parts, total) for k, v in obj.items()}
+        return {key: _select_rows(v, parts, total, per_row) for key, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_select_rows(v, parts, total) for v in obj)
+        return type(obj)(_select_rows(v, parts, total, per_row) for v in obj)
     return obj
 
 
@@ -209,7 +214,7 @@ class GuidedForward:
         per_row_t = isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == total
         step, num_steps = self._step_of(t0)
         r = self.guider.passes(
-            self._model_fn(kwargs, rows, total, per_row_t),
+            self._model_fn(kwargs, rows, total, per_row_t, sample.shape[2] if sample.ndim == 5 else 1),
             sample[rows["cond"]],
             t0,
             step=step,
@@ -242,12 +247,13 @@ class GuidedForward:
         pos.last = idx
         return idx - pos.start, n - pos.start
 
-    def _model_fn(self, kwargs: dict, rows: dict[str, slice], total: int, per_row_t: bool):
+    def _model_fn(self, kwargs: dict, rows: dict[str, slice], total: int, per_row_t: bool, frames: int):
         """``model_fn(x, t, branches)`` of the engine: the original forward with each branch's rows of
-        the pipeline's arguments. It reads only its arguments and those tensors (CUDA-graph safe)."""
+        the pipeline's arguments (``frames`` rows per sample for video). It reads only its arguments and
+        those tensors (CUDA-graph safe)."""
 
         def model_fn(x: Tensor, tt: Tensor, branches) -> Tensor:
-            kw = _select_rows(kwargs, [rows[b] for b in branches], total)
+            kw = _select_rows(kwargs, [rows[b] for b in branches], total, frames)
             kw[self.timestep_arg] = tt.expand(x.shape[0]) if per_row_t else tt
             return self.original(x, return_dict=False, **kw)[0]
 
