@@ -96,3 +96,116 @@ def test_two_threads_on_one_pipeline_give_the_sequential_results(family):
     assert not errors, errors
     for got, want in zip(results, sequential, strict=True):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ one guide() block, several threads
+
+
+def _plain_sd():
+    from diffusers import StableDiffusionPipeline
+
+    return quiet(StableDiffusionPipeline(**tiny_sd_components(0)))
+
+
+JOBS = [(seed, prompt) for seed in (0, 1, 2) for prompt in ("a cat", "a red dog")]
+
+
+def _in_threads(fn, jobs_per_thread: list[list]) -> list[list]:
+    """Run ``fn(*job)`` for each thread's jobs, the threads started together; errors re-raised here."""
+    results: list[list] = [[] for _ in jobs_per_thread]
+    errors: list = []
+    start = threading.Barrier(len(jobs_per_thread))
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = [fn(*job) for job in jobs_per_thread[i]]
+        except BaseException as err:  # reported below, in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs_per_thread))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("cfg", [1.0, 7.5])
+def test_two_threads_three_calls_in_one_guide_block(cfg):
+    """Inside one guide() block, two threads each make three calls of one plain diffusers pipeline: every
+    result equals the same call made alone, and nothing stays installed."""
+    from attnguide import PAG, SAG, guide
+
+    pipe = _plain_sd()
+    procs = {k: id(v) for k, v in pipe.unet.attn_processors.items()}
+
+    def call(seed, prompt):
+        return pipe(prompt, generator=gen(seed), guidance_scale=cfg, **TEXT).images
+
+    terms = dict(sag=SAG(scale=0.75, window=(0.0, 0.5)), pag=PAG(scale=1.0))
+    with guide(pipe, **terms):
+        sequential = [call(*job) for job in JOBS]
+    with guide(pipe, **terms):
+        results = _in_threads(call, [JOBS[0::2], JOBS[1::2]])
+    for i, got in enumerate(results[0] + results[1]):
+        want = sequential[0::2][i] if i < 3 else sequential[1::2][i - 3]
+        assert torch.equal(got, want)
+    assert {k: id(v) for k, v in pipe.unet.attn_processors.items()} == procs
+    assert "forward" not in pipe.unet.__dict__ and "encode_prompt" not in pipe.__dict__
+    # the window restarts at each pipeline call: the two calls of one block equal two separate blocks
+    with guide(pipe, **terms):
+        again = call(*JOBS[0])
+    assert torch.equal(again, sequential[0])
+
+
+def test_two_threads_three_calls_on_one_guided_pipeline():
+    pipe, call = _sd()
+    kws = [dict(sag_scale=0.75), dict(sag_scale=0.5, pag_scale=1.0, sag_window=(0.0, 0.5))]
+    jobs = [[(seed, prompt, kws[i]) for seed, prompt in JOBS[i::2]] for i in range(2)]
+    sequential = [[call(s, p, **kw) for s, p, kw in thread_jobs] for thread_jobs in jobs]
+    results = _in_threads(lambda s, p, kw: call(s, p, **kw), jobs)
+    for got_list, want_list in zip(results, sequential, strict=True):
+        for got, want in zip(got_list, want_list, strict=True):
+            assert torch.equal(got, want)
+    assert not any("Guided" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+
+
+def test_an_unguided_call_during_a_guided_run_stays_unguided():
+    """A plain diffusers pipeline sharing the UNet of an attnguide pipeline, called from another thread
+    while the attnguide pipeline runs guided: its result is the unguided one."""
+    guided_pipe, call = _sd()
+    from diffusers import StableDiffusionPipeline
+
+    plain = quiet(StableDiffusionPipeline(**guided_pipe.components))
+    want_plain = plain("a red dog", generator=gen(1), **TEXT).images
+    want_guided = call(0, "a cat", sag_scale=0.75, pag_scale=1.0)
+    results = _in_threads(
+        lambda which: (
+            call(0, "a cat", sag_scale=0.75, pag_scale=1.0)
+            if which == "guided"
+            else plain("a red dog", generator=gen(1), **TEXT).images
+        ),
+        [[("guided",)] * 2, [("plain",)] * 2],
+    )
+    assert all(torch.equal(r, want_guided) for r in results[0])
+    assert all(torch.equal(r, want_plain) for r in results[1])
+
+
+def test_nested_guide_blocks_raise_at_entry_and_restore():
+    from attnguide import PAG, SAG, guide
+
+    pipe = _plain_sd()
+    procs = {k: id(v) for k, v in pipe.unet.attn_processors.items()}
+    with guide(pipe, sag=SAG(scale=0.5)):
+        with pytest.raises(ValueError, match="already guided"), guide(pipe, pag=PAG(scale=1.0)):
+            pass
+        assert isinstance(pipe.unet.__dict__["forward"], object)
+    assert {k: id(v) for k, v in pipe.unet.attn_processors.items()} == procs
+    assert "forward" not in pipe.unet.__dict__ and "encode_prompt" not in pipe.__dict__
+    # an attnguide pipeline call inside a guide() block on the same UNet: refused the same way
+    sag_pipe, call = _sd()
+    with guide(sag_pipe, sag=SAG(scale=0.5)), pytest.raises(ValueError, match="already guided"):
+        call(0, "a cat", sag_scale=0.75)
+    assert not any("Guided" in type(p).__name__ for p in sag_pipe.unet.attn_processors.values())

@@ -1,0 +1,819 @@
+"""Tiny offline diffusers pipelines of many families, for running each family with plain diffusers,
+diffusers' own PAG pipeline and attnguide.
+
+Every builder in :data:`FAMILIES` returns a fresh spec (new random-weight models, built right after
+``torch.manual_seed``, so two builds are identical)::
+
+    {
+        "components": constructor kwargs shared by the plain and the PAG pipeline,
+        "pipeline": the plain diffusers pipeline class,
+        "pag_pipeline": diffusers' PAG pipeline class, or None where diffusers has none,
+        "call": call kwargs of a tiny run (2 denoising steps, latent output where that is safe),
+        "cfg_scale": a guidance_scale > 1 that works (None: the pipeline takes no guidance_scale),
+        "cfg_off": the guidance_scale that turns classifier-free guidance off (None: no such argument),
+        "pag_without_cfg": whether diffusers' PAG pipeline runs with CFG off (False: only with CFG on),
+    }
+
+``call`` holds neither ``generator`` nor ``guidance_scale`` nor ``pag_scale``: the caller adds them.
+Its tensors (init image, mask, control image, embeddings) are made deterministically. Sizes are
+non-square where the pipeline allows it, so that a transposed attention map would show. Image-to-image
+and inpainting runs schedule 4 steps at strength 0.5 (2 denoising steps). ``output_type`` is "latent"
+except for DiT and DDPM (no latent output) and for sdxl_inpaint and sdxl_controlnet_img2img, whose
+diffusers PAG pipelines leave their PAG attention processors on the UNet after a latent run ("pt").
+
+:func:`build` makes the pipeline itself (progress bar off; everything is on the CPU in float32).
+
+Families whose text encoder has no tokenizer that can be built offline (Kolors' ChatGLM) get their
+text embeddings in ``call`` (computed with the family's own tiny text encoder) instead of a prompt; the
+T5 and BERT tokenizers of PixArt-Sigma and HunyuanDiT are built offline from a character vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import (
+    AnimateDiffPAGPipeline,
+    AnimateDiffPipeline,
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    EulerDiscreteScheduler,
+    HunyuanDiT2DModel,
+    HunyuanDiTPAGPipeline,
+    HunyuanDiTPipeline,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    MotionAdapter,
+    PixArtSigmaPAGPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPAGInpaintPipeline,
+    StableDiffusionControlNetPAGPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionLatentUpscalePipeline,
+    StableDiffusionPAGImg2ImgPipeline,
+    StableDiffusionPAGInpaintPipeline,
+    StableDiffusionUpscalePipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPAGImg2ImgPipeline,
+    StableDiffusionXLControlNetPAGPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPAGImg2ImgPipeline,
+    StableDiffusionXLPAGInpaintPipeline,
+    UNet2DConditionModel,
+)
+
+# Kolors needs sentencepiece only for its ChatGLM tokenizer, so diffusers' top-level names are dummies
+# without it; the modules themselves import fine.
+from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
+from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+from diffusers.pipelines.pag.pipeline_pag_kolors import KolorsPAGPipeline
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from attnguide.tiny_models import (
+    SD15_SCHEDULER_CONFIG,
+    make_scheduler,
+    offline_clip_tokenizer,
+    tiny_sd_components,
+    tiny_unet_2d,
+)
+
+__all__ = ["FAMILIES", "build", "instantiate"]
+
+PROMPT = "a cat"
+STEPS = 2
+CFG = 5.0
+TEXT_DIM = 32  # hidden size of every tiny text encoder
+SDXL_TIME_EMBED_DIM = 8
+
+# SD 1.x / SDXL / Kolors / AnimateDiff / LCM: VAE factor 2, so 32 x 48 pixels = 16 x 24 latents.
+H, W = 32, 48
+
+
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """Build a module right after ``torch.manual_seed(seed)`` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build()
+    return module.eval() if isinstance(module, torch.nn.Module) else module
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _image(seed: int, height: int = H, width: int = W) -> torch.Tensor:
+    """A random RGB image in [0, 1], shape (1, 3, height, width)."""
+    return _seeded(seed, lambda: torch.rand(1, 3, height, width))
+
+
+def _mask(height: int = H, width: int = W) -> torch.Tensor:
+    """A binary inpainting mask, shape (1, 1, height, width): 1 (repaint) on a centred rectangle."""
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1.0
+    return mask
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _vae(seed: int = 0, block_out: tuple[int, ...] = (32, 64), groups: int = 32, **extra) -> AutoencoderKL:
+    """A tiny KL VAE with scale factor ``2 ** (len(block_out) - 1)``."""
+    levels = len(block_out)
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=list(block_out),
+            down_block_types=["DownEncoderBlock2D"] * levels,
+            up_block_types=["UpDecoderBlock2D"] * levels,
+            latent_channels=4,
+            norm_num_groups=groups,
+            **extra,
+        ),
+    )
+
+
+def _sd_unet(seed: int = 0, in_channels: int = 4, out_channels: int = 4, **extra) -> UNet2DConditionModel:
+    """The UNet of :func:`attnguide.tiny_models.tiny_sd_components` with other channel counts."""
+    config = dict(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=[2, 4],
+        norm_num_groups=32,
+    )
+    config.update(extra)
+    return _seeded(seed, lambda: UNet2DConditionModel(**config))
+
+
+def _wake_controlnet(controlnet: ControlNetModel, seed: int) -> ControlNetModel:
+    """Give the zero-initialised convolutions of a ControlNet random weights, so that its control image
+    and residuals actually change the UNet's output."""
+    zero_convs = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+            torch.nn.init.normal_(conv.bias, std=0.01)
+    return controlnet
+
+
+def _sd_controlnet(seed: int = 0) -> ControlNetModel:
+    controlnet = _seeded(
+        seed,
+        lambda: ControlNetModel(
+            in_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            cross_attention_dim=TEXT_DIM,
+            attention_head_dim=[2, 4],
+            norm_num_groups=32,
+            conditioning_embedding_out_channels=(16, 32),  # one stride-2 conv: the VAE's factor 2
+        ),
+    )
+    return _wake_controlnet(controlnet, seed + 100)
+
+
+def _sd(unet: UNet2DConditionModel | None = None, **extra) -> dict[str, Any]:
+    """SD 1.x components (:func:`tiny_sd_components`), optionally with another UNet."""
+    comps = tiny_sd_components(0)
+    if unet is not None:
+        comps["unet"] = unet
+    comps.update(extra)
+    return comps
+
+
+# SDXL: the models of tests/test_sdxl.py (diffusers' own SDXL test sizes), with a choice of in_channels.
+_SDXL_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=16,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + TEXT_DIM,
+    cross_attention_dim=2 * TEXT_DIM,
+    norm_num_groups=1,
+)
+
+
+def _clip_config(tokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        layer_norm_eps=1e-05,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_DIM,
+    )
+
+
+def _sdxl(in_channels: int = 4, controlnet: bool = False) -> dict[str, Any]:
+    tok, tok_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
+    config = _clip_config(tok)
+    unet = _seeded(
+        0,
+        lambda: UNet2DConditionModel(
+            **_SDXL_UNET,
+            in_channels=in_channels,
+            out_channels=4,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+    )
+    comps: dict[str, Any] = {
+        "vae": _vae(0, sample_size=H),
+        "text_encoder": _seeded(0, lambda: CLIPTextModel(config)),
+        "text_encoder_2": _seeded(1, lambda: CLIPTextModelWithProjection(config)),
+        "tokenizer": tok,
+        "tokenizer_2": tok_2,
+        "unet": unet,
+        "scheduler": make_scheduler("ddim"),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+    if controlnet:
+        cn = _seeded(
+            0,
+            lambda: ControlNetModel(
+                **{k: v for k, v in _SDXL_UNET.items() if k != "sample_size"},
+                in_channels=4,
+                conditioning_embedding_out_channels=(16, 32),
+            ),
+        )
+        comps["controlnet"] = _wake_controlnet(cn, 100)
+    return comps
+
+
+def _spec(
+    components, pipeline, pag_pipeline, call, cfg_scale=CFG, cfg_off=1.0, pag_without_cfg=True
+) -> dict[str, Any]:
+    return {
+        "components": components,
+        "pipeline": pipeline,
+        "pag_pipeline": pag_pipeline,
+        "call": call,
+        "cfg_scale": cfg_scale,
+        "cfg_off": cfg_off,
+        "pag_without_cfg": pag_without_cfg and pag_pipeline is not None,
+    }
+
+
+_LATENT = dict(num_inference_steps=STEPS, output_type="latent")
+# img2img-like runs: 4 scheduled steps at strength 0.5 = 2 denoising steps
+_IMG2IMG = dict(num_inference_steps=2 * STEPS, strength=0.5, output_type="latent")
+
+
+# ------------------------------------------------------------------------------------------ SD 1.x
+
+
+def sd_controlnet() -> dict[str, Any]:
+    return _spec(
+        _sd(controlnet=_sd_controlnet()),
+        StableDiffusionControlNetPipeline,
+        StableDiffusionControlNetPAGPipeline,
+        dict(prompt=PROMPT, image=_image(2), height=H, width=W, **_LATENT),
+    )
+
+
+def sd_img2img() -> dict[str, Any]:
+    return _spec(
+        _sd(),
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionPAGImg2ImgPipeline,
+        dict(prompt=PROMPT, image=_image(1), **_IMG2IMG),
+    )
+
+
+def _inpaint_call(**extra) -> dict[str, Any]:
+    return dict(prompt=PROMPT, image=_image(1), mask_image=_mask(), height=H, width=W, **_IMG2IMG, **extra)
+
+
+def sd_inpaint() -> dict[str, Any]:
+    """The standard 9-channel inpainting UNet (4 latents + 1 mask + 4 masked-image latents)."""
+    return _spec(
+        _sd(_sd_unet(in_channels=9)),
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPAGInpaintPipeline,
+        _inpaint_call(),
+    )
+
+
+def sd_inpaint4() -> dict[str, Any]:
+    """A 4-channel (text-to-image) UNet with the inpaint pipeline: the known region is re-noised and pasted
+    back after every step."""
+    return _spec(_sd(), StableDiffusionInpaintPipeline, StableDiffusionPAGInpaintPipeline, _inpaint_call())
+
+
+def sd_controlnet_inpaint() -> dict[str, Any]:
+    """ControlNet inpainting with the 9-channel UNet (the ControlNet itself sees the 4 noisy latents)."""
+    return _spec(
+        _sd(_sd_unet(in_channels=9), controlnet=_sd_controlnet()),
+        StableDiffusionControlNetInpaintPipeline,
+        StableDiffusionControlNetPAGInpaintPipeline,
+        _inpaint_call(control_image=_image(2)),
+    )
+
+
+# --------------------------------------------------------------------------------------------- SDXL
+
+
+def sdxl_img2img() -> dict[str, Any]:
+    return _spec(
+        _sdxl(),
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPAGImg2ImgPipeline,
+        dict(prompt=PROMPT, image=_image(1), **_IMG2IMG),
+    )
+
+
+# StableDiffusionXLPAGInpaintPipeline and StableDiffusionXLControlNetPAGImg2ImgPipeline (diffusers 0.42)
+# return early for output_type="latent" without restoring the UNet's attention processors, so that the PAG
+# processors stay on the shared UNet and perturb every later run: these two families decode ("pt").
+_DECODED = dict(output_type="pt")
+
+
+def sdxl_inpaint() -> dict[str, Any]:
+    return _spec(
+        _sdxl(in_channels=9),
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPAGInpaintPipeline,
+        _inpaint_call() | _DECODED,
+    )
+
+
+def sdxl_controlnet() -> dict[str, Any]:
+    return _spec(
+        _sdxl(controlnet=True),
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLControlNetPAGPipeline,
+        dict(prompt=PROMPT, image=_image(2), height=H, width=W, **_LATENT),
+    )
+
+
+def sdxl_controlnet_img2img() -> dict[str, Any]:
+    return _spec(
+        _sdxl(controlnet=True),
+        StableDiffusionXLControlNetImg2ImgPipeline,
+        StableDiffusionXLControlNetPAGImg2ImgPipeline,
+        dict(prompt=PROMPT, image=_image(1), control_image=_image(2), height=H, width=W, **_IMG2IMG)
+        | _DECODED,
+    )
+
+
+# -------------------------------------------------------------------------------------- AnimateDiff
+
+
+def animatediff() -> dict[str, Any]:
+    """AnimateDiff: the SD 1.x UNet + a tiny MotionAdapter (the pipeline turns them into a
+    UNetMotionModel); 2 frames, latents (batch, channels, frames, height, width)."""
+    adapter = _seeded(
+        0,
+        lambda: MotionAdapter(
+            block_out_channels=(32, 64),
+            motion_layers_per_block=1,
+            motion_norm_num_groups=32,
+            motion_num_attention_heads=2,
+            motion_max_seq_length=32,
+        ),
+    )
+    comps = _sd(motion_adapter=adapter)
+    del comps["safety_checker"]  # AnimateDiff takes none
+    return _spec(
+        comps,
+        AnimateDiffPipeline,
+        AnimateDiffPAGPipeline,
+        dict(prompt=PROMPT, num_frames=2, height=H, width=W, **_LATENT),
+    )
+
+
+# ----------------------------------------------------------------------------- T5 / BERT tokenizers
+
+_CHARS = sorted(set(string.printable) - set(string.whitespace))
+
+
+def _t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+    """A character-level T5 (unigram) tokenizer built offline: pad 0, eos 1, unk 2."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in _CHARS] + [("\u2581" + c, -1.5) for c in _CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _bert_tokenizer(model_max_length: int) -> BertTokenizer:
+    """A character-level BERT (WordPiece) tokenizer built offline."""
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    for prefix in ("", "##"):
+        for c in _CHARS:
+            vocab.setdefault(prefix + c.lower(), len(vocab))
+    return BertTokenizer(vocab=vocab, model_max_length=model_max_length)
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, seed: int = 0) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return _seeded(seed, lambda: T5EncoderModel(config))
+
+
+# ------------------------------------------------------------------------------------ PixArt-Sigma
+
+
+def pixart_sigma() -> dict[str, Any]:
+    """PixArt-Sigma: a 2-block PixArtTransformer2DModel (learned sigma) with a tiny T5 encoder and an
+    offline T5 tokenizer. 16 x 24 pixels = 8 x 12 latents = 4 x 6 patches."""
+    tokenizer = _t5_tokenizer(model_max_length=300)
+    transformer = _seeded(
+        0,
+        lambda: PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            caption_channels=TEXT_DIM,
+            in_channels=4,
+            cross_attention_dim=24,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        ),
+    )
+    comps = {
+        "tokenizer": tokenizer,
+        "text_encoder": _t5_encoder(tokenizer),
+        "vae": _vae(0, sample_size=16),
+        "transformer": transformer,
+        "scheduler": make_scheduler("ddim"),
+    }
+    call = dict(prompt=PROMPT, height=16, width=24, use_resolution_binning=False, max_sequence_length=16)
+    return _spec(comps, PixArtSigmaPipeline, PixArtSigmaPAGPipeline, dict(call, **_LATENT))
+
+
+# -------------------------------------------------------------------------------------- HunyuanDiT
+
+
+_DDPM_SD_BETAS = {k: SD15_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end")}
+_DDPM_SD_BETAS.update(beta_schedule="scaled_linear", steps_offset=1)
+
+
+def hunyuandit() -> dict[str, Any]:
+    """HunyuanDiT: a 2-block HunyuanDiT2DModel (rotary image embeddings, learned sigma) with a tiny BERT
+    (77 tokens) and a tiny T5 (256 tokens), both with offline tokenizers. The pipeline sizes its rotary
+    grid as ``height // 8 // patch_size`` whatever the VAE, so the VAE here has the real factor 8:
+    64 x 96 pixels = 8 x 12 latents = 4 x 6 patches."""
+    tokenizer = _bert_tokenizer(model_max_length=77)
+    tokenizer_2 = _t5_tokenizer(model_max_length=256)
+    bert_config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=77,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformer = _seeded(
+        0,
+        lambda: HunyuanDiT2DModel(
+            sample_size=16,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            in_channels=4,
+            cross_attention_dim=TEXT_DIM,
+            cross_attention_dim_t5=TEXT_DIM,
+            pooled_projection_dim=16,
+            hidden_size=24,
+            activation_fn="gelu-approximate",
+        ),
+    )
+    comps = {
+        "vae": _vae(0, (16, 16, 16, 16), groups=8, sample_size=64),
+        "text_encoder": _seeded(0, lambda: BertModel(bert_config, add_pooling_layer=False)),
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+        "scheduler": DDPMScheduler(**_DDPM_SD_BETAS),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "text_encoder_2": _t5_encoder(tokenizer_2, seed=1),
+        "tokenizer_2": tokenizer_2,
+    }
+    call = dict(prompt=PROMPT, height=64, width=96, use_resolution_binning=False, **_LATENT)
+    # HunyuanDiTPAGPipeline (diffusers 0.42) repeats the size/style conditioning 3 times whenever PAG is on,
+    # also without CFG, where the batch is 2: PAG then fails in the transformer's embedding.
+    return _spec(comps, HunyuanDiTPipeline, HunyuanDiTPAGPipeline, call, pag_without_cfg=False)
+
+
+# ------------------------------------------------------------------------------------------- Kolors
+
+_CHATGLM_VOCAB = 128
+_KOLORS_MAX_LENGTH = 256  # the pipeline pads prompts to 256 tokens
+
+
+def _chatglm(seed: int = 0) -> ChatGLMModel:
+    """A 2-layer ChatGLM encoder. The model builds its layers with ``skip_init`` (uninitialised memory),
+    so every weight is set here: embeddings N(0, 1), linear layers as torch.nn.Linear, norms to one."""
+    config = ChatGLMConfig(
+        num_layers=2,
+        padded_vocab_size=_CHATGLM_VOCAB,
+        hidden_size=TEXT_DIM,
+        ffn_hidden_size=37,
+        kv_channels=8,
+        num_attention_heads=4,
+        seq_length=_KOLORS_MAX_LENGTH,
+        multi_query_attention=True,
+        multi_query_group_num=2,
+        original_rope=True,
+        torch_dtype=torch.float32,
+    )
+
+    def make() -> ChatGLMModel:
+        model = ChatGLMModel(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                elif "word_embeddings" in name:
+                    torch.nn.init.normal_(p)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        return model
+
+    return _seeded(seed, make)
+
+
+@torch.no_grad()
+def _chatglm_embeds(text_encoder: ChatGLMModel, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds, pooled_prompt_embeds)`` as KolorsPipeline.encode_prompt makes them, from a
+    character-level stand-in for the ChatGLM tokenizer (left padding, as ChatGLM's)."""
+    ids = [1] + [3 + ord(c) % (_CHATGLM_VOCAB - 3) for c in prompt]
+    n = len(ids)
+    pad = _KOLORS_MAX_LENGTH - n
+    input_ids = torch.tensor([[0] * pad + ids])
+    attention_mask = torch.tensor([[0] * pad + [1] * n])
+    position_ids = torch.tensor([[0] * pad + list(range(n))])
+    out = text_encoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+    )
+    return out.hidden_states[-2].permute(1, 0, 2).clone(), out.hidden_states[-1][-1, :, :].clone()
+
+
+def kolors() -> dict[str, Any]:
+    """Kolors: an SDXL-style UNet whose 32-wide ChatGLM text features go through ``encoder_hid_proj``
+    (``text_proj``, as in the real model) to 64-wide cross-attention. There is no offline ChatGLM
+    tokenizer (it needs sentencepiece and a model file), so ``tokenizer`` is None and ``call`` carries
+    the prompt and negative-prompt embeddings, computed with the tiny ChatGLM encoder."""
+    text_encoder = _chatglm()
+    unet = _seeded(
+        0,
+        lambda: UNet2DConditionModel(
+            **_SDXL_UNET,
+            in_channels=4,
+            out_channels=4,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            encoder_hid_dim_type="text_proj",
+            encoder_hid_dim=TEXT_DIM,
+        ),
+    )
+    comps = {
+        "vae": _vae(0, sample_size=H),
+        "text_encoder": text_encoder,
+        "tokenizer": None,
+        "unet": unet,
+        "scheduler": make_scheduler("euler"),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+    embeds, pooled = _chatglm_embeds(text_encoder, PROMPT)
+    neg_embeds, neg_pooled = _chatglm_embeds(text_encoder, "")
+    call = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=neg_embeds,
+        negative_pooled_prompt_embeds=neg_pooled,
+        height=H,
+        width=W,
+        **_LATENT,
+    )
+    return _spec(comps, KolorsPipeline, KolorsPAGPipeline, call)
+
+
+# ----------------------------------------------------------------------------------------- upscalers
+
+
+def sd_upscale() -> dict[str, Any]:
+    """The x4 upscaler: the UNet sees 4 noisy latents + the 3-channel (noised) low-res image and the
+    noise level as its class label; the VAE has factor 4 and scaling factor 0.08333, as the real one.
+    A 16 x 24 image gives 16 x 24 latents (64 x 96 pixels once decoded)."""
+    unet = _sd_unet(in_channels=7, out_channels=4, num_class_embeds=1000)
+    comps = {
+        "vae": _vae(0, (32, 32, 64), sample_size=64, scaling_factor=0.08333),
+        "text_encoder": tiny_sd_components(0)["text_encoder"],
+        "tokenizer": offline_clip_tokenizer(),
+        "unet": unet,
+        "low_res_scheduler": DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+        "scheduler": make_scheduler("ddim", "v_prediction"),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "watermarker": None,
+    }
+    call = dict(prompt=PROMPT, image=_image(1, 16, 24), noise_level=20, **_LATENT)
+    return _spec(comps, StableDiffusionUpscalePipeline, None, call)
+
+
+def sd_latent_upscale() -> dict[str, Any]:
+    """The x2 latent upscaler: a K-diffusion style UNet (K blocks, Fourier time embedding, no mid block)
+    that sees 4 noisy latents + 4 low-res latents and returns 4 + 1 channels (the pipeline drops the
+    last), conditioned through ``timestep_cond`` on 128 noise-level features + the 32-wide pooled text
+    embedding. K blocks only fit together when the last two widths equal the time embedding width (twice
+    the first width), hence widths 32, 64, 64. A 16 x 24 image = 8 x 12 latents becomes 16 x 24 latents."""
+    unet = _seeded(
+        0,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            act_fn="gelu",
+            attention_head_dim=8,
+            norm_num_groups=None,
+            block_out_channels=[32, 64, 64],
+            time_cond_proj_dim=128 + TEXT_DIM,
+            conv_in_kernel=1,
+            conv_out_kernel=1,
+            cross_attention_dim=TEXT_DIM,
+            down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+            in_channels=8,
+            mid_block_type=None,
+            only_cross_attention=False,
+            out_channels=5,
+            resnet_time_scale_shift="scale_shift",
+            time_embedding_type="fourier",
+            timestep_post_act="gelu",
+            up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+        ),
+    )
+    sd = tiny_sd_components(0)
+    comps = {
+        "vae": sd["vae"],
+        "text_encoder": sd["text_encoder"],
+        "tokenizer": sd["tokenizer"],
+        "unet": unet,
+        "scheduler": EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="sample"
+        ),
+    }
+    call = dict(prompt=PROMPT, image=_image(1, 16, 24), **_LATENT)
+    return _spec(comps, StableDiffusionLatentUpscalePipeline, None, call)
+
+
+# ------------------------------------------------------------------------------- LCM, DiT and DDPM
+
+
+def lcm() -> dict[str, Any]:
+    """Latent consistency model: no classifier-free guidance batch; ``guidance_scale`` goes into the UNet
+    as a guidance embedding (``time_cond_proj_dim``), so "off" here is just another conditioning."""
+    unet = _sd_unet(time_cond_proj_dim=32)
+    scheduler = LCMScheduler(
+        **{k: SD15_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        original_inference_steps=50,
+    )
+    comps = _sd(unet, scheduler=scheduler)
+    call = dict(prompt=PROMPT, height=H, width=W, **_LATENT)
+    return _spec(comps, LatentConsistencyModelPipeline, None, call, cfg_scale=8.5)
+
+
+def dit() -> dict[str, Any]:
+    """DiT: a 3-block class-conditional DiTTransformer2DModel with learned sigma (8 output channels) on
+    8 x 8 latents; ``output_type`` "pt" (the pipeline has no latent output)."""
+    transformer = _seeded(
+        0,
+        lambda: DiTTransformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            num_layers=3,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+        ),
+    )
+    comps = {"transformer": transformer, "vae": _vae(0, sample_size=16), "scheduler": make_scheduler("ddim")}
+    call = dict(class_labels=[1], num_inference_steps=STEPS, output_type="pt")
+    return _spec(comps, DiTPipeline, None, call, cfg_scale=4.0)
+
+
+def ddpm() -> dict[str, Any]:
+    """DDPM in pixel space (:func:`attnguide.tiny_models.tiny_unet_2d`, 16 x 16): no guidance argument."""
+    comps = {"unet": tiny_unet_2d(0), "scheduler": DDPMScheduler()}
+    call = dict(batch_size=1, num_inference_steps=STEPS, output_type="pt")
+    return _spec(comps, DDPMPipeline, None, call, cfg_scale=None, cfg_off=None)
+
+
+#: family name -> builder of its spec (see the module docstring), in priority order.
+FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
+    "sd_controlnet": sd_controlnet,
+    "sd_img2img": sd_img2img,
+    "sd_inpaint": sd_inpaint,
+    "sd_inpaint4": sd_inpaint4,
+    "sd_controlnet_inpaint": sd_controlnet_inpaint,
+    "sdxl_img2img": sdxl_img2img,
+    "sdxl_inpaint": sdxl_inpaint,
+    "sdxl_controlnet": sdxl_controlnet,
+    "sdxl_controlnet_img2img": sdxl_controlnet_img2img,
+    "animatediff": animatediff,
+    "pixart_sigma": pixart_sigma,
+    "hunyuandit": hunyuandit,
+    "kolors": kolors,
+    "sd_upscale": sd_upscale,
+    "sd_latent_upscale": sd_latent_upscale,
+    "lcm": lcm,
+    "dit": dit,
+    "ddpm": ddpm,
+}
+
+
+def instantiate(spec: dict[str, Any], pag: bool = False, **component_overrides):
+    """The pipeline of a family ``spec`` (plain, or diffusers' PAG one), progress bar off."""
+    cls = spec["pag_pipeline"] if pag else spec["pipeline"]
+    if cls is None:
+        raise ValueError(f"diffusers has no PAG pipeline for {spec['pipeline'].__name__}")
+    pipe = cls(**{**spec["components"], **component_overrides})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build(name: str, pag: bool = False, **component_overrides):
+    """The pipeline of family ``name`` (a key of :data:`FAMILIES`) with freshly built models, on the CPU in
+    float32; ``pag`` picks diffusers' PAG pipeline. ``component_overrides`` replace or add constructor
+    kwargs (e.g. ``scheduler=...`` or, with ``pag``, ``pag_applied_layers=...``)."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return instantiate(FAMILIES[name](), pag, **component_overrides)
