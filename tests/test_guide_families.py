@@ -103,3 +103,63 @@ def test_guided_pag_equals_diffusers_pag_pipeline(name, cfg):
     want = _call(reference, spec, cfg, pag_scale=PAG_SCALE)
     got = _guided(pipe, spec, cfg, pag=PAG(scale=PAG_SCALE, layers=reference.pag_applied_layers))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def _counting(module: torch.nn.Module) -> list:
+    calls: list = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_unknown_cfg_layout_and_bare_denoisers_need_cfg_layout():
+    """Where the CFG branches sit cannot be known (a pipeline of one's own with a guidance_scale but no
+    encode_prompt; a bare denoiser): ValueError naming cfg_layout, before any model call."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from attnguide.tiny_models import tiny_unet_2d
+
+    class MyPipeline(DiffusionPipeline):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+        def __call__(self, guidance_scale: float = 3.0):
+            raise AssertionError("not reached")
+
+    unet = tiny_unet_2d(0).eval()
+    calls = _counting(unet)
+    for target, kw in ((MyPipeline(unet, DDIMScheduler()), {}), (unet, {"scheduler": DDIMScheduler()})):
+        with pytest.raises(ValueError, match="cfg_layout"), attnguide.guide(target, sag=SAG(), **kw):
+            pass
+    with attnguide.guide(MyPipeline(unet, DDIMScheduler()), sag=SAG(), cfg_layout="none"):
+        pass
+    assert calls == []
+
+
+def test_unplaceable_layouts_raise_before_any_model_call():
+    """A denoiser whose output channels cannot be placed against its input (here 4 in, 5 out), and one
+    without self-attention: ValueError naming what was found, before the first model call."""
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    def unet(**kw):
+        torch.manual_seed(0)
+        return UNet2DModel(
+            sample_size=8,
+            block_out_channels=(8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            **kw,
+        ).eval()
+
+    odd = unet(in_channels=4, out_channels=5, add_attention=True)
+    calls = _counting(odd)
+    odd_pipe = DDPMPipeline(odd, DDIMScheduler())
+    with pytest.raises(ValueError, match="5 channels for an input of 4"), attnguide.guide(odd_pipe, pag=PAG()):
+        pass
+    plain = unet(in_channels=3, out_channels=3, add_attention=False)
+    plain_pipe = DDPMPipeline(plain, DDIMScheduler())
+    with pytest.raises(ValueError, match="no self-attention"), attnguide.guide(plain_pipe, sag=SAG()):
+        pass
+    assert calls == []

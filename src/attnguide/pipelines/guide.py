@@ -323,6 +323,15 @@ SAG_UNSUPPORTED = {
 }
 
 
+def cfg_layout_knowable(pipe: Any, module: nn.Module) -> bool:
+    """Whether "auto" can find the CFG branches of ``pipe``'s denoiser calls (see resolve_cfg_layout)."""
+    if callable(getattr(pipe, "encode_prompt", None)) or hasattr(type(pipe), "do_classifier_free_guidance"):
+        return True
+    if getattr(getattr(module, "config", None), "num_embeds_ada_norm", None) is not None:
+        return True  # DiT: [cond, null label]
+    return "guidance_scale" not in inspect.signature(type(pipe).__call__).parameters
+
+
 def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
     """TypeError for terms of the wrong type, ValueError for SAG where the family cannot run it."""
     if sag is not None and not isinstance(sag, SAG):
@@ -367,10 +376,11 @@ def guide(
         raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
     pipe, module, scheduler = _denoiser_of(target, scheduler)
     _check_terms(sag, pag, pipe)
-    if pipe is None and cfg_layout == "auto":
+    if cfg_layout == "auto" and (pipe is None or not cfg_layout_knowable(pipe, module)):
+        where = "a bare denoiser's batch" if pipe is None else f"the denoiser batch of {type(pipe).__name__}"
         raise ValueError(
-            "`cfg_layout`: a bare denoiser's batch layout cannot be known; pass cfg_layout='none' (your "
-            "loop calls it without CFG), 'uncond_first' or 'cond_first'"
+            f"`cfg_layout`: where the classifier-free guidance branches sit in {where} cannot be known; "
+            "pass cfg_layout='none' (no CFG), 'uncond_first' ([uncond, cond]) or 'cond_first'"
         )
     guider = Guider(
         module,
