@@ -156,7 +156,7 @@ def test_unplaceable_layouts_raise_before_any_model_call():
     odd = unet(in_channels=4, out_channels=5, add_attention=True)
     calls = _counting(odd)
     odd_pipe = DDPMPipeline(odd, DDIMScheduler())
-    with pytest.raises(ValueError, match="5 channels for an input of 4"), attnguide.guide(odd_pipe, pag=PAG()):
+    with pytest.raises(ValueError, match="5 channels for an input"), attnguide.guide(odd_pipe, pag=PAG()):
         pass
     plain = unet(in_channels=3, out_channels=3, add_attention=False)
     plain_pipe = DDPMPipeline(plain, DDIMScheduler())

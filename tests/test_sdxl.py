@@ -266,7 +266,8 @@ def test_diffusers_sag_pipeline_cannot_run_sdxl():
     )
     before = dict(c["unet"].attn_processors)
     try:
-        with pytest.raises(TypeError):  # the SDXL UNet needs added_cond_kwargs, which that pipeline never passes
+        # the SDXL UNet needs added_cond_kwargs, which that pipeline never passes
+        with pytest.raises(TypeError):
             ref(generator=gen(0), **SMALL)
         # ... and leaves its map-storing processor installed (no try/finally there)
         assert dict(c["unet"].attn_processors) != before

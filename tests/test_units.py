@@ -60,7 +60,8 @@ def _vp(abar) -> NoiseLevel:
     return NoiseLevel.variance_preserving(torch.as_tensor(abar))
 
 
-def _capture(name: str, state: GuidanceState, limits: MapLimits = MapLimits()) -> GuidedAttention:
+def _capture(name: str, state: GuidanceState, limits: MapLimits | None = None) -> GuidedAttention:
+    limits = limits or MapLimits()
     return guided_attention(AttnProcessor2_0(), name, state, capture=True, limits=limits)
 
 
@@ -583,7 +584,8 @@ def test_processor_swap_restores_module_processor():
 
     state = GuidanceState(capture=True)
     with ProcessorSwap(model) as swap:
-        swap.install("blocks.1.attn1", lambda old: guided_attention(old, "blocks.1.attn1", state, capture=True))
+        name = "blocks.1.attn1"
+        swap.install(name, lambda old: guided_attention(old, name, state, capture=True))
         assert "processor" not in attn._modules
         assert len(list(model.parameters())) == n_params - 1
         attn(x)
