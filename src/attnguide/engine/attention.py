@@ -155,14 +155,15 @@ def default_sag_layer(model: nn.Module) -> str:
 def default_pag_layers(model: nn.Module) -> list[str]:
     """The PAG layers used when none are named, as diffusers' PAG pipelines choose them: the spatial
     self-attention of the mid block in UNets ("mid"), the first-but-one transformer block in
-    transformers ("blocks.1": DiT, PixArt, HunyuanDiT, SD3)."""
+    transformers ("blocks.1": DiT, PixArt, HunyuanDiT, SD3); else the middle spatial self-attention (a UNet
+    without a mid block, as the SD latent upscaler's)."""
     layers = spatial_layers(model)
     mid = [name for name in layers if name.startswith("mid_block.")]
     if mid:
         return mid
     rx = _bounded(r"blocks.1")
     hits = [name for name in layers if rx.search(name)]
-    return hits or [layers[min(1, len(layers) - 1)]]
+    return hits or [layers[len(layers) // 2]]
 
 
 @dataclass
