@@ -14,14 +14,14 @@ import math
 import pytest
 import torch
 from conftest import gen, quiet
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers import StableDiffusionSAGPipeline as RefSAG
 from diffusers import StableDiffusionXLPAGPipeline as RefXLPAG
+from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import SDXLCFGCutoffCallback
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from tiny_families import sdxl_components
 
 from attnguide.pipelines.stable_diffusion_xl import StableDiffusionXLPAGPipeline, StableDiffusionXLSAGPipeline
-from attnguide.tiny_models import make_scheduler, offline_clip_tokenizer
+from attnguide.tiny_models import make_scheduler
 
 TOL = 1e-4
 TIME_EMBED_DIM = 8
@@ -47,62 +47,9 @@ def _seeded(seed, build):
 
 @functools.lru_cache(maxsize=1)
 def _models() -> dict:
-    tok, tok_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
-    unet = _seeded(
-        0,
-        lambda: UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_EMBED_DIM,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM,
-            cross_attention_dim=2 * TEXT_DIM,
-            norm_num_groups=1,
-        ),
-    )
-    vae = _seeded(
-        0,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=[32, 64],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        ),
-    )
-    config = CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=TEXT_DIM,
-        intermediate_size=37,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        max_position_embeddings=tok.model_max_length,
-        layer_norm_eps=1e-05,
-        hidden_act="gelu",
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        projection_dim=TEXT_DIM,
-    )
-    return {
-        "vae": vae,
-        "text_encoder": _seeded(0, lambda: CLIPTextModel(config)),
-        "text_encoder_2": _seeded(1, lambda: CLIPTextModelWithProjection(config)),
-        "tokenizer": tok,
-        "tokenizer_2": tok_2,
-        "unet": unet,
-    }
+    comps = sdxl_components()
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+    return {k: comps[k] for k in names}
 
 
 def tiny_sdxl_components(scheduler: str = "ddim") -> dict:

@@ -101,7 +101,7 @@ from attnguide.tiny_models import (
     tiny_unet_2d,
 )
 
-__all__ = ["FAMILIES", "build", "instantiate"]
+__all__ = ["FAMILIES", "build", "instantiate", "sdxl_components"]
 
 PROMPT = "a cat"
 STEPS = 2
@@ -252,7 +252,8 @@ def _clip_config(tokenizer) -> CLIPTextConfig:
     )
 
 
-def _sdxl(in_channels: int = 4, controlnet: bool = False) -> dict[str, Any]:
+def sdxl_components(in_channels: int = 4, controlnet: bool = False) -> dict[str, Any]:
+    """Tiny SDXL components (a ControlNet too with ``controlnet``), shared by tests/test_sdxl.py."""
     tok, tok_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
     config = _clip_config(tok)
     unet = _seeded(
@@ -363,7 +364,7 @@ def sd_controlnet_inpaint() -> dict[str, Any]:
 
 def sdxl_img2img() -> dict[str, Any]:
     return _spec(
-        _sdxl(),
+        sdxl_components(),
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPAGImg2ImgPipeline,
         dict(prompt=PROMPT, image=_image(1), **_IMG2IMG),
@@ -378,7 +379,7 @@ _DECODED = dict(output_type="pt")
 
 def sdxl_inpaint() -> dict[str, Any]:
     return _spec(
-        _sdxl(in_channels=9),
+        sdxl_components(in_channels=9),
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPAGInpaintPipeline,
         _inpaint_call() | _DECODED,
@@ -387,7 +388,7 @@ def sdxl_inpaint() -> dict[str, Any]:
 
 def sdxl_controlnet() -> dict[str, Any]:
     return _spec(
-        _sdxl(controlnet=True),
+        sdxl_components(controlnet=True),
         StableDiffusionXLControlNetPipeline,
         StableDiffusionXLControlNetPAGPipeline,
         dict(prompt=PROMPT, image=_image(2), height=H, width=W, **_LATENT),
@@ -396,7 +397,7 @@ def sdxl_controlnet() -> dict[str, Any]:
 
 def sdxl_controlnet_img2img() -> dict[str, Any]:
     return _spec(
-        _sdxl(controlnet=True),
+        sdxl_components(controlnet=True),
         StableDiffusionXLControlNetImg2ImgPipeline,
         StableDiffusionXLControlNetPAGImg2ImgPipeline,
         dict(prompt=PROMPT, image=_image(1), control_image=_image(2), height=H, width=W, **_IMG2IMG)
