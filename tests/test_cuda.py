@@ -88,7 +88,9 @@ def test_hooks_disable_graphs():
 def test_memory_flat_map_matches_exact_on_cuda():
     """The chunked map of a real layer on the GPU equals the explicit-probability map (the final images
     are not compared: a map value within rounding of psi may flip a mask pixel either way)."""
-    from attnguide.engine.attention import AttentionMapCapture, GuidanceState, MapLimits
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from attnguide.engine.attention import GuidanceState, MapLimits, guided_attention
 
     pipe = _pipe()
     attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
@@ -98,7 +100,8 @@ def test_memory_flat_map_matches_exact_on_cuda():
     maps = {}
     for exact in (True, False):
         state = GuidanceState(capture=True)
-        proc = AttentionMapCapture("layer", state, MapLimits(exact_max_elements=2**62 if exact else 0))
+        limits = MapLimits(exact_max_elements=2**62 if exact else 0)
+        proc = guided_attention(AttnProcessor2_0(), "layer", state, capture=True, limits=limits)
         out = proc(attn, x)
         maps[exact] = (state.maps["layer"][0], out)
     torch.testing.assert_close(maps[False][0], maps[True][0], rtol=1e-4, atol=1e-4)
