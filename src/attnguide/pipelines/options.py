@@ -3,6 +3,7 @@ pipelines share. The guidance math itself is in :mod:`attnguide.engine.guidance`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -10,7 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
 
+from diffusers.models.attention_processor import (
+    PAGCFGIdentitySelfAttnProcessor2_0,
+    PAGIdentitySelfAttnProcessor2_0,
+)
+from torch import nn
+
+from ..engine.attention import model_lock, resolve_layers
 from ..engine.guidance import PAG, SAG, check_scale
+from .scheduler_fixups import only_fixups
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -34,7 +43,7 @@ class GuidanceOptions:
     sag_window: tuple[float, float] = (0.0, 1.0)
     pag_scale: float = 0.0
     pag_adaptive_scale: float = 0.0
-    pag_applied_layers: str | list[str] = "mid"
+    pag_applied_layers: str | list[str] | None = None
     pag_window: tuple[float, float] = (0.0, 1.0)
     record_masks: bool = False
 
@@ -71,7 +80,7 @@ class GuidanceOptions:
         check_scale("pag_scale", self.pag_scale)
         check_scale("pag_adaptive_scale", self.pag_adaptive_scale)
         layers = self.pag_applied_layers
-        if self.pag_scale == 0 or (not isinstance(layers, str) and len(layers) == 0):
+        if self.pag_scale == 0 or (layers is not None and not isinstance(layers, str) and len(layers) == 0):
             return None
         return PAG(
             scale=self.pag_scale,
@@ -134,13 +143,38 @@ def check_fraction(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a fraction in (0, 1] or None, got {value!r}")
 
 
-def init_with_pag_layers(base_init: Callable[..., None]) -> Callable[..., None]:
-    """An ``__init__`` that takes ``base_init``'s arguments plus ``pag_applied_layers`` (default "mid"),
-    as diffusers' PAG pipelines do. Its signature says so, which diffusers' loaders (``from_pretrained``,
-    ``from_pipe``) read to know the components."""
+def init_with_pag_layers(
+    base_init: Callable[..., None],
+    like: Callable[..., None] | None = None,
+    *,
+    pag_attn_processors: tuple[Any, Any] | None = None,
+    scheduler_fixups: Sequence[str] | None = None,
+) -> Callable[..., None]:
+    """An ``__init__`` that takes ``base_init``'s arguments plus ``pag_applied_layers``, as diffusers' PAG
+    pipelines do. Its signature says so, which diffusers' loaders (``from_pretrained``, ``from_pipe``) read
+    to know the components.
+
+    ``like``: the ``__init__`` of the diffusers PAG pipeline replaced, whose signature (defaults included,
+    such as its default ``pag_applied_layers``) is taken once it is checked to name the same arguments;
+    without it the default layers are "mid". ``pag_attn_processors``: the pair that pipeline passes to
+    ``set_pag_applied_layers`` where it is not diffusers' default. ``scheduler_fixups``: the scheduler
+    fix-ups that pipeline makes where they differ from ``base_init``'s (:mod:`.scheduler_fixups`).
+    """
     sig = inspect.signature(base_init)
     layers = inspect.Parameter("pag_applied_layers", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="mid")
     full = sig.replace(parameters=[*sig.parameters.values(), layers])
+    # diffusers' from_pipe matches components by these type hints
+    hints = {**get_type_hints(base_init), "pag_applied_layers": str | list[str]}
+    if like is not None:
+        theirs = inspect.signature(like)
+        if list(theirs.parameters) != list(full.parameters):
+            raise TypeError(
+                f"{like.__qualname__} takes {list(theirs.parameters)}, not {base_init.__qualname__}'s "
+                f"arguments plus pag_applied_layers ({list(full.parameters)})"
+            )
+        full = theirs
+        hints.update(get_type_hints(like))
+    processors = () if pag_attn_processors is None else (pag_attn_processors,)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = full.bind(self, *args, **kwargs)
@@ -148,31 +182,52 @@ def init_with_pag_layers(base_init: Callable[..., None]) -> Callable[..., None]:
         arguments = dict(bound.arguments)
         arguments.pop("self")
         pag_layers = arguments.pop("pag_applied_layers")
-        base_init(self, **arguments)
-        self.set_pag_applied_layers(pag_layers)
+        fixing = contextlib.nullcontext()
+        if scheduler_fixups is not None:
+            fixing = only_fixups(arguments.get("scheduler"), scheduler_fixups)
+        with fixing:
+            base_init(self, **arguments)
+        self.set_pag_applied_layers(pag_layers, *processors)
 
     __init__.__signature__ = full  # type: ignore[attr-defined]
-    # diffusers' from_pipe matches components by these type hints
-    __init__.__annotations__ = {**get_type_hints(base_init), "pag_applied_layers": str | list[str]}
-    __init__.__doc__ = f"{base_init.__qualname__}'s arguments, then ``pag_applied_layers``."
+    __init__.__annotations__ = hints
+    __init__.__doc__ = f"{(like or base_init).__qualname__}'s arguments."
     return __init__
 
 
 class PAGLayersMixin:
-    """diffusers' PAG pipeline interface (``PAGMixin``): ``set_pag_applied_layers`` and the properties
-    that callbacks read (``pag_scale``, ``do_perturbed_attention_guidance``, ...)."""
+    """diffusers' PAG pipeline interface (``PAGMixin``): ``set_pag_applied_layers``, the properties that
+    callbacks read (``pag_scale``, ``do_perturbed_attention_guidance``, ``pag_attn_processors``, ...) and
+    ``_set_pag_attn_processor``, diffusers' hook that installs its PAG processors."""
+
+    #: diffusers' default pair: identity attention for the perturbed rows with CFG and without it.
+    DEFAULT_PAG_ATTN_PROCESSORS = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
 
     pag_applied_layers: list[str]
     _pag_scale: float = 0.0
     _pag_adaptive_scale: float = 0.0
+    _pag_attn_processors: tuple[Any, Any] | None = None
+    # what _set_pag_attn_processor installed: layer path -> (the processor it replaced, the one installed)
+    _pag_installed: dict[str, tuple[Any, Any]] | None = None
 
-    def set_pag_applied_layers(self, pag_applied_layers: str | list[str]) -> None:
-        """Choose the PAG layers (paths or patterns, matched by attnguide.engine.attention.resolve_layers)."""
+    def set_pag_applied_layers(
+        self,
+        pag_applied_layers: str | list[str],
+        pag_attn_processors: tuple[Any, Any] | None = DEFAULT_PAG_ATTN_PROCESSORS,
+    ) -> None:
+        """Choose the PAG layers (paths or patterns, matched by attnguide.engine.attention.resolve_layers)
+        and, as diffusers, the processor pair that :meth:`_set_pag_attn_processor` installs. attnguide's
+        own calls perturb the layers themselves (identity attention) whichever pair is set."""
         layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
+        if pag_attn_processors is not None and (
+            not isinstance(pag_attn_processors, tuple) or len(pag_attn_processors) != 2
+        ):
+            raise ValueError("Expected a tuple of two attention processors")
         for layer in layers:
             if not isinstance(layer, str):
                 raise ValueError(f"`pag_applied_layers` must be a string or a list of strings, got {layer!r}")
         self.pag_applied_layers = layers
+        self._pag_attn_processors = pag_attn_processors
 
     def pag_options(self, call: dict[str, Any], kwargs: dict[str, Any]) -> GuidanceOptions:
         """The guidance options of a PAG pipeline call: ``pag_scale`` / ``pag_adaptive_scale`` taken from
@@ -186,6 +241,69 @@ class PAGLayersMixin:
             pag_adaptive_scale=self._pag_adaptive_scale,
             pag_applied_layers=self.pag_applied_layers,
         )
+
+    def _pag_denoiser(self) -> nn.Module:
+        model = getattr(self, "unet", None)
+        if model is None:
+            model = getattr(self, "transformer", None)
+        if model is None:
+            raise ValueError("No denoiser module found.")
+        return model
+
+    def _set_pag_attn_processor(
+        self, pag_applied_layers: str | list[str], do_classifier_free_guidance: bool
+    ) -> None:
+        """diffusers' hook: install the pair's CFG (or no-CFG) processor on the self-attention layers that
+        ``pag_applied_layers`` names. attnguide's calls do not need it, and run as if these were not
+        installed (they are taken out for the call and put back after)."""
+        if self._pag_attn_processors is None:
+            raise ValueError(
+                "No PAG attention processors have been set. Set the attention processors by calling "
+                "`set_pag_applied_layers` and passing the relevant parameters."
+            )
+        processor = self._pag_attn_processors[0 if do_classifier_free_guidance else 1]
+        model = self._pag_denoiser()
+        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
+        if not layers:
+            return
+        modules = dict(model.named_modules())
+        if self._pag_installed is None:
+            self._pag_installed = {}
+        for name in resolve_layers(model, layers, argument="pag_applied_layers"):
+            module = modules[name]
+            earlier = self._pag_installed.get(name)
+            kept = earlier is not None and module.processor is earlier[1]
+            self._pag_installed[name] = (earlier[0] if kept else module.processor, processor)
+            module.processor = processor
+
+    def run_guided(self, options: GuidanceOptions, call: dict[str, Any], extra: dict[str, Any]):
+        """The guided call, with the processors :meth:`_set_pag_attn_processor` left installed replaced by
+        the ones they replaced for its duration, so that they cannot change its result."""
+        model = self._pag_denoiser() if self._pag_installed else None
+        modules = dict(model.named_modules()) if model is not None else {}
+        left = {
+            name: pair
+            for name, pair in (self._pag_installed or {}).items()
+            if getattr(modules.get(name), "processor", None) is pair[1]
+        }
+        if not left:
+            return super().run_guided(options, call, extra)  # type: ignore[misc]
+        with model_lock(model):
+            for name, (original, _) in left.items():
+                modules[name].processor = original
+            try:
+                return super().run_guided(options, call, extra)  # type: ignore[misc]
+            finally:
+                for name, (_, processor) in left.items():
+                    modules[name].processor = processor
+
+    @property
+    def pag_attn_processors(self) -> dict[str, Any]:
+        """The PAG processors installed in the denoiser (those of the pair's classes), by processor path."""
+        if self._pag_attn_processors is None:
+            return {}
+        classes = {type(p) for p in self._pag_attn_processors}
+        return {k: p for k, p in self._pag_denoiser().attn_processors.items() if type(p) in classes}
 
     @property
     def pag_scale(self) -> float:

@@ -31,11 +31,35 @@ from .options import (
     positive_int,
     with_guidance_options,
 )
+from .scheduler_fixups import init_with_scheduler_fixups
 
 _PAG_CALL = inspect.signature(_DiffusersPAG.__call__)
 
 
-class _GuidedStableDiffusion(GuidedPipelineMixin, StableDiffusionPipeline):
+class ClipSkipMixin:
+    """``clip_skip`` on transformers 5 for the pipelines with diffusers' Stable Diffusion 1.x
+    ``encode_prompt`` (text-to-image, img2img, inpainting, ControlNet, AnimateDiff); mixed in before them."""
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw):
+        """diffusers' ``encode_prompt``, also with ``clip_skip`` on transformers 5.
+
+        transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which diffusers' clip-skip path
+        still reads; the text encoder itself is exposed under that name for the duration of the call.
+        """
+        te = self.text_encoder
+        shim = kw.get("clip_skip") is not None and te is not None and not hasattr(te, "text_model")
+        if shim:
+            te.__dict__["text_model"] = te
+        try:
+            return super().encode_prompt(
+                prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw
+            )
+        finally:
+            if shim:
+                del te.__dict__["text_model"]
+
+
+class _GuidedStableDiffusion(ClipSkipMixin, GuidedPipelineMixin, StableDiffusionPipeline):
     """diffusers' Stable Diffusion pipeline, guided; plus the checks and switches diffusers lacks."""
 
     def check_call(self, call: dict[str, Any]) -> None:
@@ -65,24 +89,6 @@ class _GuidedStableDiffusion(GuidedPipelineMixin, StableDiffusionPipeline):
             call.get("callback_on_step_end_tensor_inputs"),
         )
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw):
-        """diffusers' ``encode_prompt``, also with ``clip_skip`` on transformers 5.
-
-        transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which diffusers' clip-skip path
-        still reads; the text encoder itself is exposed under that name for the duration of the call.
-        """
-        te = self.text_encoder
-        shim = kw.get("clip_skip") is not None and te is not None and not hasattr(te, "text_model")
-        if shim:
-            te.__dict__["text_model"] = te
-        try:
-            return super().encode_prompt(
-                prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw
-            )
-        finally:
-            if shim:
-                del te.__dict__["text_model"]
-
 
 class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
     """Drop-in successor of diffusers' ``StableDiffusionSAGPipeline`` (same constructor, same arguments,
@@ -90,6 +96,9 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
 
     ``sag_scale`` follows diffusers (s in out += s (u - degraded)); 0 disables SAG.
     """
+
+    # diffusers' SAG pipeline corrects no scheduler config (StableDiffusionPipeline corrects two)
+    __init__ = init_with_scheduler_fixups(StableDiffusionPipeline.__init__, ())
 
     @torch.no_grad()
     @with_guidance_options()
@@ -155,4 +164,4 @@ class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
         return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
-__all__ = ["StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]
+__all__ = ["ClipSkipMixin", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]

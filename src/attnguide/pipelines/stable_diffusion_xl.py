@@ -98,6 +98,17 @@ def _check_batch(call: dict[str, Any]) -> None:
         )
 
 
+def watermark_opt_in(add_watermarker: bool | None) -> bool:
+    """The ``add_watermarker`` of attnguide's SDXL pipelines: unlike diffusers (which watermarks whenever
+    invisible-watermark is installed), None means no watermark, so outputs do not depend on which
+    optional packages happen to be installed; True without the package raises ImportError."""
+    if add_watermarker and not is_invisible_watermark_available():
+        raise ImportError(
+            "`add_watermarker=True` needs the invisible-watermark package (pip install invisible-watermark)"
+        )
+    return bool(add_watermarker)
+
+
 class _GuidedStableDiffusionXL(GuidedPipelineMixin, StableDiffusionXLPipeline):
     """diffusers' SDXL pipeline, guided; plus the checks diffusers makes only after the text encoders."""
 
@@ -115,13 +126,6 @@ class _GuidedStableDiffusionXL(GuidedPipelineMixin, StableDiffusionXLPipeline):
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
     ):
-        # Unlike diffusers (which watermarks whenever invisible-watermark is installed), None means no
-        # watermark: outputs do not depend on which optional packages happen to be installed.
-        if add_watermarker and not is_invisible_watermark_available():
-            raise ImportError(
-                "`add_watermarker=True` needs the invisible-watermark package "
-                "(pip install invisible-watermark)"
-            )
         super().__init__(
             vae,
             text_encoder,
@@ -133,7 +137,7 @@ class _GuidedStableDiffusionXL(GuidedPipelineMixin, StableDiffusionXLPipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-            add_watermarker=bool(add_watermarker),
+            add_watermarker=watermark_opt_in(add_watermarker),
         )
 
     def check_call(self, call: dict[str, Any]) -> None:
@@ -210,4 +214,4 @@ class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
         return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
-__all__ = ["StableDiffusionXLPAGPipeline", "StableDiffusionXLSAGPipeline"]
+__all__ = ["StableDiffusionXLPAGPipeline", "StableDiffusionXLSAGPipeline", "watermark_opt_in"]
