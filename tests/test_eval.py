@@ -1,10 +1,12 @@
 """``attnguide eval`` (attnguide.apps.eval) on a tiny random 28x28 class-conditional UNet: every experiment
-end to end, resume, configuration mismatch, and 2-process sharding with torchrun equal to 1 process."""
+end to end, resume, configuration mismatch, files of another arm or damaged caches made again, and
+2-process sharding with torchrun equal to 1 process."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +166,78 @@ def test_resume_recomputes_only_the_missing_shard(tiny_model, tmp_path):
         assert r1["metrics"] == r2["metrics"] and r1.get("fid_delta_ci") == r2.get("fid_delta_ci")
     # a third run samples nothing
     assert evaluate.run(_args(tiny_model, out, "table1"))["shards_written"] == 0
+
+
+def _same_metrics(a: dict, b: dict, experiment: str = "table1") -> None:
+    rows_a, rows_b = a["experiments"][experiment]["rows"], b["experiments"][experiment]["rows"]
+    for r1, r2 in zip(rows_a, rows_b, strict=True):
+        assert r1["arm"] == r2["arm"]
+        assert r1["metrics"] == r2["metrics"] and r1.get("fid_delta_ci") == r2.get("fid_delta_ci")
+
+
+def test_files_of_another_arm_are_refused_and_made_again(tiny_model, tmp_path, capsys):
+    """A valid shard (and feature cache) of arm ``u`` copied over those of ``u-sag0.75``: both refused
+    with a warning naming the file, sampled / computed again; the metrics equal the clean run's."""
+    from attnguide.apps.eval.config import config_digest
+
+    out = tmp_path / "eval"
+    clean = evaluate.run(_args(tiny_model, out, "table1"))
+    shards = out / "shards"
+    with np.load(shards / "u" / "shard_00001.npz") as z:  # what a shard records
+        assert str(z["arm"]) == "u" and str(z["kind"]) == "shard" and list(z["indices"]) == [4, 5, 6, 7]
+        config = json.loads((out / "config.json").read_text())
+        assert str(z["config_digest"]) == config_digest(config)
+    shard = shards / "u-sag0.75" / "shard_00001.npz"
+    shutil.copyfile(shards / "u" / "shard_00001.npz", shard)
+    (feats,) = (shards / "u-sag0.75").glob("features_*.npz")
+    shutil.copyfile(shards / "u" / feats.name, feats)
+    capsys.readouterr()
+    again = evaluate.run(_args(tiny_model, out, "table1"))
+    err = capsys.readouterr().err
+    assert f"{shard} does not belong here: it records arm 'u', not 'u-sag0.75'" in err
+    assert f"{feats} does not belong here" in err and "computing the features again" in err
+    assert again["shards_written"] == 1
+    _same_metrics(clean, again)
+    with np.load(shard) as z, np.load(feats) as f:
+        assert str(z["arm"]) == "u-sag0.75" and str(f["arm"]) == "u-sag0.75"
+
+
+def test_damaged_caches_are_rebuilt_with_a_warning(tiny_model, tmp_path, capsys):
+    """A truncated feature cache and reference cache: rebuilt, with a warning naming each file, and the
+    metrics equal the clean run's (no shard is sampled again)."""
+    out = tmp_path / "eval"
+    clean = evaluate.run(_args(tiny_model, out, "table1"))
+    (feats,) = (out / "shards" / "c").glob("features_*.npz")
+    ref = out / "reference_features.npz"
+    for path in (feats, ref):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    again = evaluate.run(_args(tiny_model, out, "table1"))
+    err = capsys.readouterr().err
+    assert f"cannot read {feats} (" in err and f"cannot read {ref} (" in err
+    assert "computing the features again" in err and "computing the reference features again" in err
+    assert again["shards_written"] == 0
+    _same_metrics(clean, again)
+    for path in (feats, ref):
+        with np.load(path) as z:
+            assert z["pool"].shape[0] == (8 if path == feats else 100)
+    capsys.readouterr()
+    evaluate.run(_args(tiny_model, out, "table1"))  # rebuilt files are used as they are
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_damaged_cost_cache_is_timed_again(tiny_model, tmp_path, capsys):
+    out = tmp_path / "eval"
+    evaluate.run(_args(tiny_model, out, "cost"))
+    path = out / "shards" / "cost.json"
+    cached = json.loads(path.read_text())
+    assert cached["kind"] == "cost" and cached["cost"]["rows"]
+    path.write_text(path.read_text()[:40])
+    capsys.readouterr()
+    again = evaluate.run(_args(tiny_model, out, "cost"))
+    assert f"cannot read {path} (JSONDecodeError" in capsys.readouterr().err
+    assert json.loads(path.read_text())["cost"]["rows"] == again["cost"]["rows"]
 
 
 def test_config_mismatch_is_refused(tiny_model, tmp_path):

@@ -18,6 +18,10 @@ the arms are paired:
 Samples are written in shards of ``--batch-size`` samples per arm (``.npz``, atomically: temporary file
 then ``os.replace``). Rerunning the same command resumes: shards already written are not recomputed.
 ``config.json`` records the configuration; a folder written for another configuration is refused.
+Every shard and feature cache records what it belongs to (its kind, arm, the digest of the
+configuration, the extractor for features, its sample indices) and is checked when read: a file that
+cannot be read or records something else (a shard of another arm copied in its place, a truncated
+cache) is made again, with a warning naming it.
 Launched with ``torchrun --nproc_per_node K -m attnguide.apps.eval``, each rank samples the shards ``t``
 with ``t mod K == rank`` (``t`` enumerates (arm, shard) pairs in a fixed order; a shard's content depends
 only on its index), and rank 0 computes the metrics after a barrier.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SAMPLE_KEYS", "SCHEMA", "check_config", "eval_config", "model_digest"]
+__all__ = ["SAMPLE_KEYS", "SCHEMA", "check_config", "config_digest", "eval_config", "model_digest"]
 
 SCHEMA = 1
 #: The config keys that decide the samples; a mismatch in an existing folder is refused.
@@ -80,6 +80,13 @@ def eval_config(
         "bootstrap": args.bootstrap,
         "num_reference": args.num_reference,
     }
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """sha256 (16 hex digits) of ``config``'s :data:`SAMPLE_KEYS` as written to JSON: every shard and
+    cache of a run records it, and a file recording another one is not used."""
+    text = json.dumps({k: config.get(k) for k in SAMPLE_KEYS}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_config(folder: Path, config: dict[str, Any]) -> bool:

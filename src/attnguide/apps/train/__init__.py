@@ -24,7 +24,10 @@ The output folder (default ``src/attnguide/assets/mnist-ddpm``) is a diffusers m
 
 Training resumes from ``checkpoint.pt`` in the output folder when it is interrupted; the checkpoint is
 written atomically every ``checkpoint_every`` steps and removed once the final model is saved (pass
-``--keep-checkpoint`` to keep it).
+``--keep-checkpoint`` to keep it). It is read with ``torch.load(weights_only=True)`` (tensors, numbers
+and plain containers only: a crafted file cannot run code); a checkpoint that cannot be read so, or
+that a run with another seed or model wrote, stops ``attnguide train`` with a message, before anything
+is trained.
 
 Modules: :mod:`.data` (digits, augmentation, split), :mod:`.models` (UNet, scheduler, classifier),
 :mod:`.environment` (device, versions, command line), :mod:`.checkpoint` (resumable state),

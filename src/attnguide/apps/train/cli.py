@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CHECKPOINT_NAME, check_checkpoint
 from .classifier import train_classifier
 from .diffusion import train_diffusion
 from .environment import COMMAND, command_line
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     device = None if args.device == "auto" else args.device
+    if not args.skip_diffusion:  # an unusable checkpoint stops the run before anything is trained
+        check_checkpoint(out / CHECKPOINT_NAME, seed=args.seed, unet_kwargs={})
 
     if not args.skip_classifier:
         if (out / "classifier" / "model.safetensors").exists() and not args.retrain_classifier:

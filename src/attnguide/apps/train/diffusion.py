@@ -118,7 +118,7 @@ def _start_or_resume(
 ) -> tuple[TrainingState, Any]:
     """The state to train from (fresh, or the checkpoint's when there is one) and the noise schedule."""
     state, scheduler = _initial_state(settings, unet_kwargs, device)
-    if resume_from_checkpoint(ckpt_path, state, device):
+    if resume_from_checkpoint(ckpt_path, state, device, seed=settings.seed, unet_kwargs=unet_kwargs):
         print(
             f"resuming from {ckpt_path} at step {state.step} ({state.elapsed_before_s / 60:.1f} min already)",
             flush=True,
@@ -318,9 +318,11 @@ def train_diffusion(
     budget ``max_minutes`` is used up.
 
     The run resumes from ``out_dir/checkpoint.pt`` (model, EMA, optimiser, random state, loss history
-    and elapsed time) if it exists; the checkpoint is replaced atomically every ``checkpoint_every``
-    steps, and removed at the end unless ``keep_checkpoint``. At the end ``unet/``, ``scheduler/``,
-    ``model_index.json`` and ``training.json`` are written into ``out_dir`` (created if needed).
+    and elapsed time) if it exists; it is read with ``weights_only=True``, and one that cannot be read
+    so, or that another seed or model wrote, is a SystemExit. The checkpoint is replaced atomically
+    every ``checkpoint_every`` steps, and removed at the end unless ``keep_checkpoint``. At the end
+    ``unet/``, ``scheduler/``, ``model_index.json`` and ``training.json`` are written into ``out_dir``
+    (created if needed).
     ``device`` is ``"cpu"``, ``"cuda"``, or ``None`` / ``"auto"`` for CUDA when available; ``command``
     is the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`.
 
