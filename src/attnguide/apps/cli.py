@@ -9,7 +9,9 @@ model folder, or a hub id.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,8 +20,8 @@ import numpy as np
 import torch
 
 from ..pipelines.schedulers import SCHEDULER_NAMES
-from .arms import CONDITIONAL_METHODS, METHODS, Arm
-from .files import refuse_overwrite, write_atomic, write_json_atomic
+from .arms import CONDITIONAL_METHODS, METHODS, TERMS, Arm, method_terms
+from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
 
@@ -38,41 +40,138 @@ SUBCOMMANDS = {
 
 
 # ---------------------------------------------------------------------------------------------- sample
+# the numeric flags of ``sample``: attribute -> (low, high, low included); every value must be finite
+SCALE_LIMITS = {
+    "sag_scale": (0.0, 100.0, True),
+    "blur_scale": (0.0, 100.0, True),
+    "pag_scale": (0.0, 100.0, True),
+    "cfg_scale": (0.0, 100.0, True),
+    "blur_sigma": (0.0, 100.0, False),
+}
+MAX_IMAGES = 1024
+OUTPUT_FILES = ("samples.png", "masks.png", "samples.json")
+# the flags whose values shape each guidance term (named when its samples are not finite)
+TERM_FLAGS = {"cfg": "--cfg-scale", "sag": "--sag-scale", "blur": "--blur-scale", "pag": "--pag-scale"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _usage_error(flag: str, text: str) -> SystemExit:
+    return SystemExit(f"error: {flag}: {text}")
+
+
+def _check_device(spec: str | None) -> str:
+    """The torch device of ``--device`` (default: cuda if available); SystemExit unless it exists here."""
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise _usage_error("--device", f"unknown device {spec!r}; use cpu, cuda, cuda:N or mps") from None
+    backends = {
+        "cuda": torch.cuda,
+        "xpu": getattr(torch, "xpu", None),
+        "mps": getattr(torch.backends, "mps", None),
+    }
+    if device.type == "cpu":
+        return str(device)
+    if device.type not in backends:
+        raise _usage_error("--device", f"{spec!r} is not a device to sample on; use cpu, cuda, cuda:N or mps")
+    backend = backends[device.type]
+    if backend is None or not backend.is_available():
+        raise _usage_error(
+            "--device", f"{spec!r} requested, but this machine's torch ({torch.__version__}) has none"
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise _usage_error("--device", f"{spec!r} requested, but there are {count} {device.type} device(s)")
+    return str(device)
+
+
+def _check_label_spec(spec: str | None) -> None:
+    if spec in (None, "none", "cycle", "random"):
+        return
+    try:
+        int(spec)
+    except ValueError:
+        raise _usage_error("--class-label", f"got {spec!r}; give an integer, 'cycle' or 'random'") from None
+
+
 def _parse_labels(spec: str | None, n: int, num_classes: int | None, seed: int) -> list[int] | None:
     if num_classes is None:
         if spec not in (None, "none"):
-            raise SystemExit("error: --class-label given, but the model is unconditional")
+            raise _usage_error("--class-label", f"got {spec!r}, but the model is unconditional")
         return None
     real = num_classes - 1  # the last embedding is the null label
+    if real < 1:
+        raise _usage_error("--model", f"the model has {num_classes} class embedding(s), only the null label")
     if spec in (None, "cycle"):
         return [i % real for i in range(n)]
     if spec == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, real, (n,), generator=g).tolist()
-    try:
-        label = int(spec)
-    except ValueError:
-        raise SystemExit(
-            f"error: --class-label must be an integer, 'cycle' or 'random', got {spec!r}"
-        ) from None
+    label = int(spec)
     if not 0 <= label < real:
-        raise SystemExit(f"error: --class-label must be in [0, {real - 1}], got {label}")
+        raise _usage_error("--class-label", f"got {label}; the model's labels are 0 to {real - 1}")
     return [label] * n
 
 
 def _check_arguments(args: argparse.Namespace) -> list[str]:
     """The methods of ``--methods``; SystemExit for a bad argument (before anything is loaded)."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise _usage_error("--methods", f"got {args.methods!r}, no method; choose from {', '.join(METHODS)}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise SystemExit(f"error: --methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    for name in ("sag_scale", "blur_scale", "pag_scale", "cfg_scale"):
+        raise _usage_error("--methods", f"unknown {bad}; choose from {', '.join(METHODS)}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise _usage_error("--methods", f"{', '.join(twice)} listed more than once")
+    for name, (low, high, low_in) in SCALE_LIMITS.items():
         v = getattr(args, name)
-        if not np.isfinite(v) or v < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if args.steps < 1 or args.num_images < 1:
-        raise SystemExit("error: --steps and --num-images must be positive integers")
+        if not (np.isfinite(v) and (low <= v if low_in else low < v) and v <= high):
+            allowed = f"{'[' if low_in else '('}{low:g}, {high:g}]"
+            raise _usage_error(_flag(name), f"got {v}; allowed: a finite number in {allowed}")
+    if args.steps < 1:
+        raise _usage_error("--steps", f"got {args.steps}; allowed: a positive integer")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise _usage_error("--num-images", f"got {args.num_images}; allowed: 1 to {MAX_IMAGES}")
+    if not 0 <= args.seed < 2**63:
+        raise _usage_error("--seed", f"got {args.seed}; allowed: 0 to 2**63 - 1")
+    if not args.out:
+        raise _usage_error("--out", "got an empty path; give a folder")
+    _check_label_spec(args.class_label)
     return methods
+
+
+def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool) -> list[str]:
+    """The methods this model can run and a check of ``--steps``; SystemExit naming the flag otherwise."""
+    from ..engine.attention import self_attention_layers
+
+    limit = pipe.scheduler.config.num_train_timesteps
+    if args.steps > limit:
+        raise _usage_error("--steps", f"got {args.steps}; this model's scheduler allows 1 to {limit}")
+    try:
+        pipe.scheduler.set_timesteps(args.steps)
+    except ValueError as err:
+        raise _usage_error("--steps", f"got {args.steps}; {args.scheduler}: {err}") from None
+    needs = {}
+    if pixel and pipe.num_classes is None:
+        needs.update({m: "a class-conditional model" for m in methods if m in CONDITIONAL_METHODS})
+    if not self_attention_layers(pipe.unet):
+        attention = [m for m in methods if method_terms(m) & {"sag", "pag"}]
+        needs.update({m: "a model with self-attention" for m in attention if m not in needs})
+    kept = [m for m in methods if m not in needs]
+    detail = "; ".join(f"{m} needs {why}" for m, why in needs.items())
+    if not kept:
+        raise _usage_error("--methods", f"got {args.methods!r}, none of which this model runs ({detail})")
+    if needs:
+        print(f"note: --methods: skipping {', '.join(needs)} ({detail})", file=sys.stderr)
+    if not pixel and args.class_label not in (None, "none"):
+        raise _usage_error("--class-label", f"got {args.class_label!r}, but the model is text-to-image")
+    return kept
 
 
 def _column(arm: Arm) -> dict:
@@ -96,24 +195,63 @@ def _sample_columns(
     mask_source, masks = None, None
     with tqdm(total=len(arms) * args.steps, desc="sampling", unit="step", disable=args.quiet) as bar:
         for arm in arms:
-            columns[arm.name], arm_masks = sample_arm(
-                pipe,
-                arm,
-                num_images=args.num_images,
-                steps=args.steps,
-                seed=args.seed,
-                class_labels=None if (args.unconditional and arm.guidance_scale <= 1) else labels,
-                prompt=args.prompt,
-                record_masks=arm.name in MASK_COLUMNS,
-                on_step=lambda _i: bar.update(),
-            )
+            try:
+                columns[arm.name], arm_masks = sample_arm(
+                    pipe,
+                    arm,
+                    num_images=args.num_images,
+                    steps=args.steps,
+                    seed=args.seed,
+                    class_labels=None if (args.unconditional and arm.guidance_scale <= 1) else labels,
+                    prompt=args.prompt,
+                    record_masks=arm.name in MASK_COLUMNS,
+                    on_step=lambda _i: bar.update(),
+                    check_finite=True,
+                )
+            except FloatingPointError as err:
+                flags = [TERM_FLAGS[t] for t in TERMS if t in method_terms(arm.name)] or ["--model"]
+                raise _usage_error(
+                    flags[0], f"the {arm.name} column failed with {', '.join(flags)} as given: {err}"
+                ) from None
             if masks is None and arm_masks is not None:
                 mask_source, masks = arm.name, arm_masks
     return columns, mask_source, masks
 
 
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars on or off for the block."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = [(m, m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _ in before:
+        (m.enable_progress_bar if show else m.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for m, was in before:
+            (m.enable_progress_bar if was else m.disable_progress_bar)()
+
+
 def _save_png(image) -> Callable[[Path], None]:
     return lambda p: image.save(p, format="PNG")
+
+
+def _metadata(args: argparse.Namespace, arms: Sequence[Arm], labels, device: str, pixel: bool) -> str:
+    """``samples.json``, as strict JSON (made before sampling, so it cannot fail after it)."""
+    meta = {
+        "model": str(args.model),
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "seed": args.seed,
+        "class_labels": labels,
+        "prompt": None if pixel else args.prompt,
+        "columns": [_column(arm) for arm in arms],
+        "blur_sigma": args.blur_sigma,
+        "device": device,
+    }
+    return json.dumps(meta, indent=2, allow_nan=False) + "\n"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -121,26 +259,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..pipelines import DDPMSAGPipeline
     from ..pipelines.schedulers import scheduler_from_name
 
-    out_dir = Path(args.out)
-    grid_path, mask_path, meta_path = out_dir / "samples.png", out_dir / "masks.png", out_dir / "samples.json"
-    refuse_overwrite([grid_path, mask_path, meta_path], args.overwrite)
     methods = _check_arguments(args)
+    device = _check_device(args.device)
+    out_dir = Path(args.out)
+    grid_path, mask_path, meta_path = (out_dir / name for name in OUTPUT_FILES)
+    check_output_folder(out_dir, "--out")
+    refuse_overwrite([grid_path, mask_path, meta_path], args.overwrite)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device)
+    with _loading_bars(not args.quiet):
+        pipe = load_pipeline(args.model, device)
     pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pixel = isinstance(pipe, DDPMSAGPipeline)
-    num_classes = pipe.num_classes if pixel else None
-    if pixel and num_classes is None:  # CFG needs a class-conditional model
-        methods = [m for m in methods if m not in CONDITIONAL_METHODS]
-    if not methods:
-        raise SystemExit("error: --methods: no method left to sample (CFG needs a conditional model)")
-    labels = _parse_labels(args.class_label, args.num_images, num_classes, args.seed) if pixel else None
+    methods = _check_model(pipe, args, methods, pixel)
+    labels = _parse_labels(args.class_label, args.num_images, pipe.num_classes, args.seed) if pixel else None
     scales = dict(cfg_scale=args.cfg_scale, sag_scale=args.sag_scale, pag_scale=args.pag_scale)
     arms = [
         Arm.from_method(m, **scales, blur_scale=args.blur_scale, sag_sigma=args.blur_sigma) for m in methods
     ]
+    meta_text = _metadata(args, arms, labels, device, pixel)
     columns, mask_source, masks = _sample_columns(pipe, arms, args, labels)
 
     scale = max(1, 96 // columns[arms[0].name].shape[1])
@@ -152,50 +289,68 @@ def cmd_sample(args: argparse.Namespace) -> int:
         overlay = {mask_source: src, "SAG mask": overlay_masks(src, masks)}
         write_atomic(mask_path, _save_png(make_grid(overlay, scale=scale, row_labels=row_labels)))
         written.append(mask_path)
-    meta = {
-        "model": str(args.model),
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "seed": args.seed,
-        "class_labels": labels,
-        "columns": [_column(arm) for arm in arms],
-        "blur_sigma": args.blur_sigma,
-        "device": device,
-    }
-    write_json_atomic(meta_path, meta)
+    write_text_atomic(meta_path, meta_text)
     written.append(meta_path)
+    # --overwrite: a file of the run replaced that this run does not write would pass for one of its own
+    for p in remove_files([p for p in (grid_path, mask_path, meta_path) if p not in written]):
+        print(f"removed {p} (of the previous run)")
     for p in written:
         print(f"wrote {p}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: ``error: <flag>: <message>``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``attnguide`` (``sample``; the other subcommands parse their own arguments)."""
-    parser = argparse.ArgumentParser(prog="attnguide", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="attnguide", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample without and with guidance, side by side (the main job)")
     s.add_argument(
         "--model", default=str(BUNDLED_MODEL), help="pipeline/model folder or hub id (default: bundled)"
     )
-    s.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    s.add_argument(
+        "--out",
+        default="outputs",
+        help="output folder (default: outputs); its samples.png, masks.png, samples.json",
+    )
     s.add_argument(
         "--methods", default="none,sag,blur,pag,cfg,cfg+sag", help=f"columns, from {', '.join(METHODS)}"
     )
-    s.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale s (default 0.75)")
-    s.add_argument("--blur-scale", type=float, default=0.75, help="blur guidance scale (default 0.75)")
-    s.add_argument("--blur-sigma", type=float, default=1.0, help="Gaussian blur sigma (default 1.0)")
-    s.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
+    s.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale s in [0, 100] (default 0.75)")
     s.add_argument(
-        "--cfg-scale", type=float, default=1.5, help="CFG scale w for the cfg columns (default 1.5)"
+        "--blur-scale", type=float, default=0.75, help="blur guidance scale in [0, 100] (default 0.75)"
     )
-    s.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    s.add_argument(
+        "--blur-sigma", type=float, default=1.0, help="Gaussian blur sigma in (0, 100] (default 1.0)"
+    )
+    s.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale in [0, 100] (default 1.0)")
+    s.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.5,
+        help="CFG scale w in [0, 100] for the cfg columns (default 1.5)",
+    )
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="sampling steps, 1 to the scheduler's training steps (default 50)",
+    )
     s.add_argument(
         "--scheduler", default="ddim", choices=sorted(SCHEDULER_NAMES), help="scheduler (default ddim)"
     )
     s.add_argument("--seed", type=int, default=0, help="seed; every column uses the same one (default 0)")
-    s.add_argument("--num-images", type=int, default=8, help="rows of the grid (default 8)")
+    s.add_argument(
+        "--num-images", type=int, default=8, help=f"rows of the grid, 1 to {MAX_IMAGES} (default 8)"
+    )
     s.add_argument(
         "--class-label", default=None, help="class label of each row: N, 'cycle' (default), 'random'"
     )
@@ -205,9 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="class-conditional models: sample the columns without CFG unconditionally (null label)",
     )
     s.add_argument("--prompt", default="", help="prompt, for text-to-image models")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output files of a previous run (and remove its masks.png if this run has none)",
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress bars (loading, sampling)")
     s.set_defaults(func=cmd_sample)
 
     for name, (_module, text) in SUBCOMMANDS.items():
@@ -216,13 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``attnguide`` with ``argv`` (default: the command line); returns the exit status."""
+    """Run ``attnguide`` with ``argv`` (default: the command line); returns the exit status.
+
+    A user error (``SystemExit("error: ...")`` from any subcommand) is printed as one line on stderr and
+    exits with status 2, argparse's convention; the SystemExit still carries the message.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[argv[0]][0], __package__)
-        return module.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[argv[0]][0], __package__)
+            return module.main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as err:
+        if isinstance(err.code, str) and err.code.startswith("error:"):
+            print(" ".join(err.code.split()), file=sys.stderr)
+            err.code = 2
+        raise
 
 
 if __name__ == "__main__":

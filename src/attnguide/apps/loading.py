@@ -3,6 +3,7 @@ one arm with it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,43 +16,100 @@ from .images import sample_shape, to_uint8
 if TYPE_CHECKING:
     from .arms import Arm
 
-__all__ = ["BUNDLED_MODEL", "load_pipeline", "sample_arm"]
+__all__ = ["BUNDLED_MODEL", "load_pipeline", "model_kind", "sample_arm"]
 
 BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "mnist-ddpm"
 
 
-def load_pipeline(model: str, device: str):
-    """A guided pipeline for ``model``: the bundled model, a local folder, or a hub id.
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
-    A folder with ``model_index.json`` is loaded as a pipeline (Stable Diffusion pipelines become
-    :class:`StableDiffusionSAGPipeline`; UNet2DModel pipelines :class:`DDPMSAGPipeline`); a folder with a
-    bare ``UNet2DModel`` gets a default DDPM scheduler.
-    """
-    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
-    from ..pipelines import DDPMSAGPipeline, StableDiffusionSAGPipeline
+def _unet_class(entry: Any) -> str | None:
+    """The class name of a ``model_index.json`` entry (["diffusers", "UNet2DModel"])."""
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
+
+def model_kind(model: str | os.PathLike[str]) -> str:
+    """What ``--model`` names: "text" (a Stable Diffusion 1.x / 2.x text-to-image pipeline), "pixel" (a
+    ``UNet2DModel`` pipeline) or "unet" (a bare ``UNet2DModel`` folder); SystemExit naming ``--model``
+    for anything else, read from the configuration files only (no weights are loaded)."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    model = os.fspath(model)
+    local = os.path.isabs(model) or model.startswith(("./", "../"))
+    if local and not os.path.exists(model):
+        raise SystemExit(f"error: --model: {model!r}: no such folder")
     try:
         index = DiffusionPipeline.load_config(model)
     except Exception:  # not a pipeline: maybe a bare model folder
         index = None
-    if index is not None and "unet" in index:
-        if "text_encoder" in index:
-            pipe = StableDiffusionSAGPipeline.from_pretrained(
-                model, safety_checker=None, requires_safety_checker=False
-            )
-        else:
-            unet = UNet2DModel.from_pretrained(model, subfolder="unet")
-            sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-            pipe = DDPMSAGPipeline(unet, sched)
-    else:
+    if index is None or "unet" not in index:
         try:
-            unet = UNet2DModel.from_pretrained(model)
+            config = UNet2DModel.load_config(model)
         except Exception as err:
             raise SystemExit(
-                f"error: --model {model!r} is neither a diffusers pipeline nor a UNet2DModel folder ({err})"
+                f"error: --model: {model!r} is neither a diffusers pipeline (model_index.json) nor a "
+                f"UNet2DModel folder (config.json): {_one_line(err)}"
             ) from None
-        pipe = DDPMSAGPipeline(unet, DDPMScheduler())
+        if config.get("_class_name") != "UNet2DModel":
+            raise SystemExit(
+                f"error: --model: {model!r} holds a {config.get('_class_name')}; give a pipeline folder or "
+                "a UNet2DModel folder"
+            )
+        return "unet"
+    try:
+        unet_config = UNet2DModel.load_config(model, subfolder="unet")
+    except Exception as err:
+        raise SystemExit(
+            f"error: --model: {model!r} is a pipeline, but its unet/config.json cannot be read "
+            f"({_one_line(err)})"
+        ) from None
+    unet_class, pipeline = _unet_class(index["unet"]), index.get("_class_name")
+    pipeline = pipeline[-1] if isinstance(pipeline, (list, tuple)) and pipeline else pipeline
+    if unet_class == "UNet2DModel":
+        return "pixel"
+    text = "text_encoder" in index and "text_encoder_2" not in index
+    same_channels = unet_config.get("in_channels") == unet_config.get("out_channels")
+    if unet_class == "UNet2DConditionModel" and text and same_channels:
+        return "text"
+    raise SystemExit(
+        f"error: --model: {model!r} is a {pipeline} (unet: {unet_class}); attnguide sample takes Stable "
+        "Diffusion 1.x / 2.x text-to-image pipelines, UNet2DModel pipelines and UNet2DModel folders "
+        "(guide other pipelines with attnguide.guide in Python)"
+    )
+
+
+def load_pipeline(model: str | os.PathLike[str], device: str):
+    """A guided pipeline for ``model``: the bundled model, a local folder, or a hub id.
+
+    A folder with ``model_index.json`` is loaded as a pipeline (Stable Diffusion pipelines become
+    :class:`StableDiffusionSAGPipeline`; UNet2DModel pipelines :class:`DDPMSAGPipeline`); a folder with a
+    bare ``UNet2DModel`` gets a default DDPM scheduler. SystemExit naming ``--model`` when it is none of
+    these or cannot be loaded.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.utils import is_accelerate_available
+
+    from ..pipelines import DDPMSAGPipeline, StableDiffusionSAGPipeline
+
+    model = os.fspath(model)
+    kind = model_kind(model)
+    # diffusers would warn that it falls back to this without accelerate
+    extra = {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
+    try:
+        if kind == "text":
+            pipe = StableDiffusionSAGPipeline.from_pretrained(
+                model, safety_checker=None, requires_safety_checker=False, **extra
+            )
+        elif kind == "pixel":
+            unet = UNet2DModel.from_pretrained(model, subfolder="unet", **extra)
+            sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+            pipe = DDPMSAGPipeline(unet, sched)
+        else:
+            pipe = DDPMSAGPipeline(UNet2DModel.from_pretrained(model, **extra), DDPMScheduler())
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"error: --model: cannot load {model!r}: {_one_line(err)}") from None
     return pipe.to(device)
 
 
@@ -66,6 +124,7 @@ def sample_arm(
     prompt: str = "",
     record_masks: bool = False,
     on_step: Callable[[int], None] | None = None,
+    check_finite: bool = False,
     **kwargs: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One run of ``arm``: the images (N, H, W, 3 uint8) and, with ``record_masks``, the mean SAG mask of
@@ -73,7 +132,8 @@ def sample_arm(
 
     Pixel pipelines (:class:`DDPMSAGPipeline`) start from latents drawn on the CPU from ``seed`` and take
     ``class_labels``; text pipelines take ``prompt``. ``on_step(i)`` is called after step i (from 1);
-    ``kwargs`` are further pipeline arguments (e.g. ``sag_layers``).
+    ``kwargs`` are further pipeline arguments (e.g. ``sag_layers``). ``check_finite``: FloatingPointError
+    if a sample holds NaN or infinity (which would otherwise show as black pixels).
     """
     from ..pipelines import DDPMSAGPipeline
 
@@ -87,13 +147,20 @@ def sample_arm(
         **arm.pipeline_kwargs(),
         **kwargs,
     )
-    if isinstance(pipe, DDPMSAGPipeline):
-        config = pipe.unet.config
-        shape = (num_images, config.in_channels, *sample_shape(config.sample_size))
-        latents = torch.randn(shape, generator=gen)
-        images = pipe(num_images, class_labels=class_labels, latents=latents, **call).images
-    else:
-        images = pipe([prompt] * num_images, **call).images
+    try:
+        if isinstance(pipe, DDPMSAGPipeline):
+            config = pipe.unet.config
+            shape = (num_images, config.in_channels, *sample_shape(config.sample_size))
+            latents = torch.randn(shape, generator=gen)
+            images = pipe(num_images, class_labels=class_labels, latents=latents, **call).images
+        else:
+            images = pipe([prompt] * num_images, **call).images
+    except ValueError as err:  # the pipelines' own check of their output (engine.checks)
+        if check_finite and "not finite" in str(err):
+            raise FloatingPointError(str(err)) from err
+        raise
+    if check_finite and not np.isfinite(np.asarray(images, dtype=np.float32)).all():
+        raise FloatingPointError("the output is not finite (NaN or inf)")
     masks = None
     guider = pipe.last_guider
     if record_masks and guider is not None and guider.mask_sum is not None:
