@@ -605,13 +605,19 @@ def test_predict_x0_eps_round_trip(prediction_type, abar_value):
     x0 = _randn(2, 4, 8, 8, seed=1)
     eps = _randn(2, 4, 8, 8, seed=2)
     abar = torch.tensor(abar_value)
-    level = _vp(abar)
-    x = renoise(x0, eps, level)
-    torch.testing.assert_close(x, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+    if prediction_type == "flow":  # x = (1 - sigma) x0 + sigma eps, velocity v = eps - x0
+        level = NoiseLevel.flow(abar)
+        x = renoise(x0, eps, level)
+        torch.testing.assert_close(x, (1 - abar) * x0 + abar * eps)
+    else:
+        level = _vp(abar)
+        x = renoise(x0, eps, level)
+        torch.testing.assert_close(x, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
     model_output = {
         "epsilon": eps,
         "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0,
         "sample": x0,
+        "flow": eps - x0,
     }[prediction_type]
     torch.testing.assert_close(predict_x0(x, model_output, level, prediction_type), x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(predict_eps(x, model_output, level, prediction_type), eps, atol=1e-5, rtol=0)
@@ -620,9 +626,9 @@ def test_predict_x0_eps_round_trip(prediction_type, abar_value):
 def test_predict_unknown_type_raises():
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="prediction_type"):
-        predict_x0(x, x, _vp(0.5), "flow")
+        predict_x0(x, x, _vp(0.5), "bogus")
     with pytest.raises(ValueError, match="prediction_type"):
-        predict_eps(x, x, _vp(0.5), "flow")
+        predict_eps(x, x, _vp(0.5), "bogus")
 
 
 def test_layout_split_learned_variance():
@@ -782,7 +788,7 @@ def test_rescale_cfg_equals_diffusers(outs, phi):
 def test_sag_degraded_input(prediction_type):
     x_in = _randn(2, 4, 16, 16, seed=1)
     model_output = _randn(2, 4, 16, 16, seed=2)
-    abar = _vp(0.42)
+    abar = NoiseLevel.flow(0.42) if prediction_type == "flow" else _vp(0.42)  # M = 0 gives x_t in any family
     zeros = torch.zeros(2, 1, 16, 16)
     ones = torch.ones(2, 1, 16, 16)
 
@@ -874,3 +880,22 @@ def test_in_window():
     assert [s for s in range(10) if in_window((0.5, 1.0), s, 10)] == [5, 6, 7, 8, 9]
     assert not any(in_window((0.3, 0.3), s, 10) for s in range(10))
     assert in_window((0.0, 0.5), 0, 1) and not in_window((0.5, 1.0), 0, 1)
+
+
+@torch.no_grad()
+def test_linear_attention_map_equals_the_explicit_matrix():
+    """Sana's ReLU-kernel attention: the O(N d) map equals the column sums of the explicit N x N matrix
+    A_ij = phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j'), averaged over heads and scaled to mean 1."""
+    from attnguide.engine.attention import linear_attention_map
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    x = _randn(3, 12, 16, seed=7)
+    got = linear_attention_map(attn, x)
+    q = torch.relu(attn.to_q(x)).view(3, 12, 2, 8).transpose(1, 2)
+    k = torch.relu(attn.to_k(x)).view(3, 12, 2, 8).transpose(1, 2)
+    a = q @ k.transpose(-1, -2)
+    a = a / (a.sum(-1, keepdim=True) + 1e-15)  # a query whose kernel is all zero attends to nothing
+    want = a.sum(2).mean(1)
+    torch.testing.assert_close(got, want / want.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.mean(1), torch.ones(3), atol=1e-5, rtol=0)

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    SanaLinearAttnProcessor2_0,
+)
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -152,12 +157,19 @@ def default_sag_layer(model: nn.Module) -> str:
     return layers[len(layers) // 2]
 
 
+#: Where diffusers' PAG pipeline of a model family chooses other default layers than the rules below.
+PAG_DEFAULTS_BY_MODEL = {"SanaTransformer2DModel": "transformer_blocks.0"}
+
+
 def default_pag_layers(model: nn.Module) -> list[str]:
     """The PAG layers used when none are named, as diffusers' PAG pipelines choose them: the spatial
     self-attention of the mid block in UNets ("mid"), the first-but-one transformer block in
     transformers ("blocks.1": DiT, PixArt, HunyuanDiT, SD3); else the middle spatial self-attention (a UNet
     without a mid block, as the SD latent upscaler's)."""
     layers = spatial_layers(model)
+    family = PAG_DEFAULTS_BY_MODEL.get(type(model).__name__)
+    if family is not None:
+        return resolve_layers(model, family, argument="pag_applied_layers")
     mid = [name for name in layers if name.startswith("mid_block.")]
     if mid:
         return mid
@@ -289,10 +301,12 @@ class GuidedAttention:
         perturb = self.perturb and st.perturbed_rows > 0
         if not (capture or perturb):
             return self.inner(attn, hidden_states, *args, **kwargs)
-        total = hidden_states.shape[0]
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
+        if isinstance(self.inner, SanaLinearAttnProcessor2_0):
+            return self._linear_attention(attn, st, capture, perturb, grid, hidden_states, args, kwargs)
+        n_img = grid[0] * grid[1] if grid is not None else hidden_states.shape[1]  # the layer's own tokens
         mode = _SDPAIntercept(
-            lambda *a, **kw: self._attention(attn, st, capture, perturb, total, grid, _sdpa_arguments(a, kw))
+            lambda *a, **kw: self._attention(attn, st, capture, perturb, grid, n_img, _sdpa_arguments(a, kw))
         )
         with mode:
             out = self._guided_inner(attn, hidden_states, *args, **kwargs)
@@ -304,29 +318,61 @@ class GuidedAttention:
             )
         return out
 
-    def _attention(self, attn, st: GuidanceState, capture, perturb, total, grid, a: dict) -> Tensor:
+    def _attention(self, attn, st: GuidanceState, capture, perturb, grid, n_img: int, a: dict) -> Tensor:
         """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
-        tensors: identity for the perturbed rows, map capture for the leading rows."""
+        tensors: identity for the perturbed rows, map capture for the leading rows. ``n_img``: the layer's
+        own (image) tokens; a longer sequence is joint attention (SD3: image tokens first, then text)."""
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        b = q.shape[0]
+        b, n = q.shape[0], q.shape[-2]
+        if k.shape[-2] != n or n < n_img:
+            raise ValueError(
+                f"attnguide: layer {self.name!r} is neither a self-attention nor a joint attention over its "
+                f"own {n_img} tokens (queries {n}, keys {k.shape[-2]}); choose a self-attention layer"
+            )
         keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
         mask_keep = _rows(mask, slice(0, keep), b)
-        options = {n: a[n] for n in _SDPA_ARGS[4:] if n in a}
+        options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
         out_keep = None
         if capture and self.name not in st.maps:
             rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else keep
-            out_keep, agg = self._attend_and_map(attn, q[:keep], k[:keep], v[:keep], mask_keep, options, rows)
+            if n == n_img:
+                qkv = (q[:keep], k[:keep], v[:keep])
+                out_keep, agg = self._attend_and_map(attn, *qkv, mask_keep, options, rows)
+            else:  # joint: image queries x image keys, rows renormalised over the image keys
+                if mask is not None:
+                    raise NotImplementedError("SAG maps of joint attention with an attention mask")
+                scale = options.get("scale") or q.shape[-1] ** -0.5
+                agg = aggregated_map_chunked(
+                    q[:rows, :, :n_img], k[:rows, :, :n_img], scale, self.limits.chunk_elements
+                ).to(q.dtype)
             st.maps[self.name] = (agg, grid)
-        elif keep > 0:
+        if out_keep is None and keep > 0:
             out_keep = F.scaled_dot_product_attention(
                 q[:keep], k[:keep], v[:keep], attn_mask=mask_keep, **options
             )
         if keep == b:
             return out_keep
-        if v.shape[-2] != q.shape[-2]:
-            raise ValueError(f"attnguide: PAG needs self-attention; {self.name!r} attends to other tokens")
-        identity = v[keep:]
-        return identity if out_keep is None else torch.cat([out_keep, identity.to(out_keep.dtype)])
+        perturbed = identity_attention(q[keep:], k[keep:], v[keep:], n_img, options)
+        return perturbed if out_keep is None else torch.cat([out_keep, perturbed.to(out_keep.dtype)])
+
+    def _linear_attention(self, attn, st, capture, perturb, grid, x: Tensor, args, kwargs) -> Tensor:
+        """Sana's linear (ReLU-kernel) self-attention, which has no attention call to intercept: the
+        installed processor on the kept rows, V projected for the perturbed rows (diffusers'
+        ``PAGIdentitySanaLinearAttnProcessor2_0``), and the map of :func:`linear_attention_map`."""
+        b = x.shape[0]
+        keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
+        if capture and self.name not in st.maps:
+            rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else keep
+            st.maps[self.name] = (linear_attention_map(attn, x[:rows]).to(x.dtype), grid)
+        parts = []
+        if keep > 0:
+            rows_of = lambda v: _rows(v, slice(0, keep), b)  # noqa: E731
+            parts.append(
+                self.inner(attn, x[:keep], *map(rows_of, args), **{k: rows_of(v) for k, v in kwargs.items()})
+            )
+        if keep < b:
+            parts.append(attn.to_out[1](attn.to_out[0](attn.to_v(x[keep:]).to(x.dtype))))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _attend_and_map(self, attn, q, k, v, mask, options: dict, rows: int) -> tuple[Tensor, Tensor]:
         """The attention output of all rows and the aggregated map (B, N) of the first ``rows``."""
@@ -350,6 +396,38 @@ class GuidedAttention:
         agg = aggregated_map_chunked(q[:rows], k[:rows], scale, self.limits.chunk_elements).to(q.dtype)
         options = {key: val for key, val in options.items() if key != "scale"}
         return F.scaled_dot_product_attention(q, k, v, scale=scale, **options), agg
+
+
+def linear_attention_map(attn: Attention, tokens: Tensor, eps: float = 1e-15) -> Tensor:
+    """SAG's aggregated map (B, N) of a ReLU-kernel linear attention layer (Sana), in O(N d).
+
+    The layer's implicit attention matrix is A_ij = phi(q_i) . phi(k_j) / Z_i with phi = ReLU and
+    Z_i = phi(q_i) . sum_j phi(k_j) (+ eps, as diffusers), so each row sums to 1 and the mass key j
+    receives is sum_i A_ij = phi(k_j) . sum_i phi(q_i) / Z_i: no N x N matrix. Mean over heads, then
+    scaled to mean 1 per image (a query whose kernel is all zero attends to nothing), so that the
+    threshold psi = 1.0 is the mean, as for softmax maps."""
+    b, n, _ = tokens.shape
+    q = F.relu(attn.to_q(tokens).float()).view(b, n, attn.heads, -1).transpose(1, 2)  # (B, H, N, d)
+    k = F.relu(attn.to_k(tokens).float()).view(b, n, attn.heads, -1).transpose(1, 2)
+    z = (q * k.sum(dim=2, keepdim=True)).sum(-1, keepdim=True) + eps  # (B, H, N, 1)
+    weights = (q / z).sum(dim=2, keepdim=True)  # (B, H, 1, d)
+    agg = (k * weights).sum(-1).mean(dim=1)
+    return agg / agg.mean(dim=1, keepdim=True).clamp_min(eps)
+
+
+def identity_attention(q: Tensor, k: Tensor, v: Tensor, n_img: int, options: dict | None = None) -> Tensor:
+    """PAG's perturbed attention on (B, heads, N, d) tensors: the identity matrix, i.e. V, for
+    self-attention; in joint attention (the first ``n_img`` of N tokens are the image's), diffusers' rule
+    for SD3 (``PAGJointAttnProcessor2_0``): among the image keys each image query attends only to itself,
+    the context keys stay visible to it, and the context queries attend as usual."""
+    n = q.shape[-2]
+    if n == n_img:
+        return v
+    mask = torch.zeros((n, n), device=q.device, dtype=q.dtype)
+    mask[:n_img, :n_img] = -torch.inf
+    mask[:n_img, :n_img].fill_diagonal_(0)
+    options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], **options)
 
 
 def _scores(attn: Attention, query: Tensor, key: Tensor, mask: Tensor | None, scale: float) -> Tensor:

@@ -34,25 +34,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .checks import check_layers, check_number, check_scale, check_window
 from .degrade import MASK_KINDS, Blur, gaussian_blur_2d
 from .parameterization import NoiseLevel, predict_eps, predict_x0, renoise
-
-
-def check_scale(name: str, value: float, *, minimum: float = 0.0) -> float:
-    """Validate a scale: a finite real number >= ``minimum``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def _check_window(name: str, start: float, stop: float) -> None:
-    for which, v in (("start", start), ("stop", stop)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"`{name}` {which} must be a fraction in [0, 1], got {v!r}")
-    if start > stop:
-        raise ValueError(f"`{name}` start ({start}) must not exceed stop ({stop})")
 
 
 @dataclass(frozen=True)
@@ -62,7 +46,7 @@ class SAG:
 
     scale: s of Eq. 16 (diffusers convention; 0 disables). layers: self-attention layer path(s) or
     pattern(s) whose map gives the mask (None: the model's default, the mid block's first
-    self-attention). threshold: psi of Eq. 14 (1.0 = the mean of the map). blur_kernel_size,
+    self-attention). threshold: psi of Eq. 14, > 0 (1.0 = the mean of the map). blur_kernel_size,
     blur_sigma: the Gaussian blur (diffusers: 9 and 1.0). mask: "attention" (SAG), "global" (blur
     guidance), or the Table 5 ablations "random", "square", "highfreq" that mask ``mask_fraction`` of
     the pixels. window: (start, stop) fractions of the sampling steps where the term is applied; outside
@@ -82,22 +66,22 @@ class SAG:
 
     def __post_init__(self) -> None:
         check_scale("sag_scale", self.scale, minimum=-math.inf)
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
-            raise ValueError(f"`sag_threshold` must be a finite number, got {self.threshold!r}")
+        check_layers("sag_layers", self.layers)
+        check_number(
+            "sag_threshold",
+            self.threshold,
+            minimum=0.0,
+            open_minimum=True,
+            note=" (psi of Eq. 14, compared with an attention map whose mean is 1)",
+        )
         k = self.blur_kernel_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"`sag_blur_kernel_size` must be an odd positive integer, got {k!r}")
-        if (
-            not isinstance(self.blur_sigma, (int, float))
-            or not math.isfinite(self.blur_sigma)
-            or self.blur_sigma <= 0
-        ):
-            raise ValueError(f"`sag_blur_sigma` must be a finite number > 0, got {self.blur_sigma!r}")
-        if self.mask not in MASK_KINDS:
+        check_number("sag_blur_sigma", self.blur_sigma, minimum=0.0, open_minimum=True)
+        if not isinstance(self.mask, str) or self.mask not in MASK_KINDS:
             raise ValueError(f"`sag_mask` must be one of {MASK_KINDS}, got {self.mask!r}")
-        if not 0.0 < self.mask_fraction <= 1.0:
-            raise ValueError(f"`sag_mask_fraction` must be in (0, 1], got {self.mask_fraction!r}")
-        _check_window("sag_window", *self.window)
+        check_number("sag_mask_fraction", self.mask_fraction, minimum=0.0, maximum=1.0, open_minimum=True)
+        object.__setattr__(self, "window", check_window("sag_window", self.window))
         if self.blur is not None and not callable(self.blur):
             raise ValueError(f"`sag_blur` must be a function of a (B, C, H, W) tensor, got {self.blur!r}")
 
@@ -124,7 +108,8 @@ class PAG:
     def __post_init__(self) -> None:
         check_scale("pag_scale", self.scale, minimum=-math.inf)
         check_scale("pag_adaptive_scale", self.adaptive_scale)
-        _check_window("pag_window", *self.window)
+        check_layers("pag_applied_layers", self.layers)
+        object.__setattr__(self, "window", check_window("pag_window", self.window))
 
     def scale_at(self, t: Tensor | float) -> float:
         """s_t, diffusers' adaptive PAG scale."""

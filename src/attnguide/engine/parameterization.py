@@ -6,14 +6,19 @@ diffusers scheduler, and the conversions of a model output to x0 / eps and back.
 * sigma schedules (Euler, Heun, LMS, Karras sigmas: samples x = x0 + sigma eps): the model sees
   ``scale_model_input(x) = x / sqrt(1 + sigma^2)``, which is variance preserving with
   abar = 1 / (1 + sigma^2), sigma the scheduler's at the current step;
-* flow matching (x = (1 - sigma) x0 + sigma eps, velocity v = eps - x0) is a = 1 - sigma, b = sigma: the
-  seam for it is :class:`NoiseLevel` and ``prediction_type="flow"`` (not enabled yet: the guided step
-  refuses flow-matching schedulers).
+* flow matching (SD3, Flux, Sana: x = (1 - sigma) x0 + sigma eps, the model predicts the velocity
+  v = eps - x0): a = 1 - sigma, b = sigma, sigma the scheduler's at the current step (shifted and
+  dynamically shifted schedules included: they are in ``scheduler.sigmas``); ``prediction_type="flow"``.
 
 Output conversions, with a, b of the step:
     epsilon:       x0 = (x - b eps) / a                       eps = eps
     v_prediction:  x0 = a x - b v                              eps = b x + a v      (a^2 + b^2 = 1)
     sample:        x0 = x0                                     eps = (x - a x0) / b
+    flow:          x0 = x - b v                                eps = x + a v        (a + b = 1)
+
+Derivation of the flow row: with x = a x0 + b eps and v = eps - x0, x - b v = a x0 + b x0 = x0 and
+x + a v = a eps + b eps = eps, since a + b = 1. SAG's re-noising x~ = a x0~ + b eps then keeps the
+step's sigma and the model's own eps, as in the variance preserving case.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 _SIGMA_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 
@@ -42,10 +47,37 @@ class NoiseLevel:
         alpha_bar = torch.as_tensor(alpha_bar)
         return cls(alpha_bar**0.5, (1 - alpha_bar) ** 0.5, alpha_bar)
 
+    @classmethod
+    def flow(cls, sigma: Tensor | float) -> NoiseLevel:
+        """a = 1 - sigma, b = sigma (rectified flow / flow matching)."""
+        sigma = torch.as_tensor(sigma)
+        return cls(1 - sigma, sigma)
+
     def on(self, x: Tensor, *, cast: bool = False) -> tuple[Tensor, Tensor]:
         """(a, b) on ``x``'s device (and in its dtype with ``cast``)."""
         opts = {"device": x.device, "dtype": x.dtype} if cast else {"device": x.device}
         return self.a.to(**opts), self.b.to(**opts)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` samples a flow-matching model (FlowMatch* schedulers, ``use_flow_sigmas``)."""
+    flow_sigmas = bool(getattr(scheduler.config, "use_flow_sigmas", False))
+    return "FlowMatch" in type(scheduler).__name__ or flow_sigmas
+
+
+def current_sigma(scheduler, t: Tensor) -> Tensor:
+    """The scheduler's sigma at the current step: its ``step_index``, else (before the run's first
+    ``step``) its ``begin_index`` or the index of ``t`` in its timesteps, else the first sigma (a pipeline
+    that hands the model rescaled timesteps, as Sana's ``timestep_scale``)."""
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    if index is None:
+        try:
+            index = scheduler.index_for_timestep(t)
+        except (IndexError, RuntimeError):
+            index = 0
+    return scheduler.sigmas[index].to(torch.float32)
 
 
 def uses_sigma_schedule(scheduler, timesteps: Tensor) -> bool:
@@ -69,11 +101,7 @@ def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | 
     waiting on the device (``int(t)`` of a CUDA tensor would).
     """
     if sigma_schedule:
-        index = getattr(scheduler, "step_index", None)
-        if index is None:
-            index = scheduler.index_for_timestep(t)
-        sigma = scheduler.sigmas[index].to(torch.float32)
-        return 1.0 / (1.0 + sigma**2)
+        return 1.0 / (1.0 + current_sigma(scheduler, t) ** 2)
     if table is not None and isinstance(t, Tensor) and t.device == table.device:
         return table[t.long()]
     return scheduler.alphas_cumprod[int(t)]
@@ -81,6 +109,8 @@ def alpha_bar_at(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | 
 
 def noise_level(scheduler, t: Tensor, *, sigma_schedule: bool, table: Tensor | None = None) -> NoiseLevel:
     """The :class:`NoiseLevel` of the current step in the model's input space (see the module text)."""
+    if is_flow_matching(scheduler):
+        return NoiseLevel.flow(current_sigma(scheduler, t))
     abar = alpha_bar_at(scheduler, t, sigma_schedule=sigma_schedule, table=table)
     return NoiseLevel.variance_preserving(abar)
 
@@ -98,6 +128,8 @@ def predict_x0(x_in: Tensor, model_output: Tensor, level: NoiseLevel, prediction
         return (x_in - b * model_output) / a
     if prediction_type == "sample":
         return model_output
+    if prediction_type == "flow":
+        return x_in - b * model_output
     return a * x_in - b * model_output
 
 
@@ -109,6 +141,8 @@ def predict_eps(x_in: Tensor, model_output: Tensor, level: NoiseLevel, predictio
         return model_output
     if prediction_type == "sample":
         return (x_in - a * model_output) / b
+    if prediction_type == "flow":
+        return x_in + a * model_output
     return b * x_in + a * model_output
 
 

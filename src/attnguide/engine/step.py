@@ -28,6 +28,7 @@ from .attention import (
     model_lock,
     resolve_layers,
 )
+from .checks import check_eta, check_finite_output, check_latents, check_scale
 from .cuda_graphs import CudaGraphPasses, ModelFn, graph_safe
 from .degrade import (
     attention_mask,
@@ -42,11 +43,30 @@ from .layout import LatentLayout, as_images, from_images
 from .parameterization import (
     PREDICTION_TYPES,
     NoiseLevel,
+    is_flow_matching,
     noise_level,
     output_for_scheduler,
     predict_x0,
     scheduler_takes_variance,
     uses_sigma_schedule,
+)
+
+#: Denoisers that diffusers trains by flow matching (they predict a velocity).
+FLOW_MODELS = frozenset(
+    {"SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "SanaTransformer2DModelV2"}
+)
+
+
+#: diffusers' denoiser classes whose checkpoints are diffusion models (eps / v / x0 predictions).
+DIFFUSION_MODELS = frozenset(
+    {
+        "UNet2DConditionModel",
+        "UNet2DModel",
+        "UNetMotionModel",
+        "DiTTransformer2DModel",
+        "PixArtTransformer2DModel",
+        "HunyuanDiT2DModel",
+    }
 )
 
 
@@ -101,20 +121,41 @@ class Guider:
         layout: LatentLayout | None = None,
         owner: int | None = None,
     ):
+        _check_guider_arguments(model, scheduler, sag, pag, generator, map_limits, record_masks, cuda_graphs)
         self.model = model
         self.scheduler = scheduler
+        if guidance_scale is not None:
+            guidance_scale = check_scale("guidance_scale", guidance_scale)
         self.guidance_scale = guidance_scale
         self.sag = sag if (sag is not None and sag.scale != 0) else None
         self.pag = pag if (pag is not None and pag.scale != 0) else None
-        self.guidance_rescale = guidance_rescale
-        if "FlowMatch" in type(scheduler).__name__ or getattr(scheduler.config, "use_flow_sigmas", False):
-            raise ValueError(
-                f"`scheduler`: {type(scheduler).__name__} is a flow-matching scheduler; attnguide guides "
-                "eps / v / x0-predicting diffusion models"
-            )
-        ptype = prediction_type or getattr(scheduler.config, "prediction_type", "epsilon")
+        self.guidance_rescale = check_scale("guidance_rescale", guidance_rescale)
+        flow = is_flow_matching(scheduler)
+        default = "flow" if flow else getattr(scheduler.config, "prediction_type", "epsilon")
+        ptype = prediction_type or default
         if ptype not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {ptype!r}")
+        family = type(getattr(model, "_orig_mod", model)).__name__
+        if family in FLOW_MODELS and not flow:
+            raise ValueError(
+                f"`scheduler`: {family} is a flow-matching model; {type(scheduler).__name__} is not a "
+                "flow-matching scheduler (use FlowMatchEulerDiscreteScheduler or the pipeline's own)"
+            )
+        if family in DIFFUSION_MODELS and flow:
+            raise ValueError(
+                f"`scheduler`: {type(scheduler).__name__} is a flow-matching scheduler; {family} is a "
+                "diffusion (eps / v / x0) model: use the scheduler it was trained with"
+            )
+        if flow != (ptype == "flow"):
+            raise ValueError(
+                f"`scheduler`: {type(scheduler).__name__} "
+                + (
+                    "is a flow-matching scheduler, which needs a velocity (prediction_type 'flow')"
+                    if flow
+                    else "is not a flow-matching scheduler, so prediction_type 'flow' does not fit it"
+                )
+                + f"; got prediction_type {ptype!r}"
+            )
         self.prediction_type = ptype
         self.record_masks = record_masks
         self.map_limits = map_limits
@@ -146,6 +187,20 @@ class Guider:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale is not None
+
+    def scales(self) -> dict[str, float | None]:
+        """The scales of this run by their pipeline names (what a non-finite output is blamed on)."""
+        return {
+            "guidance_scale": self.guidance_scale,
+            "sag_scale": self.sag.scale if self.sag is not None else None,
+            "pag_scale": self.pag.scale if self.pag is not None else None,
+            "guidance_rescale": self.guidance_rescale if self.do_cfg else None,
+        }
+
+    def check_output(self, output: Tensor) -> Tensor:
+        """``output`` (a run's final sample) if it is finite (one host sync), else ValueError naming the
+        scale that likely made it overflow."""
+        return check_finite_output(output, self.scales())
 
     def guides_this_thread(self) -> bool:
         """Whether calls from the current thread are guided (see ``owner``). Inside a ``torch.compile``d
@@ -278,7 +333,8 @@ class Guider:
 
         With a learned variance, the variance channels of the conditional pass are kept.
         """
-        x_in = self.scheduler.scale_model_input(sample, t)
+        scale = getattr(self.scheduler, "scale_model_input", None)  # flow-matching schedulers have none
+        x_in = scale(sample, t) if scale is not None else sample
         r = self.passes(model_fn, x_in, t, step=step, num_steps=num_steps)
         guided = combine(
             r.out_cond,
@@ -342,6 +398,32 @@ class Guider:
         return mask
 
 
+def _check_guider_arguments(
+    model, scheduler, sag, pag, generator, map_limits, record_masks, cuda_graphs
+) -> None:
+    """TypeError for the objects a :class:`Guider` takes that are not of their kind."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module (a UNet or transformer), got {model!r}")
+    needed = ("config", "set_timesteps", "step")  # flow-matching schedulers have no scale_model_input
+    missing = [a for a in needed if not hasattr(scheduler, a)]
+    if missing:
+        raise TypeError(
+            f"`scheduler` must be a diffusers scheduler (config, set_timesteps, step), "
+            f"got {type(scheduler).__name__} without {', '.join(missing)}"
+        )
+    if sag is not None and not isinstance(sag, SAG):
+        raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {sag!r}")
+    if pag is not None and not isinstance(pag, PAG):
+        raise TypeError(f"`pag` must be an attnguide.PAG (or None), got {pag!r}")
+    for name, flag in (("record_masks", record_masks), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator (or None), got {generator!r}")
+    if not isinstance(map_limits, MapLimits):
+        raise TypeError(f"`map_limits` must be an attnguide.engine.attention.MapLimits, got {map_limits!r}")
+
+
 def config_layout(model: nn.Module, scheduler) -> LatentLayout | None:
     """The :class:`LatentLayout` that ``model``'s config gives (``in_channels``, ``out_channels``), or
     None for a model without one (then the first pass's shapes give it). ValueError where the channels
@@ -350,7 +432,7 @@ def config_layout(model: nn.Module, scheduler) -> LatentLayout | None:
     in_ch = getattr(config, "in_channels", None)
     if not isinstance(in_ch, int):
         return None
-    out_ch = getattr(model, "out_channels", None)
+    out_ch = model.__dict__.get("out_channels")  # transformers set it (learned sigma); UNets: the config
     if not isinstance(out_ch, int):
         out_ch = getattr(config, "out_channels", None)
     out_ch = out_ch if isinstance(out_ch, int) else in_ch
@@ -359,6 +441,7 @@ def config_layout(model: nn.Module, scheduler) -> LatentLayout | None:
 
 def scheduler_step_kwargs(scheduler, generator: torch.Generator | list | None, eta: float) -> dict:
     """The ``generator`` and ``eta`` keywords that this scheduler's ``step`` accepts."""
+    check_eta(eta)
     params = set(inspect.signature(scheduler.step).parameters)
     out: dict = {}
     if "generator" in params:
@@ -376,13 +459,27 @@ def sample_loop(
     extra_step_kwargs: dict | None = None,
     progress: Callable | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    check_output: bool = True,
 ) -> Tensor:
     """Denoise ``latents`` over ``guider.scheduler.timesteps`` (set them first) with guidance at every step.
 
     The loop of every non-SD pipeline and of bare denoiser + scheduler use: guided output, then
     ``scheduler.step``. ``progress`` wraps the timestep iterable (a tqdm-like callable);
-    ``callback(i, t, latents)`` runs after each step.
+    ``callback(i, t, latents)`` runs after each step. ``latents`` must be a finite floating-point tensor;
+    with ``check_output`` the result is checked once at the end (:meth:`Guider.check_output`: a
+    ValueError naming the likely scale instead of NaN samples).
     """
+    if not isinstance(guider, Guider):
+        raise TypeError(f"`guider` must be an attnguide.Guider, got {type(guider).__name__}")
+    if not callable(model_fn):
+        raise TypeError(f"`model_fn` must be a function model_fn(x, t, branches), got {model_fn!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable or None, got {callback!r}")
+    check_latents("latents", latents)
+    if latents.ndim not in (4, 5):
+        raise ValueError(
+            f"`latents` must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(latents.shape)}"
+        )
     scheduler = guider.scheduler
     timesteps = scheduler.timesteps
     steps = progress(timesteps) if progress is not None else timesteps
@@ -394,4 +491,4 @@ def sample_loop(
             latents = scheduler.step(out, t, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
             if callback is not None:
                 callback(i, t, latents)
-    return latents
+    return guider.check_output(latents) if check_output else latents

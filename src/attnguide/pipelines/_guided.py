@@ -10,12 +10,23 @@ from typing import Any
 import torch
 from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
-from torch import nn
+from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
+from ..engine.checks import (
+    all_true,
+    check_eta,
+    check_finite_output,
+    check_generators,
+    check_latents,
+    check_scale,
+    check_steps,
+    finite_flag,
+    non_finite_output_error,
+)
 from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from .guide import guide
-from .options import GuidanceOptions, reject_unknown
+from .options import GuidanceOptions, check_call_arguments, check_output_type, reject_unknown
 
 
 def call_arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +64,13 @@ class GuidedPipelineMixin:
     last_guider: Guider | None = None
 
     def check_call(self, call: dict[str, Any]) -> None:
-        """Checks of the call's arguments that must fail before any model runs (per pipeline)."""
+        """Checks of the call's arguments that must fail before any model runs: the ones diffusers'
+        pipelines share (:func:`check_call_arguments`); pipelines add their own."""
+        check_call_arguments(self, call, self.latents_shape(call))
+
+    def latents_shape(self, call: dict[str, Any]) -> tuple[int, ...] | None:
+        """The shape the call's ``latents`` must have, where the pipeline knows it (else None)."""
+        return None
 
     # diffusers 0.42 dropped these pipeline switches; the SAG pipeline documents them, so they stay here.
     def enable_vae_slicing(self) -> None:
@@ -82,22 +99,76 @@ class GuidedPipelineMixin:
         if call.get("callback") is None:  # diffusers' legacy callback: only passed when given
             call.pop("callback", None)
             call.pop("callback_steps", None)
-        sag, pag = options.sag(), options.pag()
+        sag, pag = options.check()
         self.check_call(call)
-        with guide(
-            self,
-            sag=sag,
-            pag=pag,
-            record_masks=options.record_masks,
-            cuda_graphs=self.cuda_graphs,
-            map_limits=self.map_limits,
-            calling_thread_only=True,
-        ) as guider:
+        cfg = call.get("guidance_scale", 0.0) > 1.0
+        scales = {
+            "guidance_scale": call["guidance_scale"] if cfg else None,
+            **options.scales(),
+            "guidance_rescale": call.get("guidance_rescale") if cfg else None,
+        }
+        watch = DecodedOutputCheck(getattr(self, "vae", None))
+        with (
+            guide(
+                self,
+                sag=sag,
+                pag=pag,
+                record_masks=options.record_masks,
+                cuda_graphs=self.cuda_graphs,
+                map_limits=self.map_limits,
+                calling_thread_only=True,
+            ) as guider,
+            watch,
+        ):
             self.last_guider = guider
-            return parent(**call)
+            out = parent(**call)
+        watch.check(out, scales)
+        return out
 
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+class DecodedOutputCheck:
+    """Checks that a pipeline call's output is finite, once, at the end: the images its VAE decoder
+    made in this thread (a forward hook for the call, whatever the output type) or, where nothing was
+    decoded (``output_type="latent"``), the returned latents. A non-finite output raises the ValueError of
+    :func:`attnguide.engine.checks.non_finite_output_error`, naming the scale that likely caused it."""
+
+    def __init__(self, vae: Any):
+        decoder = getattr(vae, "decoder", None)
+        self.decoder = decoder if isinstance(decoder, nn.Module) else None
+        self.owner = threading.get_ident()
+        self.flags: list[Tensor] = []
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() == self.owner and isinstance(output, Tensor):
+            self.flags.append(finite_flag(output))
+
+    def __enter__(self) -> DecodedOutputCheck:
+        if self.decoder is not None:
+            self._handle = self.decoder.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def check(self, out: Any, scales: dict[str, float | None]) -> None:
+        """ValueError where the watched output (or ``out``'s first entry, a tensor) is not finite."""
+        flags = list(self.flags)
+        if not flags:
+            try:
+                first = out[0]
+            except (TypeError, IndexError, KeyError):
+                first = None
+            if isinstance(first, Tensor) and first.is_floating_point():
+                flags.append(finite_flag(first))
+        if not all_true(flags):
+            raise non_finite_output_error(scales)
+
+
+#: The output types of the pipelines with their own loop (pixel images; no "latent").
+IMAGE_OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 class OwnLoopMixin:
@@ -105,6 +176,30 @@ class OwnLoopMixin:
     any scheduler and null label): the engine's :func:`attnguide.sample_loop` and the output step."""
 
     last_guider: Guider | None = None
+
+    def check_loop_arguments(
+        self,
+        denoiser: nn.Module,
+        *,
+        shape: tuple[int, ...],
+        latents: Any,
+        generator: Any,
+        num_inference_steps: Any,
+        eta: Any,
+        guidance_scale: Any,
+        output_type: Any,
+        callback: Any = None,
+    ) -> None:
+        """The checks that these pipelines share, before any model runs: ValueError / TypeError naming
+        the argument. ``shape``: the noise shape this call asks for (``latents`` must have it)."""
+        if callback is not None and not callable(callback):
+            raise TypeError(f"`callback` must be callable or None, got {callback!r}")
+        check_steps(self.scheduler, num_inference_steps)
+        check_eta(eta)
+        check_scale("guidance_scale", guidance_scale)
+        check_output_type(output_type, IMAGE_OUTPUT_TYPES)
+        check_generators(generator, shape[0])
+        check_latents("latents", latents, shape=shape, dtype=denoiser.dtype)
 
     def sample_guided(
         self,
@@ -121,13 +216,15 @@ class OwnLoopMixin:
         callback=None,
     ) -> torch.Tensor:
         """Denoise from ``latents`` (or fresh noise of ``shape``) with CFG weight ``guidance_scale``
-        (None: no CFG) and the terms of ``options``; the Guider stays in ``self.last_guider``."""
+        (None: no CFG) and the terms of ``options``; the Guider stays in ``self.last_guider``. The
+        result is checked for finiteness by :meth:`image_output`."""
+        sag, pag = options.check()
         guider = Guider(
             denoiser,
             self.scheduler,
             guidance_scale=guidance_scale,
-            sag=options.sag(),
-            pag=options.pag(),
+            sag=sag,
+            pag=pag,
             record_masks=options.record_masks,
             owner=threading.get_ident(),
         )
@@ -135,8 +232,8 @@ class OwnLoopMixin:
         device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            check_latents("latents", latents, shape=shape, dtype=denoiser.dtype, finite=False)
         latents = latents.to(device) * self.scheduler.init_noise_sigma
         with model_lock(denoiser):  # the scheduler's state is this run's until the loop ends
             self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -147,10 +244,13 @@ class OwnLoopMixin:
                 extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
                 progress=self.progress_bar,
                 callback=callback,
+                check_output=False,
             )
 
     def image_output(self, images: torch.Tensor, output_type: str, return_dict: bool):
-        """Images in [-1, 1] as diffusers returns them: [0, 1] tensors, numpy arrays or PIL images."""
+        """Images in [-1, 1] as diffusers returns them: [0, 1] tensors, numpy arrays or PIL images.
+        ValueError naming the likely scale where they are not finite (one host sync)."""
+        check_finite_output(images, self.last_guider.scales() if self.last_guider is not None else {})
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -12,9 +12,15 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..engine.guidance import check_scale
-from ._guided import OUTPUT_TYPES, OwnLoopMixin
-from .options import GuidanceOptions, divisible_size, positive_int, reject_unknown, with_guidance_options
+from ..engine.checks import positive_int
+from ._guided import OwnLoopMixin, call_arguments
+from .options import (
+    GuidanceOptions,
+    check_class_labels,
+    image_size,
+    reject_unknown,
+    with_guidance_options,
+)
 
 
 class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
@@ -38,7 +44,10 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         """Number of class embeddings of the UNet (None for an unconditional model)."""
         return getattr(self.unet.config, "num_class_embeds", None)
 
-    def _labels(self, class_labels, batch_size: int, null_label: int | None, device) -> torch.Tensor | None:
+    def _labels(
+        self, class_labels: Any, batch_size: int, null_label: int | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """The conditional branch's labels (checked), one per image; None for an unconditional UNet."""
         n = self.num_classes
         if n is None:
             if class_labels is not None:
@@ -48,18 +57,50 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
             if null_label is None:
                 raise ValueError("`class_labels` is required: this class-conditional UNet has no null label")
             class_labels = [null_label]
-        if isinstance(class_labels, int):
-            class_labels = [class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
-        if labels.numel() == 1:
-            labels = labels.repeat(batch_size)
-        if labels.numel() != batch_size:
+        labels = check_class_labels("class_labels", class_labels, n)
+        if len(labels) == 1:
+            labels = labels * batch_size
+        if len(labels) != batch_size:
             raise ValueError(
-                f"`class_labels` must hold 1 or batch_size={batch_size} labels, got {labels.numel()}"
+                f"`class_labels` must hold 1 or batch_size={batch_size} labels, got {len(labels)}"
             )
-        if labels.min() < 0 or labels.max() >= n:
-            raise ValueError(f"`class_labels` must lie in [0, {n - 1}], got {labels.tolist()}")
-        return labels.to(device)
+        return torch.tensor(labels, dtype=torch.long, device=device)
+
+    def _null_label(self, null_class_label: Any) -> int | None:
+        """The unconditional label (checked): ``null_class_label``, else the last class embedding."""
+        n = self.num_classes
+        if null_class_label is None:
+            return n - 1 if n else None
+        if n is None:
+            raise ValueError("`null_class_label` given, but this UNet is unconditional (no num_class_embeds)")
+        label = null_class_label
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n:
+            raise ValueError(
+                f"`null_class_label` must be an integer in [0, {n - 1}] (a class embedding of this UNet), "
+                f"got {null_class_label!r}"
+            )
+        return null_class_label
+
+    def check_call(self, call: dict[str, Any]) -> tuple[torch.Tensor | None, int | None, tuple[int, ...]]:
+        """Every check that can fail, before any model runs (ValueError / TypeError naming the argument);
+        returns the labels, the null label and the noise shape."""
+        batch_size = positive_int("batch_size", call["batch_size"])
+        size = self.unet.config.sample_size
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        height, width = image_size(call, size if isinstance(size, int) else tuple(size), factor)
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        self.check_loop_arguments(
+            self.unet,
+            shape=shape,
+            **{k: call[k] for k in ("latents", "generator", "num_inference_steps", "eta", "guidance_scale")},
+            output_type=call["output_type"],
+            callback=call["callback"],
+        )
+        null_label = self._null_label(call["null_class_label"])
+        labels = self._labels(call["class_labels"], batch_size, null_label, self._execution_device)
+        if call["guidance_scale"] > 1.0 and self.num_classes is None:
+            raise ValueError("`guidance_scale` > 1 needs a class-conditional UNet (num_class_embeds)")
+        return labels, null_label, shape
 
     @torch.no_grad()
     @with_guidance_options()
@@ -87,29 +128,12 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         ``sag_*`` options are those of :class:`attnguide.SAG`; ``sag_mask="global"`` is blur guidance.
         ``pag_scale`` > 0 adds PAG in ``pag_applied_layers``. Returns images in [0, 1].
         """
-        batch_size = positive_int("batch_size", batch_size)
-        num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_scale("guidance_scale", guidance_scale)
+        call = call_arguments(locals())
         options = GuidanceOptions.take(guidance)
         reject_unknown(guidance, (), "DDPMSAGPipeline.__call__")
-        options.sag(), options.pag()  # bad options fail here, before any model runs
-        size = self.unet.config.sample_size
-        default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
-        height, width = height or default_h, width or default_w
-        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        divisible_size("height", height, factor)
-        divisible_size("width", width, factor)
-        device = self._execution_device
-        n = self.num_classes
-        null_label = null_class_label if null_class_label is not None else (n - 1 if n else None)
-        labels = self._labels(class_labels, batch_size, null_label, device)
+        options.check()  # bad options fail here, before any model runs
+        labels, null_label, shape = self.check_call(call)
         do_cfg = guidance_scale > 1.0 and labels is not None and class_labels is not None
-        if guidance_scale > 1.0 and not do_cfg and n is None:
-            raise ValueError("`guidance_scale` > 1 needs a class-conditional UNet (num_class_embeds)")
-        shape = (batch_size, self.unet.config.in_channels, height, width)
-
         branch_labels = None
         if labels is not None:
             null = torch.full_like(labels, null_label) if null_label is not None else None

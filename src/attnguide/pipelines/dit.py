@@ -18,9 +18,8 @@ from diffusers import (
 )
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
-from ..engine.guidance import check_scale
-from ._guided import OUTPUT_TYPES, OwnLoopMixin
-from .options import GuidanceOptions, positive_int, reject_unknown, with_guidance_options
+from ._guided import OwnLoopMixin, call_arguments
+from .options import GuidanceOptions, check_class_labels, reject_unknown, with_guidance_options
 
 #: diffusers' PAG default for DiTs: block 1 ("mid" matches no layer of a transformer).
 _GUIDANCE_DEFAULTS = {"pag_applied_layers": "blocks.1"}
@@ -54,6 +53,22 @@ class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
 
     get_label_ids = DiTPipeline.get_label_ids
 
+    def check_call(self, call: dict[str, Any]) -> tuple[list[int], tuple[int, ...]]:
+        """Every check that can fail, before any model runs (ValueError / TypeError naming the argument);
+        returns the labels and the noise shape."""
+        labels = check_class_labels(
+            "class_labels", call["class_labels"], self.transformer.config.num_embeds_ada_norm
+        )
+        config = self.transformer.config
+        shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
+        self.check_loop_arguments(
+            self.transformer,
+            shape=shape,
+            **{k: call[k] for k in ("latents", "generator", "num_inference_steps", "eta", "guidance_scale")},
+            output_type=call["output_type"],
+        )
+        return labels, shape
+
     @torch.no_grad()
     @with_guidance_options(**_GUIDANCE_DEFAULTS)
     def __call__(
@@ -70,23 +85,13 @@ class DiTSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         **guidance: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate one image per class label. ``guidance_scale`` > 1 enables CFG (as ``DiTPipeline``)."""
-        labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
-        if not labels:
-            raise ValueError("`class_labels` must hold at least one label")
-        null = self.transformer.config.num_embeds_ada_norm
-        bad = [c for c in labels if not isinstance(c, int) or not 0 <= c < null]
-        if bad:
-            raise ValueError(f"`class_labels` must be integers in [0, {null - 1}], got {bad}")
-        num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
-        check_scale("guidance_scale", guidance_scale)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        call = call_arguments(locals())
         options = GuidanceOptions.take(guidance, **_GUIDANCE_DEFAULTS)
         reject_unknown(guidance, (), "DiTSAGPipeline.__call__")
-        options.sag(), options.pag()  # bad options fail here, before any model runs
+        options.check()  # bad options fail here, before any model runs
+        labels, shape = self.check_call(call)
         batch = len(labels)
-        size = self.transformer.config.sample_size
-        shape = (batch, self.transformer.config.in_channels, size, size)
+        null = self.transformer.config.num_embeds_ada_norm
         device = self._execution_device
         ids = {
             "cond": torch.tensor(labels, device=device),

@@ -187,6 +187,7 @@ class GuidedForward:
     ):
         inner = getattr(module, "_orig_mod", module)  # a torch.compile wrapper's forward is (*args, **kw)
         params = list(inspect.signature(inner.forward).parameters)
+        self.sample_arg = params[0]  # "sample" (UNets), "hidden_states" (transformers)
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
@@ -195,9 +196,10 @@ class GuidedForward:
         )
         self._position = _Position()
 
-    def __call__(self, sample: Tensor, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         if not self.guider.guides_this_thread():  # unguided, once no guided step is running
-            return self._unguided(sample, *args, **kwargs)
+            return self._unguided(*args, **kwargs)
+        sample, args = (args[0], args[1:]) if args else (kwargs.pop(self.sample_arg), ())
         if args:  # diffusers denoisers take (sample, timestep, ...); keep the timestep as a keyword
             kwargs[self.timestep_arg] = args[0]
             args = args[1:]
@@ -335,9 +337,9 @@ def cfg_layout_knowable(pipe: Any, module: nn.Module) -> bool:
 def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
     """TypeError for terms of the wrong type, ValueError for SAG where the family cannot run it."""
     if sag is not None and not isinstance(sag, SAG):
-        raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {type(sag).__name__}")
+        raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {sag!r}")
     if pag is not None and not isinstance(pag, PAG):
-        raise TypeError(f"`pag` must be an attnguide.PAG (or None), got {type(pag).__name__}")
+        raise TypeError(f"`pag` must be an attnguide.PAG (or None), got {pag!r}")
     if sag is not None and sag.scale != 0 and pipe is not None:
         for cls in type(pipe).__mro__:
             if cls.__name__ in SAG_UNSUPPORTED:
@@ -372,8 +374,15 @@ def guide(
     restored on exit, also on error. Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with
     ``record_masks``).
     """
-    if cfg_layout not in CFG_LAYOUTS:
+    if not isinstance(cfg_layout, str) or cfg_layout not in CFG_LAYOUTS:
         raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
+    for name, flag in (
+        ("record_masks", record_masks),
+        ("cuda_graphs", cuda_graphs),
+        ("calling_thread_only", calling_thread_only),
+    ):
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
     pipe, module, scheduler = _denoiser_of(target, scheduler)
     _check_terms(sag, pag, pipe)
     if cfg_layout == "auto" and (pipe is None or not cfg_layout_knowable(pipe, module)):

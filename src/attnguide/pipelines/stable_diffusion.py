@@ -20,15 +20,14 @@ from diffusers import StableDiffusionPAGPipeline as _DiffusersPAG
 from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import PipelineImageInput
 
-from ..engine.guidance import check_scale
 from ._guided import GuidedPipelineMixin, bind_arguments, call_arguments
 from .options import (
     PAG_PIPELINE_DEFAULTS,
     GuidanceOptions,
     PAGLayersMixin,
-    divisible_size,
+    image_size,
     init_with_pag_layers,
-    positive_int,
+    latent_shape,
     with_guidance_options,
 )
 from .scheduler_fixups import init_with_scheduler_fixups
@@ -38,7 +37,20 @@ _PAG_CALL = inspect.signature(_DiffusersPAG.__call__)
 
 class ClipSkipMixin:
     """``clip_skip`` on transformers 5 for the pipelines with diffusers' Stable Diffusion 1.x
-    ``encode_prompt`` (text-to-image, img2img, inpainting, ControlNet, AnimateDiff); mixed in before them."""
+    ``encode_prompt`` (text-to-image, img2img, inpainting, ControlNet, AnimateDiff); mixed in before them.
+    Also the check that ``encode_prompt`` makes only after encoding the prompt."""
+
+    def check_call(self, call: dict[str, Any]) -> None:
+        """The shared checks, and: ``negative_prompt`` of the type of ``prompt`` (this ``encode_prompt``
+        raises TypeError otherwise, after the text encoder ran)."""
+        super().check_call(call)  # type: ignore[misc]
+        prompt, negative = call.get("prompt"), call.get("negative_prompt")
+        cfg = call.get("guidance_scale", 0.0) > 1.0
+        if cfg and prompt is not None and negative is not None and type(prompt) is not type(negative):
+            raise TypeError(
+                f"`negative_prompt` must be of the type of `prompt` ({type(prompt).__name__}), got "
+                f"{type(negative).__name__}"
+            )
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw):
         """diffusers' ``encode_prompt``, also with ``clip_skip`` on transformers 5.
@@ -62,27 +74,27 @@ class ClipSkipMixin:
 class _GuidedStableDiffusion(ClipSkipMixin, GuidedPipelineMixin, StableDiffusionPipeline):
     """diffusers' Stable Diffusion pipeline, guided; plus the checks and switches diffusers lacks."""
 
+    def checked_size(self, call: dict[str, Any]) -> tuple[int, int]:
+        """The call's (height, width), checked (None: the UNet's default size)."""
+        f = self.vae_scale_factor
+        return image_size(call, self.unet.config.sample_size * f, f, " (the VAE factor)")
+
+    def latents_shape(self, call: dict[str, Any]) -> tuple[int, ...] | None:
+        f = self.vae_scale_factor
+        height, width = self.checked_size(call)
+        return latent_shape(call, self.unet.config.in_channels, height // f, width // f)
+
     def check_call(self, call: dict[str, Any]) -> None:
         """Every check that can fail, before any model runs: ValueError naming the argument."""
-        check_scale("guidance_scale", call["guidance_scale"])
-        check_scale("guidance_rescale", call.get("guidance_rescale", 0.0))
-        f = self.vae_scale_factor
-        default = self.unet.config.sample_size * f
-        height = divisible_size("height", call["height"] or default, f, " (the VAE factor)")
-        width = divisible_size("width", call["width"] or default, f, " (the VAE factor)")
-        if call.get("timesteps") is None and call.get("sigmas") is None:
-            positive_int("num_inference_steps", call["num_inference_steps"])
-        positive_int("num_images_per_prompt", call["num_images_per_prompt"])
-        embeds = call["prompt_embeds"]
-        if embeds is not None and embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be (batch, tokens, dim), got shape {tuple(embeds.shape)}")
+        super().check_call(call)
+        height, width = self.checked_size(call)
         self.check_inputs(
             call["prompt"],
             height,
             width,
             call.get("callback_steps"),
             call["negative_prompt"],
-            embeds,
+            call["prompt_embeds"],
             call["negative_prompt_embeds"],
             call["ip_adapter_image"],
             call["ip_adapter_image_embeds"],

@@ -29,16 +29,15 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..engine.guidance import check_scale
 from ._guided import GuidedPipelineMixin, bind_arguments
 from .options import (
     PAG_PIPELINE_DEFAULTS,
     GuidanceOptions,
     PAGLayersMixin,
     check_fraction,
-    divisible_size,
+    image_size,
     init_with_pag_layers,
-    positive_int,
+    latent_shape,
     with_guidance_options,
 )
 
@@ -57,45 +56,6 @@ def _check_pair(name: str, value: Any) -> None:
         or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
     ):
         raise ValueError(f"`{name}` must be a pair of numbers (height, width) or (top, left), got {value!r}")
-
-
-def _check_embeds(call: dict[str, Any]) -> None:
-    """Prompt embeddings: tensors of the right rank, pooled ones with as many rows as their embeddings."""
-    for name, ndim in (
-        ("prompt_embeds", 3),
-        ("negative_prompt_embeds", 3),
-        ("pooled_prompt_embeds", 2),
-        ("negative_pooled_prompt_embeds", 2),
-    ):
-        emb = call[name]
-        if emb is not None and (not isinstance(emb, torch.Tensor) or emb.ndim != ndim):
-            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-            raise ValueError(f"`{name}` must be a {ndim}-d tensor (batch first), got {shape}")
-    for neg in ("", "negative_"):
-        emb, pooled = call[f"{neg}prompt_embeds"], call[f"{neg}pooled_prompt_embeds"]
-        if emb is not None and pooled is not None and pooled.shape[0] != emb.shape[0]:
-            raise ValueError(f"`{neg}pooled_prompt_embeds` must have as many rows as `{neg}prompt_embeds`")
-
-
-def _check_batch(call: dict[str, Any]) -> None:
-    """Per-prompt lists and generator lists of the prompt batch's length."""
-    prompt = call["prompt"]
-    batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else None
-    if batch is None:
-        batch = call["prompt_embeds"].shape[0]
-    for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
-        value = call[name]
-        if isinstance(value, list) and len(value) != batch:
-            raise ValueError(
-                f"`{name}` has {len(value)} entries but the prompt batch has {batch}; they must match"
-            )
-    images = batch * call["num_images_per_prompt"]
-    generator = call["generator"]
-    if isinstance(generator, list) and len(generator) != images:
-        raise ValueError(
-            f"`generator` is a list of {len(generator)} generators, but the batch has "
-            f"{images} images (prompts x num_images_per_prompt)"
-        )
 
 
 def watermark_opt_in(add_watermarker: bool | None) -> bool:
@@ -140,36 +100,28 @@ class _GuidedStableDiffusionXL(GuidedPipelineMixin, StableDiffusionXLPipeline):
             add_watermarker=watermark_opt_in(add_watermarker),
         )
 
+    def checked_size(self, call: dict[str, Any]) -> tuple[int, int]:
+        """The call's (height, width), checked (None: the UNet's default size)."""
+        f = self.vae_scale_factor
+        return image_size(call, self.default_sample_size * f, f, " (the VAE factor)")
+
+    def latents_shape(self, call: dict[str, Any]) -> tuple[int, ...] | None:
+        f = self.vae_scale_factor
+        height, width = self.checked_size(call)
+        return latent_shape(call, self.unet.config.in_channels, height // f, width // f)
+
     def check_call(self, call: dict[str, Any]) -> None:
         """Every check that can fail, before any model runs: ValueError naming the argument."""
-        check_scale("guidance_scale", call["guidance_scale"])
-        check_scale("guidance_rescale", call["guidance_rescale"])
-        f = self.vae_scale_factor
-        height = divisible_size(
-            "height", call["height"] or self.default_sample_size * f, f, " (the VAE factor)"
-        )
-        width = divisible_size("width", call["width"] or self.default_sample_size * f, f, " (the VAE factor)")
-        if call["timesteps"] is not None and call["sigmas"] is not None:
-            raise ValueError("only one of `timesteps` or `sigmas` can be passed")
-        accepted = set(inspect.signature(self.scheduler.set_timesteps).parameters)
-        for name in ("timesteps", "sigmas"):
-            if call[name] is not None and name not in accepted:
-                raise ValueError(
-                    f"`{name}`: the scheduler {type(self.scheduler).__name__} does not support custom {name}"
-                )
-        if call["timesteps"] is None and call["sigmas"] is None:
-            positive_int("num_inference_steps", call["num_inference_steps"])
+        super().check_call(call)
+        height, width = self.checked_size(call)
         check_fraction("denoising_end", call["denoising_end"])
-        positive_int("num_images_per_prompt", call["num_images_per_prompt"])
         for name in ("original_size", "crops_coords_top_left", "target_size"):
             _check_pair(name, call[name])
             _check_pair(f"negative_{name}", call[f"negative_{name}"])
-        _check_embeds(call)
         names = inspect.signature(self.check_inputs).parameters
         self.check_inputs(
             **{k: call.get(k) for k in names if k not in ("height", "width")}, height=height, width=width
         )
-        _check_batch(call)
 
 
 class StableDiffusionXLSAGPipeline(_GuidedStableDiffusionXL):
