@@ -25,7 +25,8 @@ diffusers PAG pipelines leave their PAG attention processors on the UNet after a
 
 Families whose text encoder has no tokenizer that can be built offline (Kolors' ChatGLM) get their
 text embeddings in ``call`` (computed with the family's own tiny text encoder) instead of a prompt; the
-T5 and BERT tokenizers of PixArt-Sigma and HunyuanDiT are built offline from a character vocabulary.
+T5, BERT and Gemma tokenizers of PixArt-Sigma, HunyuanDiT and Sana are built offline from a character
+vocabulary.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from diffusers import (
     AnimateDiffPAGPipeline,
     AnimateDiffPipeline,
+    AutoencoderDC,
     AutoencoderKL,
     ControlNetModel,
     DDPMPipeline,
@@ -46,6 +48,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HunyuanDiT2DModel,
     HunyuanDiTPAGPipeline,
     HunyuanDiTPipeline,
@@ -55,6 +58,14 @@ from diffusers import (
     PixArtSigmaPAGPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    SanaPAGPipeline,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3PAGImg2ImgPipeline,
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPAGInpaintPipeline,
     StableDiffusionControlNetPAGPipeline,
@@ -88,6 +99,9 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -731,6 +745,143 @@ def sd_latent_upscale() -> dict[str, Any]:
     return _spec(comps, StableDiffusionLatentUpscalePipeline, None, call)
 
 
+# ---------------------------------------------------------------------------------- flow matching
+
+
+def sd3() -> dict[str, Any]:
+    """Stable Diffusion 3: a 3-block SD3Transformer2DModel (joint text + image attention) with two tiny
+    CLIP encoders, a tiny T5 and FlowMatchEulerDiscreteScheduler (shift 3). No SD3.5 dual-attention block:
+    diffusers' SD3 PAG processor fails on its image-only second attention."""
+    tok, tok_2 = offline_clip_tokenizer(), offline_clip_tokenizer()
+    config = _clip_config(tok)
+    t5_tok = _t5_tokenizer(32)
+    transformer = _seeded(
+        0,
+        lambda: SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_DIM,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * TEXT_DIM,
+            out_channels=4,
+            pos_embed_max_size=32,
+        ),
+    )
+    comps = {
+        "transformer": transformer,
+        "vae": _vae(0, sample_size=H, shift_factor=0.0),
+        "text_encoder": _seeded(0, lambda: CLIPTextModelWithProjection(config)),
+        "text_encoder_2": _seeded(1, lambda: CLIPTextModelWithProjection(config)),
+        "text_encoder_3": _t5_encoder(t5_tok),
+        "tokenizer": tok,
+        "tokenizer_2": tok_2,
+        "tokenizer_3": t5_tok,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+    call = dict(prompt=PROMPT, height=H, width=W, max_sequence_length=32, **_LATENT)
+    return _spec(comps, StableDiffusion3Pipeline, StableDiffusion3PAGPipeline, call)
+
+
+def sd3_img2img() -> dict[str, Any]:
+    """SD3 image-to-image on the :func:`sd3` components."""
+    spec = sd3()
+    call = dict(prompt=PROMPT, image=_image(3), max_sequence_length=32, **_IMG2IMG)
+    pipes = (StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline)
+    return _spec(spec["components"], *pipes, call)
+
+
+# --------------------------------------------------------------------------------------------- Sana
+
+
+def _gemma_tokenizer(model_max_length: int) -> GemmaTokenizer:
+    """A character-level Gemma (BPE, no merges) tokenizer built offline: pad 0, eos 1, bos 2 (prepended,
+    as the real Gemma tokenizer does, so that an empty prompt still has one attended token), unk 3."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581"]
+    vocab = {tok: i for i, tok in enumerate(specials + _CHARS)}
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, model_max_length=model_max_length)
+
+
+def sana() -> dict[str, Any]:
+    """Sana: a 2-block SanaTransformer2DModel (linear self-attention, SanaLinearAttnProcessor2_0, no
+    positional embedding; patch size 2) with a tiny Gemma2 encoder, an offline Gemma tokenizer, the tiny
+    AutoencoderDC of diffusers' Sana tests (factor 2, 4 latent channels) and FlowMatchEulerDiscreteScheduler
+    (shift 7, as diffusers' tests). Prompts use 16 tokens and no complex human instruction. The pipeline
+    wants sizes divisible by 32: 32 x 64 pixels = 16 x 32 latents = 8 x 16 patches."""
+    tokenizer = _gemma_tokenizer(model_max_length=64)
+    gemma_config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )
+    transformer = _seeded(
+        0,
+        lambda: SanaTransformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=TEXT_DIM,
+            sample_size=16,
+        ),
+    )
+    vae = _seeded(
+        0,
+        lambda: AutoencoderDC(
+            in_channels=3,
+            latent_channels=4,
+            attention_head_dim=2,
+            encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            encoder_qkv_multiscales=((), (5,)),
+            decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1),
+            decoder_layers_per_block=(1, 1),
+            downsample_block_type="conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        ),
+    )
+    comps = {
+        "tokenizer": tokenizer,
+        "text_encoder": _seeded(0, lambda: Gemma2Model(gemma_config)),
+        "vae": vae,
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+    }
+    call = dict(
+        prompt=PROMPT,
+        height=32,
+        width=64,
+        use_resolution_binning=False,
+        max_sequence_length=16,
+        complex_human_instruction=None,
+        **_LATENT,
+    )
+    return _spec(comps, SanaPipeline, SanaPAGPipeline, call)
+
+
 # ------------------------------------------------------------------------------- LCM, DiT and DDPM
 
 
@@ -795,6 +946,9 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "kolors": kolors,
     "sd_upscale": sd_upscale,
     "sd_latent_upscale": sd_latent_upscale,
+    "sd3": sd3,
+    "sd3_img2img": sd3_img2img,
+    "sana": sana,
     "lcm": lcm,
     "dit": dit,
     "ddpm": ddpm,

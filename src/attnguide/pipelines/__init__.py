@@ -6,7 +6,13 @@ from .dit import DiTSAGPipeline
 from .hunyuandit import HunyuanDiTPAGPipeline
 from .kolors import KolorsPAGPipeline
 from .pixart import PixArtSigmaPAGPipeline
+from .sana import SanaPAGPipeline, SanaSAGPipeline
 from .stable_diffusion import StableDiffusionPAGPipeline, StableDiffusionSAGPipeline
+from .stable_diffusion_3 import (
+    StableDiffusion3PAGImg2ImgPipeline,
+    StableDiffusion3PAGPipeline,
+    StableDiffusion3SAGPipeline,
+)
 from .stable_diffusion_variants import (
     StableDiffusionControlNetPAGInpaintPipeline,
     StableDiffusionControlNetPAGPipeline,
@@ -28,6 +34,11 @@ __all__ = [
     "HunyuanDiTPAGPipeline",
     "KolorsPAGPipeline",
     "PixArtSigmaPAGPipeline",
+    "SanaPAGPipeline",
+    "SanaSAGPipeline",
+    "StableDiffusion3PAGImg2ImgPipeline",
+    "StableDiffusion3PAGPipeline",
+    "StableDiffusion3SAGPipeline",
     "StableDiffusionControlNetPAGInpaintPipeline",
     "StableDiffusionControlNetPAGPipeline",
     "StableDiffusionPAGImg2ImgPipeline",

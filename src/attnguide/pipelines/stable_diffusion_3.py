@@ -1,0 +1,86 @@
+"""Drop-in Stable Diffusion 3 pipelines with SAG and PAG (flow matching, joint text + image attention).
+
+Each class is diffusers' own ``StableDiffusion3Pipeline`` / ``StableDiffusion3Img2ImgPipeline`` whose
+loop runs inside :func:`attnguide.guide`. The PAG classes take the constructor and ``__call__``
+arguments of diffusers' ``StableDiffusion3PAGPipeline`` / ``StableDiffusion3PAGImg2ImgPipeline`` (same
+numbers: identity attention on the image-image block of the joint attention, as diffusers); the SAG class
+takes ``StableDiffusion3Pipeline``'s arguments. All take every :class:`GuidanceOptions` keyword: SAG on
+SD3 blurs x0_hat = x_t - sigma v under the mask of the joint attention's image-to-image map and re-noises
+it at the same sigma (engine/parameterization.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+from diffusers import StableDiffusion3PAGImg2ImgPipeline as _DiffusersSD3PAGImg2Img
+from diffusers import StableDiffusion3PAGPipeline as _DiffusersSD3PAG
+
+from ._guided import GuidedPipelineMixin, bind_arguments
+from .options import (
+    PAG_PIPELINE_DEFAULTS,
+    GuidanceOptions,
+    PAGLayersMixin,
+    init_with_pag_layers,
+    with_guidance_options,
+)
+
+_SD3_CALL = inspect.signature(StableDiffusion3Pipeline.__call__)
+_PAG_CALL = inspect.signature(_DiffusersSD3PAG.__call__)
+_PAG_IMG2IMG_CALL = inspect.signature(_DiffusersSD3PAGImg2Img.__call__)
+
+
+class StableDiffusion3SAGPipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
+    """diffusers' ``StableDiffusion3Pipeline`` with SAG (``sag_scale``, default 0.75), blur guidance and
+    PAG; with ``sag_scale=0`` it is that pipeline."""
+
+    @torch.no_grad()
+    @with_guidance_options(base=StableDiffusion3Pipeline.__call__)
+    def __call__(self, *args: Any, **kwargs: Any):
+        """``StableDiffusion3Pipeline.__call__``'s arguments, then the keyword-only
+        :class:`GuidanceOptions`."""
+        call = bind_arguments(_SD3_CALL, args, kwargs)
+        return self.run_guided(GuidanceOptions.take(kwargs), call, kwargs)
+
+
+class StableDiffusion3PAGPipeline(PAGLayersMixin, GuidedPipelineMixin, StableDiffusion3Pipeline):
+    """Drop-in successor of diffusers' ``StableDiffusion3PAGPipeline``, with SAG beside PAG. Default PAG
+    layer: diffusers' "blocks.1" (block 1 only, not blocks 10-19 as well)."""
+
+    _callback_tensor_inputs = _DiffusersSD3PAG._callback_tensor_inputs
+
+    __init__ = init_with_pag_layers(StableDiffusion3Pipeline.__init__, _DiffusersSD3PAG.__init__)
+
+    @torch.no_grad()
+    @with_guidance_options(base=_DiffusersSD3PAG.__call__, **PAG_PIPELINE_DEFAULTS)
+    def __call__(self, *args: Any, **kwargs: Any):
+        """diffusers' ``StableDiffusion3PAGPipeline.__call__`` arguments (same defaults and meaning), then
+        the keyword-only :class:`GuidanceOptions`."""
+        call = bind_arguments(_PAG_CALL, args, kwargs)
+        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
+
+
+class StableDiffusion3PAGImg2ImgPipeline(
+    PAGLayersMixin, GuidedPipelineMixin, StableDiffusion3Img2ImgPipeline
+):
+    """Drop-in successor of diffusers' ``StableDiffusion3PAGImg2ImgPipeline``, with SAG beside PAG."""
+
+    _callback_tensor_inputs = _DiffusersSD3PAGImg2Img._callback_tensor_inputs
+
+    __init__ = init_with_pag_layers(
+        StableDiffusion3Img2ImgPipeline.__init__, _DiffusersSD3PAGImg2Img.__init__
+    )
+
+    @torch.no_grad()
+    @with_guidance_options(base=_DiffusersSD3PAGImg2Img.__call__, **PAG_PIPELINE_DEFAULTS)
+    def __call__(self, *args: Any, **kwargs: Any):
+        """diffusers' ``StableDiffusion3PAGImg2ImgPipeline.__call__`` arguments, then the keyword-only
+        :class:`GuidanceOptions`."""
+        call = bind_arguments(_PAG_IMG2IMG_CALL, args, kwargs)
+        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
+
+
+__all__ = ["StableDiffusion3PAGImg2ImgPipeline", "StableDiffusion3PAGPipeline", "StableDiffusion3SAGPipeline"]
