@@ -91,3 +91,42 @@ def test_compile_path_counts_no_recompilation():
     assert info["graphs_compiled_during_timed_runs"] == 0
     assert info["frames_converted_during_timed_runs"] == 0
     assert set(data["arms"]) == {"none", "cfg+sag"}
+
+
+def test_sd3_tiny_bench_writes_the_sd_json_shape(tmp_path):
+    """The sd3-tiny preset: PAG arms against diffusers' StableDiffusion3PAGPipeline, the other arms on
+    attnguide alone (no diffusers time, no ratio), and SAG's cost in denoiser passes."""
+    out = tmp_path / "sd3.json"
+    args = ["--preset", "sd3-tiny", "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0"]
+    assert bench.main([*args, "--arms", "none,cfg,cfg+sag,pag,cfg+pag"]) == 0
+    data = json.loads(out.read_text())
+    assert data["preset"] == "sd3-tiny" and data["steps"] == 2 and data["resolution"] == 32
+    assert data["device"].startswith("cpu") and data["compile"] is None
+    assert set(data["arms"]) == {"none", "cfg", "cfg+sag", "pag", "cfg+pag"}
+    keys = {"diffusers_s", "attnguide_s", "ratio", "diffusers_peak_mib", "attnguide_peak_mib"}
+    for name, row in data["arms"].items():
+        assert set(row) == keys and row["attnguide_s"] > 0
+        if "pag" in name:
+            assert row["ratio"] == pytest.approx(row["attnguide_s"] / row["diffusers_s"], rel=1e-2)
+        else:
+            assert row["diffusers_s"] is None and row["ratio"] is None
+    a = {k: data["arms"][k]["attnguide_s"] for k in ("none", "cfg", "cfg+sag")}
+    assert data["one_pass_s"] == pytest.approx(a["none"] / 2, rel=1e-3)
+    per_step = (a["cfg+sag"] - a["cfg"]) / 2
+    assert data["sag_overhead_in_passes"] == pytest.approx(per_step / data["one_pass_s"], rel=1e-2)
+    assert data["sag_overhead_in_forward_passes"] == pytest.approx(per_step / data["forward_s"], rel=1e-2)
+    assert data["sag_overhead_over_unguided"] == pytest.approx(data["sag_overhead_in_passes"], rel=1e-2)
+    with pytest.raises(SystemExit, match="map-memory"):
+        bench.main([*args, "--map-memory", "--overwrite"])
+
+
+def test_sd3_preset_is_sd3_medium_sized():
+    """The GPU preset's components, built on the meta device (no memory, no weights): 2.03e9 parameters
+    in the transformer, the SD3-medium configuration, latent factor 8."""
+    comps = bench.build_sd3_components("sd3", torch.float16, "meta")
+    net = comps["transformer"]
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(2.028e9, rel=1e-3)
+    assert net.config.num_layers == 24 and net.config.joint_attention_dim == 4096
+    assert next(net.parameters()).dtype == torch.float16
+    assert len(comps["vae"].config.block_out_channels) == 4 and comps["vae"].config.latent_channels == 16
+    assert comps["text_encoder"] is None and bench.PRESETS["sd3"] == (1024, 28)

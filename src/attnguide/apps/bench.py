@@ -6,6 +6,11 @@ Arms: no guidance, CFG, SAG, CFG+SAG, PAG, CFG+PAG. The reference for the first 
 Each arm gets warm-up runs of both implementations, then the median of ``--repeats`` timed runs each,
 the two implementations' runs interleaved; on CUDA also the peak allocated memory. Weights are random:
 timing does not depend on them.
+
+The SD3 presets (``sd3``: an SD3-medium-sized ``SD3Transformer2DModel``; ``sd3-tiny``: the tiny test
+model) time PAG and CFG+PAG against diffusers' ``StableDiffusion3PAGPipeline`` (attnguide:
+``attnguide.StableDiffusion3PAGPipeline``) and none, CFG, CFG+SAG on ``attnguide.StableDiffusion3SAGPipeline``
+alone (diffusers has no SD3 SAG pipeline: those rows have no diffusers time and no ratio).
 """
 
 from __future__ import annotations
@@ -34,6 +39,44 @@ PRESETS = {
     # preset: (default resolution in pixels, default steps)
     "tiny": (32, 10),
     "sd15": (512, 50),
+    "sd3": (1024, 28),
+    "sd3-tiny": (32, 10),
+}
+#: SD3 presets: the transformer's configuration and the number of text tokens of the prompt embeddings
+#: (SD3: 77 CLIP + 256 T5 tokens; the tiny model's tests use 77 + 32).
+SD3_PRESETS = {
+    "sd3": (
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+        ),
+        333,
+    ),
+    "sd3-tiny": (
+        dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            out_channels=4,
+            pos_embed_max_size=32,
+        ),
+        109,
+    ),
 }
 Run = Callable[[], object]
 
@@ -217,21 +260,28 @@ def time_interleaved(
 
 @dataclasses.dataclass(frozen=True)
 class Pipelines:
-    """diffusers' SAG and PAG pipelines and attnguide's, on the same components (one UNet), and the
-    inputs every timed call shares (random prompt embeddings, resolution, steps)."""
+    """diffusers' pipelines and attnguide's, on the same components (one denoiser), and the inputs every
+    timed call shares (random prompt embeddings, resolution, steps). ``ref_sag``: diffusers' pipeline for
+    the arms without PAG (None: attnguide alone there). ``ours_pag``: attnguide's pipeline for the PAG
+    arms (None: ``ours``)."""
 
-    ref_sag: Any
+    ref_sag: Any | None
     ref_pag: Any
     ours: Any
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
+    embeds: dict[str, torch.Tensor]
     resolution: int
     steps: int
+    ours_pag: Any | None = None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or transformer every pipeline shares."""
+        unet = getattr(self.ours, "unet", None)
+        return unet if unet is not None else self.ours.transformer
 
     def _inputs(self) -> dict:
         return dict(
-            prompt_embeds=self.prompt_embeds,
-            negative_prompt_embeds=self.negative_prompt_embeds,
+            self.embeds,
             height=self.resolution,
             width=self.resolution,
             num_inference_steps=self.steps,
@@ -239,25 +289,62 @@ class Pipelines:
             generator=torch.Generator(device="cpu").manual_seed(0),
         )
 
-    def reference(self, arm: Arm) -> Run:
-        """diffusers' run of ``arm``: its PAG pipeline for the PAG arms, its SAG pipeline otherwise."""
+    def reference(self, arm: Arm) -> Run | None:
+        """diffusers' run of ``arm``: its PAG pipeline for the PAG arms, its SAG pipeline otherwise (None
+        where there is none)."""
         kw = dict(self._inputs(), guidance_scale=arm.guidance_scale)
         if arm.pag_scale > 0:
             return lambda: self.ref_pag(pag_scale=arm.pag_scale, **kw)
+        if self.ref_sag is None:
+            return None
         return lambda: self.ref_sag(sag_scale=arm.sag_scale, **kw)
 
     def attnguide(self, arm: Arm, **extra) -> Run:
         """attnguide's run of ``arm`` (``extra``: further pipeline arguments)."""
+        pipe = self.ours_pag if arm.pag_scale > 0 and self.ours_pag is not None else self.ours
         kw = dict(self._inputs(), **arm.pipeline_kwargs(), **extra)
-        return lambda: self.ours(**kw)
+        return lambda: pipe(**kw)
+
+    def forward(self) -> Run:
+        """One eager pass of the denoiser on a batch of ``batch_size`` latents (the size of SAG's extra
+        pass, which runs on the unconditional rows only), at the first step's timestep."""
+        net, embeds = self.denoiser, self.embeds["prompt_embeds"]
+        factor = 2 ** (len(self.ours.vae.config.block_out_channels) - 1)
+        side = self.resolution // factor
+        shape = (embeds.shape[0], net.config.in_channels, side, side)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(embeds)
+        t = torch.full((shape[0],), 999.0, device=embeds.device, dtype=embeds.dtype)
+        if "pooled_prompt_embeds" in self.embeds:
+            kw = dict(encoder_hidden_states=embeds, pooled_projections=self.embeds["pooled_prompt_embeds"])
+            return torch.no_grad()(lambda: net(hidden_states=x, timestep=t, **kw, return_dict=False))
+        return torch.no_grad()(lambda: net(x, t, encoder_hidden_states=embeds, return_dict=False))
+
+
+def _random_embeds(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str) -> dict:
+    """Random tensors of ``shapes``, by name, drawn in order from one seeded CPU generator."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return {k: torch.randn(*shape, generator=g).to(device=device, dtype=dtype) for k, shape in shapes.items()}
+
+
+def _quiet(*pipes) -> None:
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
 
 
 def build_pipelines(
     preset: str, *, batch_size: int, resolution: int, steps: int, dtype: torch.dtype, device: str
 ) -> Pipelines:
-    """The three pipelines on :func:`build_components`, with random prompt embeddings for ``batch_size``."""
-    from diffusers import StableDiffusionPAGPipeline as RefPAG
+    """The pipelines of ``preset`` on its components, with random prompt embeddings for ``batch_size``:
+    :func:`build_sd3_pipelines` for the SD3 presets, else diffusers' SAG and PAG pipelines and attnguide's
+    on :func:`build_components`."""
     from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    if preset in SD3_PRESETS:
+        return build_sd3_pipelines(
+            preset, batch_size=batch_size, resolution=resolution, steps=steps, dtype=dtype, device=device
+        )
+    from diffusers import StableDiffusionPAGPipeline as RefPAG
 
     from ..pipelines import StableDiffusionSAGPipeline
 
@@ -265,43 +352,114 @@ def build_pipelines(
         warnings.simplefilter("ignore")
         from diffusers import StableDiffusionSAGPipeline as RefSAG
 
-    dlog.set_verbosity_error()
     comps, width = build_components(preset, dtype, device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    pe = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=dtype)
-    ne = torch.randn(batch_size, 77, width, generator=g).to(device=device, dtype=dtype)
+    shape = (batch_size, 77, width)
+    embeds = _random_embeds({"prompt_embeds": shape, "negative_prompt_embeds": shape}, dtype, device)
     ref_sag = RefSAG(**comps).to(device)
     ref_pag = RefPAG(**comps, pag_applied_layers=["mid"]).to(device)
     ours = StableDiffusionSAGPipeline(**comps).to(device)
-    for p in (ref_sag, ref_pag, ours):
-        p.set_progress_bar_config(disable=True)
-    return Pipelines(ref_sag, ref_pag, ours, pe, ne, resolution, steps)
+    _quiet(ref_sag, ref_pag, ours)
+    return Pipelines(ref_sag, ref_pag, ours, embeds, resolution, steps)
 
 
-def _arm_row(ref: tuple[float, float | None], ours: tuple[float, float | None]) -> dict:
-    (t_ref, m_ref), (t_ours, m_ours) = ref, ours
+def build_sd3_components(preset: str, dtype: torch.dtype, device: str) -> dict:
+    """SD3 pipeline components with random weights: the transformer of ``SD3_PRESETS[preset]`` (built
+    on ``device``), a tiny VAE with the SD3 latent factor of the preset (4 levels: 8; tiny: 2; never run,
+    the benchmark returns latents), FlowMatchEulerDiscreteScheduler (shift 3) and no text encoders (the
+    benchmark passes prompt embeddings)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    config, _tokens = SD3_PRESETS[preset]
+    tiny = preset == "sd3-tiny"
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(**config)
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64] if tiny else [32] * 4,
+            down_block_types=["DownEncoderBlock2D"] * (2 if tiny else 4),
+            up_block_types=["UpDecoderBlock2D"] * (2 if tiny else 4),
+            latent_channels=config["in_channels"],
+            norm_num_groups=32,
+            sample_size=config["sample_size"] * (2 if tiny else 8),
+            shift_factor=0.0 if tiny else 0.0609,
+            scaling_factor=0.18215 if tiny else 1.5305,
+        )
+    none = dict.fromkeys(["text_encoder", "text_encoder_2", "text_encoder_3"])
+    none.update(dict.fromkeys(["tokenizer", "tokenizer_2", "tokenizer_3"]))
     return {
-        "diffusers_s": round(t_ref, 5),
+        "transformer": transformer.to(dtype=dtype).eval(),
+        "vae": vae.to(dtype=dtype).eval(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **none,
+    }
+
+
+def build_sd3_pipelines(
+    preset: str, *, batch_size: int, resolution: int, steps: int, dtype: torch.dtype, device: str
+) -> Pipelines:
+    """diffusers' ``StableDiffusion3PAGPipeline``, attnguide's drop-in ``StableDiffusion3PAGPipeline`` and
+    ``StableDiffusion3SAGPipeline`` on :func:`build_sd3_components` (one transformer), with random prompt
+    embeddings (batch_size, tokens, joint_attention_dim) and pooled ones (batch_size, pooled dim)."""
+    from diffusers import StableDiffusion3PAGPipeline as RefPAG
+
+    from ..pipelines import StableDiffusion3PAGPipeline, StableDiffusion3SAGPipeline
+
+    comps = build_sd3_components(preset, dtype, device)
+    config, tokens = SD3_PRESETS[preset]
+    seq = (batch_size, tokens, config["joint_attention_dim"])
+    pooled = (batch_size, config["pooled_projection_dim"])
+    shapes = {
+        "prompt_embeds": seq,
+        "negative_prompt_embeds": seq,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": pooled,
+    }
+    embeds = _random_embeds(shapes, dtype, device)
+    ref_pag = RefPAG(**comps).to(device)
+    ours_pag = StableDiffusion3PAGPipeline(**comps).to(device)
+    ours = StableDiffusion3SAGPipeline(**comps).to(device)
+    _quiet(ref_pag, ours_pag, ours)
+    return Pipelines(None, ref_pag, ours, embeds, resolution, steps, ours_pag=ours_pag)
+
+
+def _arm_row(ref: tuple[float, float | None] | None, ours: tuple[float, float | None]) -> dict:
+    """A row of the result; without a reference (``ref`` None) the diffusers fields and ratio are None."""
+    t_ref, m_ref = ref if ref is not None else (None, None)
+    t_ours, m_ours = ours
+    return {
+        "diffusers_s": None if t_ref is None else round(t_ref, 5),
         "attnguide_s": round(t_ours, 5),
-        "ratio": round(t_ours / t_ref, 4),
+        "ratio": None if t_ref is None else round(t_ours / t_ref, 4),
         "diffusers_peak_mib": None if m_ref is None else round(m_ref, 1),
         "attnguide_peak_mib": None if m_ours is None else round(m_ours, 1),
     }
 
 
+def _log_row(
+    log: Callable[[str], None], name: str, row: dict, ref: str = "diffusers", ours: str = "attnguide"
+):
+    if row["ratio"] is None:
+        log(f"{name:8s} {ours} {row['attnguide_s']:8.4f} s   (no diffusers reference)")
+    else:
+        log(
+            f"{name:8s} {ref} {row['diffusers_s']:8.4f} s   {ours} {row['attnguide_s']:8.4f} s   "
+            f"ratio {row['ratio']:.3f}"
+        )
+
+
 def time_eager(
     pipes: Pipelines, arms: Sequence[str], device: str, warmup: int, repeats: int, log: Callable[[str], None]
 ) -> dict[str, dict]:
-    """Each arm with both implementations eager, their runs interleaved: the rows of the result."""
+    """Each arm with both implementations eager, their runs interleaved (attnguide alone where diffusers
+    has no pipeline for the arm): the rows of the result."""
     results = {}
     for name in arms:
         arm = ARMS[name]
-        timed = time_interleaved(
-            {"diffusers": pipes.reference(arm), "attnguide": pipes.attnguide(arm)}, device, warmup, repeats
-        )
-        results[name] = _arm_row(timed["diffusers"], timed["attnguide"])
-        t_ref, t_ours = timed["diffusers"][0], timed["attnguide"][0]
-        log(f"{name:8s} diffusers {t_ref:8.4f} s   attnguide {t_ours:8.4f} s   ratio {t_ours / t_ref:.3f}")
+        fns = {"diffusers": pipes.reference(arm), "attnguide": pipes.attnguide(arm)}
+        timed = time_interleaved({k: f for k, f in fns.items() if f is not None}, device, warmup, repeats)
+        results[name] = _arm_row(timed.get("diffusers"), timed["attnguide"])
+        _log_row(log, name, results[name])
     return results
 
 
@@ -316,13 +474,14 @@ def time_compiled(
     backend: str = "inductor",
     mode: str | None = None,
 ) -> tuple[dict[str, dict], dict]:
-    """diffusers' pipelines eager first (they share the UNet), then attnguide with the UNet compiled in
-    place (``unet.compile()``); the compiled graphs are counted after the warm-up runs. Returns the rows
-    and the compilation summary."""
+    """diffusers' pipelines eager first (they share the denoiser), then attnguide with the denoiser
+    compiled in place (``unet.compile()`` / ``transformer.compile()``); the compiled graphs are counted
+    after the warm-up runs. Returns the rows and the compilation summary."""
     from torch._dynamo.utils import counters
 
-    ref_times = {name: time_call(pipes.reference(ARMS[name]), device, warmup, repeats) for name in arms}
-    pipes.ours.unet.compile(backend=backend, **({"mode": mode} if mode else {}))
+    refs = {name: pipes.reference(ARMS[name]) for name in arms}
+    ref_times = {name: time_call(fn, device, warmup, repeats) for name, fn in refs.items() if fn is not None}
+    pipes.denoiser.compile(backend=backend, **({"mode": mode} if mode else {}))
     t0 = time.perf_counter()
     for name in arms:
         for _ in range(max(1, warmup)):
@@ -336,12 +495,8 @@ def time_compiled(
     results = {}
     for name in arms:
         ours = time_call(pipes.attnguide(ARMS[name]), device, 0, repeats)
-        results[name] = _arm_row(ref_times[name], ours)
-        t_ref, t_ours = ref_times[name][0], ours[0]
-        log(
-            f"{name:8s} diffusers eager {t_ref:8.4f} s   attnguide compiled {t_ours:8.4f} s   "
-            f"ratio {t_ours / t_ref:.3f}"
-        )
+        results[name] = _arm_row(ref_times.get(name), ours)
+        _log_row(log, name, results[name], "diffusers eager", "attnguide compiled")
     info = {
         "backend": backend,
         "mode": mode,
@@ -351,6 +506,38 @@ def time_compiled(
         "frames_converted_during_timed_runs": counters["frames"]["total"] - frames_after_warmup,
     }
     return results, info
+
+
+def sag_cost(
+    results: dict[str, dict], pipes: Pipelines, device: str, repeats: int, log: Callable[[str], None]
+) -> dict:
+    """What SAG adds to CFG, from attnguide's times (None where an arm was not timed), with
+    d = (t[CFG+SAG] - t[CFG]) / steps, the extra time per step:
+
+    - ``sag_overhead_over_unguided`` = d * steps / t[none];
+    - ``sag_overhead_in_passes`` = d / ``one_pass_s``, extra denoiser passes per step, one pass =
+      ``one_pass_s`` = t[none] / steps (a pass on the batch, the size of SAG's extra pass, in the same
+      execution mode, CUDA graphs included; numerically the ratio above);
+    - ``sag_overhead_in_forward_passes`` = d / ``forward_s``, the same in units of one eager denoiser
+      call on the batch timed directly (median of ``repeats``), the cross-check.
+
+    SAG's extra pass alone makes these 1.0."""
+    keys = ["sag_overhead_over_unguided", "sag_overhead_in_passes", "sag_overhead_in_forward_passes"]
+    out: dict = dict.fromkeys([*keys, "one_pass_s"])
+    t_fwd, _ = time_call(pipes.forward(), device, 1, repeats)
+    out["forward_s"] = round(t_fwd, 6)
+    if {"none", "cfg", "cfg+sag"} <= set(results):
+        r = {k: results[k]["attnguide_s"] for k in ("none", "cfg", "cfg+sag")}
+        one_pass, d = r["none"] / pipes.steps, (r["cfg+sag"] - r["cfg"]) / pipes.steps
+        out["sag_overhead_over_unguided"] = round(d * pipes.steps / r["none"], 4)
+        out["sag_overhead_in_passes"] = round(d / one_pass, 4)
+        out["sag_overhead_in_forward_passes"] = round(d / t_fwd, 4)
+        out["one_pass_s"] = round(one_pass, 6)
+        log(
+            f"SAG over CFG per step: {out['sag_overhead_in_passes']:.3f} passes of {one_pass:.5f} s "
+            f"(t[none] / steps), {out['sag_overhead_in_forward_passes']:.3f} eager forwards of {t_fwd:.5f} s"
+        )
+    return out
 
 
 def _device_name(device: str) -> str:
@@ -385,7 +572,9 @@ def run_benchmark(
     pipes = build_pipelines(
         preset, batch_size=batch_size, resolution=res, steps=steps, dtype=getattr(torch, dtype), device=device
     )
-    pipes.ours.cuda_graphs = cuda_graphs
+    for pipe in (pipes.ours, pipes.ours_pag):
+        if pipe is not None:
+            pipe.cuda_graphs = cuda_graphs
     compile_info = None
     if compile_unet:
         results, compile_info = time_compiled(
@@ -402,11 +591,8 @@ def run_benchmark(
         )
     if profile_dir is not None:
         fns = {"diffusers": pipes.reference(cfg_sag), "attnguide": pipes.attnguide(cfg_sag)}
+        fns = {k: f for k, f in fns.items() if f is not None}
         extra["profile"] = profile_arm("cfg+sag", fns, device, Path(profile_dir), log)
-    overhead = None
-    if {"none", "cfg", "cfg+sag"} <= set(results):
-        r = {k: results[k]["attnguide_s"] for k in ("none", "cfg", "cfg+sag")}
-        overhead = round((r["cfg+sag"] - r["cfg"]) / r["none"], 4)
     return {
         "preset": preset,
         "device": _device_name(device),
@@ -421,7 +607,7 @@ def run_benchmark(
         "compile": compile_info,
         "attnguide_cuda_graphs": cuda_graphs and device.startswith("cuda"),
         "arms": results,
-        "sag_overhead_over_unguided": overhead,
+        **sag_cost(results, pipes, device, repeats, log),
         **extra,
     }
 
@@ -432,8 +618,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 32 tiny, 512 sd15)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 10 tiny, 50 sd15")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="pixels (default: 32 tiny and sd3-tiny, 512 sd15, 1024 sd3)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="default: 10 tiny and sd3-tiny, 50 sd15, 28 sd3"
+    )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3)
@@ -456,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-dir", default=None, help="profile the cfg+sag arm into this folder")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.map_memory and args.preset in SD3_PRESETS:
+        raise SystemExit("error: --map-memory needs a UNet preset (tiny, sd15)")
     if args.compile and args.profile_dir:
         raise SystemExit("error: --profile-dir profiles diffusers' pipelines too; run it without --compile")
     out = Path(args.out)
