@@ -163,3 +163,46 @@ def test_unplaceable_layouts_raise_before_any_model_call():
     with pytest.raises(ValueError, match="no self-attention"), attnguide.guide(plain_pipe, sag=SAG()):
         pass
     assert calls == []
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(name):
+    """Two threads, each guiding its own call of one pipeline (its own guide() block; the blocks take
+    turns on the model): each result equals the same call made alone, and nothing stays installed."""
+    import threading
+
+    spec, pipe = _family(name)
+    terms = {"pag": PAG(scale=1.0)}
+    if name != "sd_latent_upscale":  # SAG cannot guide that one (tested above)
+        terms["sag"] = SAG(scale=1.0)
+
+    def call(seed: int) -> torch.Tensor:
+        kw = dict(spec["call"], generator=torch.Generator().manual_seed(seed))
+        if spec["cfg_scale"] is not None:
+            kw["guidance_scale"] = spec["cfg_scale"]
+        with attnguide.guide(pipe, **terms):
+            return _output(pipe(**kw))
+
+    sequential = [call(0), call(1)]
+    results: list = [None, None]
+    errors: list = []
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = call(i)
+        except BaseException as err:  # reported below, in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, sequential, strict=True):
+        assert torch.equal(got, want)
+    den = _denoiser(pipe)
+    assert "forward" not in den.__dict__ and "encode_prompt" not in pipe.__dict__
+    assert not any("Guided" in type(m.processor).__name__ for m in den.modules() if hasattr(m, "processor"))
