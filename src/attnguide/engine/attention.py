@@ -187,13 +187,22 @@ class GuidanceState:
     many leading rows of the model batch need it (0: all). A layer that sees k rows per model row (video
     frames, or spatial tokens in temporal layers) scales these by k. ``maps``: the aggregated maps
     recorded, per layer path: (rows, N) and the token grid (None where the layer saw tokens).
+    ``thread``: the thread whose guided pass this is; the processors leave other threads' calls alone
+    (a call that began before the guided run installed them). None: any thread (inside torch.compile).
     """
 
     perturbed_rows: int = 0
+    thread: int | None = None
     capture: bool = False
     capture_rows: int = 0
     batch_rows: int = 0
     maps: dict[str, tuple[Tensor, tuple[int, int] | None]] = field(default_factory=dict)
+
+    def this_thread(self) -> bool:
+        """Whether the calling thread is the one whose guided pass this is (always, when compiling)."""
+        if self.thread is None or torch.compiler.is_compiling():
+            return True
+        return self.thread == threading.get_ident()
 
     def layer_rows(self, rows: int, layer_batch: int) -> int:
         """``rows`` model rows expressed in the rows of a layer whose batch is ``layer_batch``."""
@@ -299,7 +308,7 @@ class GuidedAttention:
         st = self.state
         capture = self.capture and st.capture
         perturb = self.perturb and st.perturbed_rows > 0
-        if not (capture or perturb):
+        if not (capture or perturb) or not st.this_thread():
             return self.inner(attn, hidden_states, *args, **kwargs)
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
         if isinstance(self.inner, SanaLinearAttnProcessor2_0):

@@ -277,6 +277,7 @@ class Guider:
         st.capture = do_sag and self.sag.needs_map
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         st.batch_rows = x_main.shape[0]
+        st.thread = None if torch.compiler.is_compiling() else threading.get_ident()
         try:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
