@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,3 +33,25 @@ def _quiet_diffusers():
     dlog.set_verbosity_error()
     yield
     dlog.set_verbosity(level)
+
+
+def in_threads(fn: Callable, jobs_per_thread: list[list]) -> list[list]:
+    """Run ``fn(*job)`` for each thread's jobs, the threads started together; errors re-raised here."""
+    results: list[list] = [[] for _ in jobs_per_thread]
+    errors: list = []
+    start = threading.Barrier(len(jobs_per_thread))
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = [fn(*job) for job in jobs_per_thread[i]]
+        except BaseException as err:  # reported below, in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs_per_thread))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results

@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from conftest import in_threads
 from tiny_families import FAMILIES, instantiate
 
 import attnguide
@@ -169,8 +170,6 @@ def test_unplaceable_layouts_raise_before_any_model_call():
 def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(name):
     """Two threads, each guiding its own call of one pipeline (its own guide() block; the blocks take
     turns on the model): each result equals the same call made alone, and nothing stays installed."""
-    import threading
-
     spec, pipe = _family(name)
     terms = {"pag": PAG(scale=1.0)}
     if name != "sd_latent_upscale":  # SAG cannot guide that one (tested above)
@@ -184,23 +183,7 @@ def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(
             return _output(pipe(**kw))
 
     sequential = [call(0), call(1)]
-    results: list = [None, None]
-    errors: list = []
-    start = threading.Barrier(2)
-
-    def work(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = call(i)
-        except BaseException as err:  # reported below, in the main thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = [r[0] for r in in_threads(call, [[(0,)], [(1,)]])]
     for got, want in zip(results, sequential, strict=True):
         assert torch.equal(got, want)
     den = _denoiser(pipe)

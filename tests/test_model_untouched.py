@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import gen, quiet
+from conftest import gen, in_threads, quiet
 from diffusers import DDIMScheduler
 from test_families import _dit
 from test_sdxl import tiny_sdxl_components
@@ -110,28 +110,6 @@ def _plain_sd():
 JOBS = [(seed, prompt) for seed in (0, 1, 2) for prompt in ("a cat", "a red dog")]
 
 
-def _in_threads(fn, jobs_per_thread: list[list]) -> list[list]:
-    """Run ``fn(*job)`` for each thread's jobs, the threads started together; errors re-raised here."""
-    results: list[list] = [[] for _ in jobs_per_thread]
-    errors: list = []
-    start = threading.Barrier(len(jobs_per_thread))
-
-    def work(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = [fn(*job) for job in jobs_per_thread[i]]
-        except BaseException as err:  # reported below, in the main thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs_per_thread))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return results
-
-
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
 def test_two_threads_three_calls_in_one_guide_block(cfg):
     """Inside one guide() block, two threads each make three calls of one plain diffusers pipeline: every
@@ -148,7 +126,7 @@ def test_two_threads_three_calls_in_one_guide_block(cfg):
     with guide(pipe, **terms):
         sequential = [call(*job) for job in JOBS]
     with guide(pipe, **terms):
-        results = _in_threads(call, [JOBS[0::2], JOBS[1::2]])
+        results = in_threads(call, [JOBS[0::2], JOBS[1::2]])
     for i, got in enumerate(results[0] + results[1]):
         want = sequential[0::2][i] if i < 3 else sequential[1::2][i - 3]
         assert torch.equal(got, want)
@@ -165,7 +143,7 @@ def test_two_threads_three_calls_on_one_guided_pipeline():
     kws = [dict(sag_scale=0.75), dict(sag_scale=0.5, pag_scale=1.0, sag_window=(0.0, 0.5))]
     jobs = [[(seed, prompt, kws[i]) for seed, prompt in JOBS[i::2]] for i in range(2)]
     sequential = [[call(s, p, **kw) for s, p, kw in thread_jobs] for thread_jobs in jobs]
-    results = _in_threads(lambda s, p, kw: call(s, p, **kw), jobs)
+    results = in_threads(lambda s, p, kw: call(s, p, **kw), jobs)
     for got_list, want_list in zip(results, sequential, strict=True):
         for got, want in zip(got_list, want_list, strict=True):
             assert torch.equal(got, want)
@@ -181,7 +159,7 @@ def test_an_unguided_call_during_a_guided_run_stays_unguided():
     plain = quiet(StableDiffusionPipeline(**guided_pipe.components))
     want_plain = plain("a red dog", generator=gen(1), **TEXT).images
     want_guided = call(0, "a cat", sag_scale=0.75, pag_scale=1.0)
-    results = _in_threads(
+    results = in_threads(
         lambda which: (
             call(0, "a cat", sag_scale=0.75, pag_scale=1.0)
             if which == "guided"
