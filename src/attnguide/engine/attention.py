@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import (
     Attention,
     AttnProcessor,
@@ -55,11 +56,13 @@ DEFAULT_MAP_LIMITS = MapLimits()
 
 
 def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
-    """Every self-attention module of ``model`` by its module path, in model order."""
+    """Every self-attention (or joint text + image attention) module of ``model`` by its module path, in
+    model order: diffusers' ``Attention`` and the newer per-family attention classes (``FluxAttention``
+    ...), which share ``AttentionModuleMixin``; cross-attention layers are left out."""
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, Attention) and not getattr(m, "is_cross_attention", False)
+        if isinstance(m, (Attention, AttentionModuleMixin)) and not getattr(m, "is_cross_attention", False)
     }
 
 
@@ -157,8 +160,13 @@ def default_sag_layer(model: nn.Module) -> str:
     return layers[len(layers) // 2]
 
 
-#: Where diffusers' PAG pipeline of a model family chooses other default layers than the rules below.
-PAG_DEFAULTS_BY_MODEL = {"SanaTransformer2DModel": "transformer_blocks.0"}
+#: Where diffusers' PAG pipeline of a model family chooses other default layers than the rules below, and
+#: Flux (no diffusers PAG): SD3's choice, the second double-stream block ("blocks.1" alone would also
+#: pick single_transformer_blocks.1).
+PAG_DEFAULTS_BY_MODEL = {
+    "SanaTransformer2DModel": "transformer_blocks.0",
+    "FluxTransformer2DModel": "transformer_blocks.1.attn",
+}
 
 
 def default_pag_layers(model: nn.Module) -> list[str]:
@@ -189,9 +197,12 @@ class GuidanceState:
     recorded, per layer path: (rows, N) and the token grid (None where the layer saw tokens).
     ``thread``: the thread whose guided pass this is; the processors leave other threads' calls alone
     (a call that began before the guided run installed them). None: any thread (inside torch.compile).
+    ``image_tokens``: how many image tokens the model call has, where a layer's own sequence can also
+    hold text tokens (Flux's single-stream blocks: [text, image]); 0: a layer's own tokens are the image.
     """
 
     perturbed_rows: int = 0
+    image_tokens: int = 0
     thread: int | None = None
     capture: bool = False
     capture_rows: int = 0
@@ -237,8 +248,9 @@ def aggregated_map_chunked(
 
 class _SDPAIntercept(TorchFunctionMode):
     """While the wrapped processor runs: its ``scaled_dot_product_attention`` call goes to ``handler``,
-    which sees the final q, k, v (after the processor's norms and rotary embeddings). Every other
-    function runs as it is. Torch function modes are per thread."""
+    which sees the final q, k, v (after the processor's norms and rotary embeddings). Only the first
+    call is the layer's attention; later ones (IP-adapter image attention) and every other function run
+    as they are. Torch function modes are per thread."""
 
     def __init__(self, handler: Callable[..., Tensor]):
         super().__init__()
@@ -247,7 +259,7 @@ class _SDPAIntercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention and self.calls == 0:
             self.calls += 1
             return self.handler(*args, **kwargs)
         return func(*args, **kwargs)
@@ -313,7 +325,8 @@ class GuidedAttention:
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
         if isinstance(self.inner, SanaLinearAttnProcessor2_0):
             return self._linear_attention(attn, st, capture, perturb, grid, hidden_states, args, kwargs)
-        n_img = grid[0] * grid[1] if grid is not None else hidden_states.shape[1]  # the layer's own tokens
+        own = grid[0] * grid[1] if grid is not None else hidden_states.shape[1]  # the layer's own tokens
+        n_img = st.image_tokens if 0 < st.image_tokens < own else own  # [text, image] in one sequence
         mode = _SDPAIntercept(
             lambda *a, **kw: self._attention(attn, st, capture, perturb, grid, n_img, _sdpa_arguments(a, kw))
         )
@@ -327,17 +340,32 @@ class GuidedAttention:
             )
         return out
 
-    def _attention(self, attn, st: GuidanceState, capture, perturb, grid, n_img: int, a: dict) -> Tensor:
-        """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
-        tensors: identity for the perturbed rows, map capture for the leading rows. ``n_img``: the layer's
-        own (image) tokens; a longer sequence is joint attention (SD3: image tokens first, then text)."""
-        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
-        b, n = q.shape[0], q.shape[-2]
-        if k.shape[-2] != n or n < n_img:
+    def _image_tokens(self, n: int, n_img: int, k_len: int) -> slice:
+        """Where the ``n_img`` image tokens sit among the ``n`` tokens of one attention call: all of them
+        (self-attention), else the joint-attention order of the inner processor (:data:`JOINT_ORDER`)."""
+        if k_len != n or n < n_img:
             raise ValueError(
                 f"attnguide: layer {self.name!r} is neither a self-attention nor a joint attention over its "
-                f"own {n_img} tokens (queries {n}, keys {k.shape[-2]}); choose a self-attention layer"
+                f"own {n_img} tokens (queries {n}, keys {k_len}); choose a self-attention layer"
             )
+        if n == n_img:
+            return slice(0, n)
+        where = joint_image_position(self.inner)
+        if where is None:
+            raise ValueError(
+                f"attnguide: layer {self.name!r} attends over {n} tokens of which {n_img} are the image's, "
+                f"and attnguide does not know where {type(self.inner).__name__} puts them (known: "
+                "diffusers' SD3 joint processors, image first; Flux's, image last)"
+            )
+        return slice(0, n_img) if where == "first" else slice(n - n_img, n)
+
+    def _attention(self, attn, st: GuidanceState, capture, perturb, grid, n_img: int, a: dict) -> Tensor:
+        """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
+        tensors: identity for the perturbed rows, map capture for the leading rows. ``n_img``: the image
+        tokens; a longer sequence is joint attention (SD3: image tokens first; Flux: text first)."""
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        b, n = q.shape[0], q.shape[-2]
+        image = self._image_tokens(n, n_img, k.shape[-2])
         keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
         mask_keep = _rows(mask, slice(0, keep), b)
         options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
@@ -352,7 +380,7 @@ class GuidedAttention:
                     raise NotImplementedError("SAG maps of joint attention with an attention mask")
                 scale = options.get("scale") or q.shape[-1] ** -0.5
                 agg = aggregated_map_chunked(
-                    q[:rows, :, :n_img], k[:rows, :, :n_img], scale, self.limits.chunk_elements
+                    q[:rows, :, image], k[:rows, :, image], scale, self.limits.chunk_elements
                 ).to(q.dtype)
             st.maps[self.name] = (agg, grid)
         if out_keep is None and keep > 0:
@@ -361,7 +389,7 @@ class GuidedAttention:
             )
         if keep == b:
             return out_keep
-        perturbed = identity_attention(q[keep:], k[keep:], v[keep:], n_img, options)
+        perturbed = identity_attention(q[keep:], k[keep:], v[keep:], image, options)
         return perturbed if out_keep is None else torch.cat([out_keep, perturbed.to(out_keep.dtype)])
 
     def _linear_attention(self, attn, st, capture, perturb, grid, x: Tensor, args, kwargs) -> Tensor:
@@ -424,19 +452,36 @@ def linear_attention_map(attn: Attention, tokens: Tensor, eps: float = 1e-15) ->
     return agg / agg.mean(dim=1, keepdim=True).clamp_min(eps)
 
 
-def identity_attention(q: Tensor, k: Tensor, v: Tensor, n_img: int, options: dict | None = None) -> Tensor:
+def identity_attention(
+    q: Tensor, k: Tensor, v: Tensor, image: slice | int, options: dict | None = None
+) -> Tensor:
     """PAG's perturbed attention on (B, heads, N, d) tensors: the identity matrix, i.e. V, for
-    self-attention; in joint attention (the first ``n_img`` of N tokens are the image's), diffusers' rule
-    for SD3 (``PAGJointAttnProcessor2_0``): among the image keys each image query attends only to itself,
-    the context keys stay visible to it, and the context queries attend as usual."""
+    self-attention (``image`` covers all N tokens); in joint attention (``image``: where the image tokens
+    sit; an int n means the first n), diffusers' rule for SD3 (``PAGJointAttnProcessor2_0``), also used
+    for Flux: among the image keys each image query attends only to itself, the text keys stay visible
+    to it, and the text queries attend as usual."""
     n = q.shape[-2]
-    if n == n_img:
+    image = slice(0, image) if isinstance(image, int) else image
+    start, stop, _ = image.indices(n)
+    if stop - start == n:
         return v
     mask = torch.zeros((n, n), device=q.device, dtype=q.dtype)
-    mask[:n_img, :n_img] = -torch.inf
-    mask[:n_img, :n_img].fill_diagonal_(0)
+    mask[image, image] = -torch.inf
+    mask[image, image].fill_diagonal_(0)
     options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], **options)
+
+
+def joint_image_position(processor: object) -> str | None:
+    """Where a joint-attention processor puts the image tokens in its one sequence: "first" (diffusers'
+    SD3 processors: [image, text]), "last" (Flux's double- and single-stream blocks: [text, image]), or
+    None where attnguide does not know it."""
+    name = type(processor).__name__
+    if "Flux" in name:
+        return "last"
+    if "Joint" in name:
+        return "first"
+    return None
 
 
 def _scores(attn: Attention, query: Tensor, key: Tensor, mask: Tensor | None, scale: float) -> Tensor:

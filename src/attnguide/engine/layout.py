@@ -100,3 +100,49 @@ def from_images(images: Tensor, like: Tensor) -> Tensor:
         return images
     b, _, f, h, w = like.shape
     return images.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
+
+
+def pack_2x2(images: Tensor) -> Tensor:
+    """Flux's packed latents: each 2 x 2 patch of a (B, C, H, W) latent becomes one token of 4C features
+    (channel-major, then the patch row and column), tokens in row-major order: (B, H/2 * W/2, 4C). The
+    same numbers as diffusers' ``FluxPipeline._pack_latents``; conditioning latents packed alike and
+    concatenated on the feature axis unpack to extra channels (Flux Control: 16 + 16)."""
+    b, c, h, w = images.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"packed 2x2 latents need even sides, got {h}x{w}")
+    x = images.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`pack_2x2` for a token grid of ``grid`` = (rows, columns) tokens."""
+    b, n, f = tokens.shape
+    rows, cols = grid
+    if n != rows * cols or f % 4:
+        raise ValueError(
+            f"attnguide: {n} tokens of {f} features are not a {rows}x{cols} grid of packed 2x2 latents"
+        )
+    x = tokens.reshape(b, rows, cols, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, f // 4, rows * 2, cols * 2)
+
+
+def position_grid(ids: Tensor, tokens: int) -> tuple[int, int]:
+    """The (rows, columns) grid of ``tokens`` image tokens from their position ids (Flux's ``img_ids``:
+    one (frame, row, column) triple per token, row-major). ValueError where they are not one row-major
+    grid of exactly these tokens (Flux Kontext appends its reference image's tokens)."""
+    ids = ids[-1] if ids.ndim == 3 else ids  # diffusers' deprecated batched ids
+    if ids.ndim != 2 or ids.shape[-1] < 3 or ids.shape[0] != tokens:
+        raise ValueError(
+            f"attnguide: image position ids of shape {tuple(ids.shape)} do not describe the {tokens} image "
+            "tokens of this call (one (frame, row, column) triple per token)"
+        )
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(
+        -1, 2
+    )
+    if rows * cols != tokens or not torch.equal(ids[:, 1:3].round().long().cpu(), grid):
+        raise ValueError(
+            f"attnguide: the {tokens} image tokens of this call are not one row-major {rows}x{cols} grid "
+            "(position ids); attnguide guides Flux calls whose tokens are the generated image's only"
+        )
+    return rows, cols

@@ -248,18 +248,27 @@ class Guider:
         num_steps: int = 1,
         inputs_key: tuple = (),
         cfg: bool | None = None,
+        terms: frozenset[str] | None = None,
+        image_tokens: int = 0,
     ) -> StepOutputs:
         """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
         one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input.
         ``cfg``: whether the model function has an "uncond" branch (default: ``guidance_scale`` given).
-        ``inputs_key`` identifies the model function's own inputs for the CUDA-graph cache (tensors by
-        address: a captured graph reads them there). Holds ``step_lock`` (threads take turns)."""
+        ``terms``: the terms to run in this call ({"sag", "pag"}; None: all), for pipelines that make
+        the CFG branches in separate calls (SAG belongs to the unconditional one, PAG to the conditional).
+        ``image_tokens``: the model call's image tokens, where a layer's sequence can also hold text
+        tokens (:class:`GuidanceState`). ``inputs_key`` identifies the model function's own inputs for
+        the CUDA-graph cache (tensors by address: a captured graph reads them there). Holds
+        ``step_lock`` (threads take turns)."""
+        run = (model_fn, x_in, t, step, num_steps, inputs_key, cfg, terms, image_tokens)
         if torch.compiler.is_compiling():  # traced into a compiled model: dynamo cannot enter a lock
-            return self._passes(model_fn, x_in, t, step, num_steps, inputs_key, cfg)
+            return self._passes(*run)
         with self.step_lock:
-            return self._passes(model_fn, x_in, t, step, num_steps, inputs_key, cfg)
+            return self._passes(*run)
 
-    def _passes(self, model_fn, x_in, t, step, num_steps, inputs_key, cfg) -> StepOutputs:
+    def _passes(
+        self, model_fn, x_in, t, step, num_steps, inputs_key, cfg, terms, image_tokens
+    ) -> StepOutputs:
         st = self.state
         do_cfg = self.do_cfg if cfg is None else cfg
         if self.layout is not None:
@@ -269,6 +278,8 @@ class Guider:
         b = x_in.shape[0]
         do_sag = self.sag is not None and in_window(self.sag.window, step, num_steps)
         do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
+        if terms is not None:
+            do_sag, do_pag = do_sag and "sag" in terms, do_pag and "pag" in terms
 
         branches = (["uncond"] if do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
         x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
@@ -278,6 +289,7 @@ class Guider:
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         st.batch_rows = x_main.shape[0]
         st.thread = None if torch.compiler.is_compiling() else threading.get_ident()
+        st.image_tokens = image_tokens
         try:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
