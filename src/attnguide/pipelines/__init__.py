@@ -3,6 +3,7 @@
 from .animatediff import AnimateDiffPAGPipeline
 from .ddpm import DDPMSAGPipeline
 from .dit import DiTSAGPipeline
+from .flux import FluxSAGPipeline
 from .hunyuandit import HunyuanDiTPAGPipeline
 from .kolors import KolorsPAGPipeline
 from .pixart import PixArtSigmaPAGPipeline
@@ -31,6 +32,7 @@ __all__ = [
     "AnimateDiffPAGPipeline",
     "DDPMSAGPipeline",
     "DiTSAGPipeline",
+    "FluxSAGPipeline",
     "HunyuanDiTPAGPipeline",
     "KolorsPAGPipeline",
     "PixArtSigmaPAGPipeline",

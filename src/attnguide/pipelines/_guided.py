@@ -62,6 +62,9 @@ class GuidedPipelineMixin:
     map_limits: MapLimits = DEFAULT_MAP_LIMITS
     #: The engine of the last call (its layers, and the masks with ``record_masks=True``).
     last_guider: Guider | None = None
+    #: The call argument that holds the CFG weight (Flux: ``true_cfg_scale``; its ``guidance_scale`` is
+    #: the distilled guidance embedding).
+    cfg_weight_argument: str = "guidance_scale"
 
     def check_call(self, call: dict[str, Any]) -> None:
         """Checks of the call's arguments that must fail before any model runs: the ones diffusers'
@@ -101,9 +104,10 @@ class GuidedPipelineMixin:
             call.pop("callback_steps", None)
         sag, pag = options.check()
         self.check_call(call)
-        cfg = call.get("guidance_scale", 0.0) > 1.0
+        weight = self.cfg_weight_argument
+        cfg = (call.get(weight) or 0.0) > 1.0
         scales = {
-            "guidance_scale": call["guidance_scale"] if cfg else None,
+            weight: call[weight] if cfg else None,
             **options.scales(),
             "guidance_rescale": call.get("guidance_rescale") if cfg else None,
         }

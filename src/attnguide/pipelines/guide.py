@@ -15,7 +15,9 @@ diffusers' PAG pipelines do), or c + d and u + d (w unknown, e.g. DiT); without 
 Where the CFG branches sit is read, not guessed: diffusers' text pipelines pass
 ``do_classifier_free_guidance`` to ``encode_prompt`` (recorded at each call, per thread) and put
 [uncond, cond]; DiT puts [cond, null label]; a pipeline whose ``__call__`` takes no ``guidance_scale``
-has no CFG. Anything else needs ``cfg_layout``.
+has no CFG. Flux pipelines never batch CFG: with ``true_cfg_scale`` they encode a second (negative)
+prompt and call the transformer twice per step, conditional first ("separate"; see
+``GuidedForward._separate_call``). Anything else needs ``cfg_layout``.
 
 Threads: one block serves every thread that calls the pipeline inside it; each thread keeps its own
 place in its pipeline call (for step windows) and the passes of one step hold the guider's step lock, so
@@ -29,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,9 +40,22 @@ from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
 from ..engine.guidance import PAG, SAG, combine
+from ..engine.layout import LatentLayout, pack_2x2, position_grid, unpack_2x2
+from ..engine.parameterization import scheduler_takes_variance
 from ..engine.step import Guider, StepOutputs
 
-CFG_LAYOUTS = ("auto", "uncond_first", "cond_first", "none")
+CFG_LAYOUTS = ("auto", "uncond_first", "cond_first", "none", "separate")
+
+#: Denoisers whose pipelines never batch the CFG branches; with CFG (Flux's ``true_cfg_scale`` and a
+#: negative prompt) they call the denoiser twice per step, conditional first, and encode the negative
+#: prompt in a second ``encode_prompt`` call. Their latents are packed 2x2 tokens, placed by ``img_ids``.
+SEPARATE_CFG_MODELS = frozenset({"FluxTransformer2DModel"})
+
+#: Keyword arguments of those denoisers that hold per-token positions, never per-row values.
+POSITION_ARGS = frozenset({"img_ids", "txt_ids"})
+
+#: Denoisers whose latents are packed 2x2 tokens (B, H/2 * W/2, 4C): their config's channels are 4C.
+PACKED_MODELS = frozenset({"FluxTransformer2DModel"})
 
 
 def _select_rows(obj: Any, parts: list[slice], total: int, per_row: int = 1) -> Any:
@@ -138,11 +154,25 @@ def _cfg_weight(pipe: Any) -> float | None:
 class _Position(threading.local):
     """One thread's place in its current pipeline call: the schedule index where the call started and
     the last one seen (a new call starts where the index goes back), and a count of calls whose timestep
-    is not in the schedule."""
+    is not in the schedule. With CFG as separate calls: the layout of this pipeline call and the
+    conditional call of the current step, waiting for its unconditional twin (:class:`_Pending`)."""
 
     start: int = 0
     last: int | None = None
     count: int = 0
+    separate: str = "none"
+    pending: _Pending | None = None
+
+
+@dataclass
+class _Pending:
+    """A conditional call answered in a step whose CFG comes in separate calls: what it returned (to be
+    completed in place by the unconditional call) and its share of the guidance terms (PAG's)."""
+
+    sample: Tensor
+    t: Tensor
+    returned: Tensor
+    delta: Tensor | None
 
 
 class CFGRecorder:
@@ -164,17 +194,26 @@ class CFGRecorder:
             flag = None
         if flag is not None:
             self._local.flag = bool(flag)
+        self._local.calls = getattr(self._local, "calls", 0) + 1
         return self.original(*args, **kwargs)
 
     def flag(self) -> bool | None:
         """This thread's last recorded flag (None: none recorded)."""
         return getattr(self._local, "flag", None)
 
+    def take_calls(self) -> int:
+        """How many ``encode_prompt`` calls this thread made since the last ``take_calls`` (a pipeline
+        with CFG as separate calls encodes twice per pipeline call: the prompt and the negative one)."""
+        calls = getattr(self._local, "calls", 0)
+        self._local.calls = 0
+        return calls
+
 
 class GuidedForward:
     """The ``forward`` that :func:`guide` puts on the denoiser for the ``with`` block: the guidance passes
     of one step, answered in the layout the pipeline asked for. Threads the block does not guide get the
-    original forward."""
+    original forward. Packed 2x2 token latents (Flux: ``img_ids`` given) are unpacked into the image
+    latent the engine works on, and the answer is packed again."""
 
     def __init__(
         self,
@@ -191,6 +230,7 @@ class GuidedForward:
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
+        self.separate_cfg = type(inner).__name__ in SEPARATE_CFG_MODELS
         self.windowed = any(
             term is not None and term.window != (0.0, 1.0) for term in (guider.sag, guider.pag)
         )
@@ -208,56 +248,136 @@ class GuidedForward:
         t = kwargs.pop(self.timestep_arg)
         return_dict = kwargs.pop("return_dict", True)
         total = sample.shape[0]
-        recorded = self.recorder.flag() if self.recorder is not None else None
-        layout = resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs, recorded)
-        rows = branch_rows(layout, total)
+        layout = self._cfg_layout(sample, kwargs)
+        rows = branch_rows("none" if layout == "separate" else layout, total)
+        grid = self._token_grid(sample, kwargs)
+        x = unpack_2x2(sample, grid) if grid is not None else sample
         t0 = torch.as_tensor(t)
         t0 = t0.reshape(-1)[0] if t0.ndim > 0 else t0  # the step's timestep, as the engine takes it
         per_row_t = isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == total
         step, num_steps = self._step_of(t0)
-        r = self.guider.passes(
-            self._model_fn(kwargs, rows, total, per_row_t, sample.shape[2] if sample.ndim == 5 else 1),
-            sample[rows["cond"]],
-            t0,
-            step=step,
-            num_steps=num_steps,
-            inputs_key=_inputs_key(kwargs),
-            cfg="uncond" in rows,
-        )
-        return _wrap_output(self._assemble(r, rows, total), return_dict)
+        frames = sample.shape[2] if sample.ndim == 5 else 1
+
+        def passes(**options) -> StepOutputs:
+            return self.guider.passes(
+                self._model_fn(kwargs, rows, total, per_row_t, frames, grid),
+                x[rows["cond"]],
+                t0,
+                step=step,
+                num_steps=num_steps,
+                inputs_key=_inputs_key(kwargs),
+                image_tokens=sample.shape[1] if grid is not None else 0,
+                **options,
+            )
+
+        pack = pack_2x2 if grid is not None else (lambda v: v)
+        if layout == "separate":
+            out = self._separate_call(passes, sample, t0, pack)
+        else:
+            out = pack(self._assemble(passes(cfg="uncond" in rows), rows, total))
+        return _wrap_output(out, return_dict)
 
     def _unguided(self, *args, **kwargs):
         with self.guider.step_lock:
             return self.original(*args, **kwargs)
 
+    def _cfg_layout(self, sample: Tensor, kwargs: dict) -> str:
+        """This call's CFG layout: the block's, else what the pipeline call showed (see module text).
+        Pipelines with CFG as separate calls (:data:`SEPARATE_CFG_MODELS`) use "separate" where their
+        call encoded two prompts (the prompt and the negative one), else "none"."""
+        if self.layout != "auto":
+            return self.layout
+        if self.separate_cfg:
+            calls = self.recorder.take_calls() if self.recorder is not None else 0
+            if calls:  # the first denoiser call of a pipeline call
+                self._position.separate = "separate" if calls >= 2 else "none"
+            return self._position.separate
+        recorded = self.recorder.flag() if self.recorder is not None else None
+        return resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs, recorded)
+
+    @staticmethod
+    def _token_grid(sample: Tensor, kwargs: dict) -> tuple[int, int] | None:
+        """The token grid of packed 2x2 latents (B, tokens, 4C), read from ``img_ids``; None for image
+        and video latents."""
+        ids = kwargs.get("img_ids")
+        if sample.ndim != 3 or not isinstance(ids, Tensor):
+            return None
+        return position_grid(ids, sample.shape[1])
+
+    def _separate_call(self, passes: Callable[..., StepOutputs], sample: Tensor, t0: Tensor, pack) -> Tensor:
+        """One call of a step whose CFG branches come as two calls, conditional first. The conditional
+        call runs PAG and returns c + d_pag; the unconditional one runs SAG (its map and reference are
+        the unconditional prediction, as Eq. 16 and diffusers' SAG pipeline) and adds d_sag to the
+        conditional answer in place, which the pipeline still holds, then returns u + d. The pipeline's
+        u' + w (c' - u') is then u + w (c - u) + d: each term once, whatever w."""
+        pos = self._position
+        pending = pos.pending
+        pos.pending = None
+        if pending is None or pending.sample is not sample or not torch.equal(pending.t, t0):
+            r = passes(cfg=False, terms=frozenset({"pag"}))
+            delta = None
+            if r.out_perturbed is not None:
+                delta = combine(r.out_cond, out_perturbed=r.out_perturbed, pag_scale=r.pag_scale) - r.out_cond
+            returned = pack(_with_variance(r.out_cond if delta is None else r.out_cond + delta, r.variance))
+            pos.pending = _Pending(sample, t0, returned, delta)
+            return returned
+        r = passes(cfg=False, terms=frozenset({"sag"}))
+        delta = pending.delta
+        if r.out_degraded is not None:
+            d_sag = combine(r.out_cond, sag_ref=r.sag_ref, out_degraded=r.out_degraded, sag_scale=r.sag_scale)
+            d_sag = d_sag - r.out_cond
+            zeros = None if r.variance is None else torch.zeros_like(r.variance)
+            pending.returned.add_(pack(_with_variance(d_sag, zeros)))
+            delta = d_sag if delta is None else delta + d_sag
+        guided = r.out_cond if delta is None else r.out_cond + delta
+        return pack(_with_variance(guided, r.variance))
+
     def _step_of(self, t: Tensor) -> tuple[int, int]:
         """(step, number of steps) of this call within the calling thread's current pipeline call: the
-        timestep's place in the schedule, counted from where this pipeline call started (img2img starts
+        timestep's place in the schedule (or, for a pipeline that hands the denoiser rescaled timesteps,
+        the scheduler's step index), counted from where this pipeline call started (img2img starts
         late), so a window restarts at each pipeline call. Only computed where a window needs it."""
-        timesteps = getattr(self.guider.scheduler, "timesteps", None)
+        scheduler = self.guider.scheduler
+        timesteps = getattr(scheduler, "timesteps", None)
         n = len(timesteps) if timesteps is not None else 0
         if not self.windowed or n == 0:
             return 0, max(n, 1)
         pos = self._position
         hits = (timesteps == t.to(timesteps.device)).nonzero()
-        if len(hits) == 0:  # a timestep outside the schedule (a loop of one's own): count the calls
+        idx = int(hits[0, 0]) if len(hits) else getattr(scheduler, "step_index", None)
+        if idx is None:
+            idx = getattr(scheduler, "begin_index", None)
+        if idx is None:  # a timestep outside the schedule (a loop of one's own): count the calls
             pos.count += 1
             return pos.count - 1, n
-        idx = int(hits[0, 0])
         if pos.last is None or idx < pos.last:
             pos.start = idx
         pos.last = idx
         return idx - pos.start, n - pos.start
 
-    def _model_fn(self, kwargs: dict, rows: dict[str, slice], total: int, per_row_t: bool, frames: int):
+    def _model_fn(
+        self,
+        kwargs: dict,
+        rows: dict[str, slice],
+        total: int,
+        per_row_t: bool,
+        frames: int,
+        grid: tuple[int, int] | None,
+    ):
         """``model_fn(x, t, branches)`` of the engine: the original forward with each branch's rows of
-        the pipeline's arguments (``frames`` rows per sample for video). It reads only its arguments and
+        the pipeline's arguments (``frames`` rows per sample for video; position ids as they are), on
+        packed tokens where the call's latents were packed (``grid``). It reads only its arguments and
         those tensors (CUDA-graph safe)."""
+        positions = {k: v for k, v in kwargs.items() if k in POSITION_ARGS}
+        per_row = {k: v for k, v in kwargs.items() if k not in POSITION_ARGS}
 
         def model_fn(x: Tensor, tt: Tensor, branches) -> Tensor:
-            kw = _select_rows(kwargs, [rows[b] for b in branches], total, frames)
+            kw = _select_rows(per_row, [rows[b] for b in branches], total, frames)
             kw[self.timestep_arg] = tt.expand(x.shape[0]) if per_row_t else tt
-            return self.original(x, return_dict=False, **kw)[0]
+            if grid is None:
+                return self.original(x, return_dict=False, **kw, **positions)[0]
+            out = self.original(pack_2x2(x), return_dict=False, **kw, **positions)[0]
+            return unpack_2x2(out, grid)
 
         return model_fn
 
@@ -290,6 +410,11 @@ class GuidedForward:
                 var[sl] = r.variance
             out = torch.cat([out, var], dim=1)
         return out
+
+
+def _with_variance(prediction: Tensor, variance: Tensor | None) -> Tensor:
+    """A model output: the prediction, and a learned variance where the model has one."""
+    return prediction if variance is None else torch.cat([prediction, variance], dim=1)
 
 
 def _wrap_output(sample: Tensor, return_dict: bool):
@@ -334,8 +459,24 @@ def cfg_layout_knowable(pipe: Any, module: nn.Module) -> bool:
     return "guidance_scale" not in inspect.signature(type(pipe).__call__).parameters
 
 
+#: Pipelines attnguide cannot guide at all, and why.
+UNSUPPORTED = {
+    "FluxKontextPipeline": "it appends the reference image's tokens to the denoised ones, which attnguide "
+    "does not place yet",
+    "FluxKontextInpaintPipeline": "it appends the reference image's tokens to the denoised ones, which "
+    "attnguide does not place yet",
+}
+
+
 def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
-    """TypeError for terms of the wrong type, ValueError for SAG where the family cannot run it."""
+    """TypeError for terms of the wrong type, ValueError for a pipeline attnguide cannot guide and for
+    SAG where the family cannot run it."""
+    if pipe is not None:
+        for cls in type(pipe).__mro__:
+            if cls.__name__ in UNSUPPORTED:
+                raise ValueError(
+                    f"`target`: attnguide cannot guide {cls.__name__}: {UNSUPPORTED[cls.__name__]}"
+                )
     if sag is not None and not isinstance(sag, SAG):
         raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {sag!r}")
     if pag is not None and not isinstance(pag, PAG):
@@ -344,6 +485,22 @@ def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
         for cls in type(pipe).__mro__:
             if cls.__name__ in SAG_UNSUPPORTED:
                 raise ValueError(f"`sag`: SAG cannot guide {cls.__name__}: {SAG_UNSUPPORTED[cls.__name__]}")
+
+
+def packed_layout(module: nn.Module, scheduler: Any) -> LatentLayout | None:
+    """The :class:`LatentLayout` of the unpacked latent of a denoiser with packed 2x2 token latents
+    (:data:`PACKED_MODELS`: config channels / 4; Flux Control's 128 = 4 x (16 latent + 16 control)), or
+    None for the others (the engine reads their config)."""
+    inner = getattr(module, "_orig_mod", module)
+    if type(inner).__name__ not in PACKED_MODELS:
+        return None
+    in_ch = inner.config.in_channels
+    out_ch = getattr(inner, "out_channels", None) or in_ch
+    if in_ch % 4 or out_ch % 4:
+        raise ValueError(
+            f"attnguide: packed 2x2 latents need channel counts divisible by 4, got {in_ch}/{out_ch}"
+        )
+    return LatentLayout.from_channels(in_ch // 4, out_ch // 4, variance=scheduler_takes_variance(scheduler))
 
 
 @contextlib.contextmanager
@@ -365,7 +522,9 @@ def guide(
     ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses, and
     ``cfg_layout`` too).
     cfg_layout: how CFG branches sit in the denoiser's batch: "auto" (known for diffusers' pipelines: see
-    the module text), "uncond_first", "cond_first" or "none".
+    the module text), "uncond_first", "cond_first", "none", or "separate" (no CFG batch: two denoiser
+    calls per step, conditional first, with the same latents; Flux's ``true_cfg_scale``; the conditional
+    answer is completed in place when the unconditional call arrives).
     record_masks, cuda_graphs, map_limits: as for :class:`attnguide.Guider`.
     calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
     pipelines do this); other threads' calls of the denoiser meanwhile run unguided. Default: every
@@ -396,6 +555,7 @@ def guide(
         scheduler,
         sag=sag,
         pag=pag,
+        layout=packed_layout(module, scheduler),
         record_masks=record_masks,
         cuda_graphs=cuda_graphs,
         map_limits=map_limits,

@@ -293,7 +293,7 @@ def check_call_arguments(
     denoiser = getattr(pipe, "unet", None)
     if denoiser is None:
         denoiser = getattr(pipe, "transformer", None)
-    for name in ("guidance_scale", "guidance_rescale"):
+    for name in ("guidance_scale", "true_cfg_scale", "guidance_rescale"):
         if name in call:
             check_scale(name, call[name])
     if "eta" in call:
