@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from conftest import in_threads
-from tiny_families import FAMILIES, instantiate
+from tiny_families import FAMILIES, cfg_kwargs, instantiate
 
 import attnguide
 from attnguide import PAG, SAG
@@ -48,10 +48,7 @@ def _output(result) -> torch.Tensor:
 
 
 def _call(pipe, spec, cfg: bool, **extra) -> torch.Tensor:
-    kw = dict(spec["call"], generator=torch.Generator().manual_seed(0), **extra)
-    scale = spec["cfg_scale"] if cfg else spec["cfg_off"]
-    if scale is not None:
-        kw["guidance_scale"] = scale
+    kw = dict(spec["call"], generator=torch.Generator().manual_seed(0), **cfg_kwargs(spec, cfg), **extra)
     return _output(pipe(**kw))
 
 
@@ -90,7 +87,7 @@ PAG_CASES = [
     (name, cfg)
     for name, build in FAMILIES.items()
     for cfg in (False, True)
-    if name not in ("dit", "ddpm", "lcm", "sd_upscale", "sd_latent_upscale")
+    if name not in ("dit", "ddpm", "lcm", "sd_upscale", "sd_latent_upscale", "flux", "flux_img2img")
 ]
 
 
@@ -176,9 +173,7 @@ def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(
         terms["sag"] = SAG(scale=1.0)
 
     def call(seed: int) -> torch.Tensor:
-        kw = dict(spec["call"], generator=torch.Generator().manual_seed(seed))
-        if spec["cfg_scale"] is not None:
-            kw["guidance_scale"] = spec["cfg_scale"]
+        kw = dict(spec["call"], generator=torch.Generator().manual_seed(seed), **cfg_kwargs(spec, True))
         with attnguide.guide(pipe, **terms):
             return _output(pipe(**kw))
 

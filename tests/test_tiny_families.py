@@ -10,8 +10,17 @@ from conftest import gen
 from tiny_families import FAMILIES, build, instantiate
 
 #: the families diffusers has no PAG pipeline for (checked against the specs below)
-NO_PAG = {"sd_upscale", "sd_latent_upscale", "lcm", "dit", "ddpm"}
-SPEC_KEYS = {"components", "pipeline", "pag_pipeline", "call", "cfg_scale", "cfg_off", "pag_without_cfg"}
+NO_PAG = {"sd_upscale", "sd_latent_upscale", "lcm", "dit", "ddpm", "flux", "flux_img2img"}
+SPEC_KEYS = {
+    "components",
+    "pipeline",
+    "pag_pipeline",
+    "call",
+    "cfg_arg",
+    "cfg_scale",
+    "cfg_off",
+    "pag_without_cfg",
+}
 
 
 def _output(result) -> torch.Tensor:
@@ -21,7 +30,7 @@ def _output(result) -> torch.Tensor:
 
 def _run(pipe, spec, guidance_scale, **kw) -> torch.Tensor:
     if guidance_scale is not None:
-        kw["guidance_scale"] = guidance_scale
+        kw[spec["cfg_arg"]] = guidance_scale
     out = _output(pipe(generator=gen(0), **spec["call"], **kw))
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()

@@ -9,12 +9,14 @@ Every builder in :data:`FAMILIES` returns a fresh spec (new random-weight models
         "pipeline": the plain diffusers pipeline class,
         "pag_pipeline": diffusers' PAG pipeline class, or None where diffusers has none,
         "call": call kwargs of a tiny run (2 denoising steps, latent output where that is safe),
-        "cfg_scale": a guidance_scale > 1 that works (None: the pipeline takes no guidance_scale),
-        "cfg_off": the guidance_scale that turns classifier-free guidance off (None: no such argument),
+        "cfg_arg": the call argument of the CFG weight ("guidance_scale"; Flux: "true_cfg_scale"),
+        "cfg_scale": a CFG weight > 1 that works (None: the pipeline takes no guidance_scale),
+        "cfg_off": the CFG weight that turns classifier-free guidance off (None: no such argument),
         "pag_without_cfg": whether diffusers' PAG pipeline runs with CFG off (False: only with CFG on),
     }
 
-``call`` holds neither ``generator`` nor ``guidance_scale`` nor ``pag_scale``: the caller adds them.
+``call`` holds neither ``generator`` nor the CFG weight nor ``pag_scale``: the caller adds them
+(:func:`cfg_kwargs`). Flux's ``call`` holds its distilled ``guidance_scale`` and a negative prompt.
 Its tensors (init image, mask, control image, embeddings) are made deterministically. Sizes are
 non-square where the pipeline allows it, so that a transposed attention map would show. Image-to-image
 and inpainting runs schedule 4 steps at strength 0.5 (2 denoising steps). ``output_type`` is "latent"
@@ -49,6 +51,9 @@ from diffusers import (
     DiTTransformer2DModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
     HunyuanDiT2DModel,
     HunyuanDiTPAGPipeline,
     HunyuanDiTPipeline,
@@ -115,7 +120,7 @@ from attnguide.tiny_models import (
     tiny_unet_2d,
 )
 
-__all__ = ["FAMILIES", "build", "instantiate", "sdxl_components"]
+__all__ = ["FAMILIES", "build", "cfg_kwargs", "instantiate", "sdxl_components"]
 
 PROMPT = "a cat"
 STEPS = 2
@@ -304,13 +309,21 @@ def sdxl_components(in_channels: int = 4, controlnet: bool = False) -> dict[str,
 
 
 def _spec(
-    components, pipeline, pag_pipeline, call, cfg_scale=CFG, cfg_off=1.0, pag_without_cfg=True
+    components,
+    pipeline,
+    pag_pipeline,
+    call,
+    cfg_scale=CFG,
+    cfg_off=1.0,
+    pag_without_cfg=True,
+    cfg_arg="guidance_scale",
 ) -> dict[str, Any]:
     return {
         "components": components,
         "pipeline": pipeline,
         "pag_pipeline": pag_pipeline,
         "call": call,
+        "cfg_arg": cfg_arg,
         "cfg_scale": cfg_scale,
         "cfg_off": cfg_off,
         "pag_without_cfg": pag_without_cfg and pag_pipeline is not None,
@@ -794,6 +807,58 @@ def sd3_img2img() -> dict[str, Any]:
     return _spec(spec["components"], *pipes, call)
 
 
+def flux() -> dict[str, Any]:
+    """Flux (dev-like: guidance-distilled, ``guidance_embeds``): a FluxTransformer2DModel with 2 double-
+    and 2 single-stream blocks on packed 2x2 latents, a tiny CLIP and T5, FlowMatchEulerDiscreteScheduler.
+    CFG is ``true_cfg_scale`` with a negative prompt (two transformer calls per step); diffusers has no
+    Flux PAG pipeline. 32 x 48 pixels = 16 x 24 latents = 8 x 12 tokens."""
+    tok = offline_clip_tokenizer()
+    t5_tok = _t5_tokenizer(16)
+    transformer = _seeded(
+        0,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=TEXT_DIM,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ),
+    )
+    comps = {
+        "transformer": transformer,
+        "vae": _vae(0, sample_size=H, shift_factor=0.0),
+        "text_encoder": _seeded(0, lambda: CLIPTextModel(_clip_config(tok))),
+        "text_encoder_2": _t5_encoder(t5_tok),
+        "tokenizer": tok,
+        "tokenizer_2": t5_tok,
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+    }
+    call = dict(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        height=H,
+        width=W,
+        guidance_scale=3.5,
+        max_sequence_length=16,
+        **_LATENT,
+    )
+    return _spec(comps, FluxPipeline, None, call, cfg_scale=4.0, cfg_arg="true_cfg_scale")
+
+
+def flux_img2img() -> dict[str, Any]:
+    """Flux image-to-image on the :func:`flux` components."""
+    spec = flux()
+    call = dict(spec["call"], image=_image(3), **_IMG2IMG)
+    for key in ("height", "width"):
+        call.pop(key)
+    return _spec(spec["components"], FluxImg2ImgPipeline, None, call, cfg_scale=4.0, cfg_arg="true_cfg_scale")
+
+
 # --------------------------------------------------------------------------------------------- Sana
 
 
@@ -948,11 +1013,20 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "sd_latent_upscale": sd_latent_upscale,
     "sd3": sd3,
     "sd3_img2img": sd3_img2img,
+    "flux": flux,
+    "flux_img2img": flux_img2img,
     "sana": sana,
     "lcm": lcm,
     "dit": dit,
     "ddpm": ddpm,
 }
+
+
+def cfg_kwargs(spec: dict[str, Any], cfg: bool) -> dict[str, float]:
+    """The call keyword that turns the family's classifier-free guidance on (``cfg``) or off; {} for a
+    pipeline without one."""
+    scale = spec["cfg_scale"] if cfg else spec["cfg_off"]
+    return {} if scale is None else {spec["cfg_arg"]: scale}
 
 
 def instantiate(spec: dict[str, Any], pag: bool = False, **component_overrides):
