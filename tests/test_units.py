@@ -899,3 +899,52 @@ def test_linear_attention_map_equals_the_explicit_matrix():
     want = a.sum(2).mean(1)
     torch.testing.assert_close(got, want / want.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.mean(1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+# =========================================================================== random token-block mask
+
+
+@pytest.mark.parametrize(("size", "grid", "fraction"), [((28, 28), (7, 7), 0.41), ((16, 24), (4, 6), 0.25)])
+def test_random_token_mask_fraction_blocks_and_determinism(size, grid, fraction):
+    """Whole tokens: constant on each (H/h) x (W/w) block, round(f h w) tokens per image, fixed by seed."""
+    from attnguide.engine.degrade import random_token_mask
+
+    (h, w), (gh, gw), b = size, grid, 3
+    mask = random_token_mask((b, 1, h, w), grid, fraction, _gen(5))
+    assert mask.shape == (b, 1, h, w) and set(mask.unique().tolist()) == {0.0, 1.0}
+    blocks = mask.reshape(b, gh, h // gh, gw, w // gw)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()
+    k = round(fraction * gh * gw)
+    tokens = blocks[:, :, 0, :, 0]
+    assert (tokens.sum(dim=(1, 2)) == k).all()
+    torch.testing.assert_close(mask.mean(dim=(1, 2, 3)), torch.full((b,), k / (gh * gw)))
+    # The same blocks as the attention mask's upsampling of a map on that grid (Eq. 13-14).
+    as_map = (2 * tokens).reshape(b, gh * gw)
+    assert torch.equal(attention_mask(as_map, grid, size), mask)
+    assert torch.equal(mask, random_token_mask((b, 1, h, w), grid, fraction, _gen(5)))
+    assert not torch.equal(mask, random_token_mask((b, 1, h, w), grid, fraction, _gen(6)))
+
+
+def test_random_token_mask_uneven_blocks_and_validation():
+    from attnguide.engine.degrade import random_token_mask
+
+    mask = random_token_mask((2, 1, 7, 7), (4, 4), 0.01, _gen(1))  # 7 px over 4 tokens: ceil grids
+    first = [min(y for y in range(7) if y * 4 // 7 == i) for i in range(4)]  # each token's first pixel
+    tokens = mask[:, :, first][:, :, :, first]
+    assert (tokens.sum(dim=(1, 2, 3)) == 1).all()  # at least one token, however small the fraction
+    assert torch.equal(attention_mask(2 * tokens.reshape(2, 16), (4, 4), (7, 7)), mask)
+    for grid in ((0, 4), (4,), (8, 4), (2.0, 2)):
+        with pytest.raises(ValueError, match="`grid`"):
+            random_token_mask((1, 1, 7, 7), grid, 0.5)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="`fraction`"):
+            random_token_mask((1, 1, 7, 7), (7, 7), fraction)
+
+
+def test_sag_random_tokens_mask_is_validated_and_captures_the_map():
+    sag = SAG(mask="random_tokens", mask_fraction=0.3)
+    assert sag.needs_map  # the grid comes from the captured map
+    with pytest.raises(ValueError, match="`sag_mask`"):
+        SAG(mask="random_token")
+    with pytest.raises(ValueError, match="`sag_mask_fraction`"):
+        SAG(mask="random_tokens", mask_fraction=0.0)

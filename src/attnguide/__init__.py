@@ -10,7 +10,7 @@ Three layers, dependencies pointing one way (docs/architecture.md):
 * :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train).
 """
 
-from .engine.guidance import PAG, SAG
+from .engine.guidance import PAG, SAG, SEG, SLG, TPG
 from .engine.step import Guider, sample_loop
 from .pipelines import (
     AnimateDiffPAGPipeline,
@@ -45,6 +45,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PAG",
     "SAG",
+    "SEG",
+    "SLG",
+    "TPG",
     "AnimateDiffPAGPipeline",
     "DDPMSAGPipeline",
     "DiTSAGPipeline",

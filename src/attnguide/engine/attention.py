@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import types
@@ -32,6 +33,8 @@ from diffusers.models.attention_processor import (
 )
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from .degrade import infer_grid
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def _literal_dots(pattern: str) -> str:
     return "".join(out)
 
 
-def _bounded(pattern: str) -> re.Pattern:
+def bounded_pattern(pattern: str) -> re.Pattern:
+    """``pattern`` compiled for module paths (see :func:`resolve_layers`)."""
     # A number at either end of a match must not continue in the name: "blocks.1" must not match inside
     # "blocks.10". The assertion "(?!(?<=\d)\d)" fails only between two digits.
     return re.compile(r"(?!(?<=\d)\d)(?:" + _literal_dots(pattern) + r")(?!(?<=\d)\d)")
@@ -120,7 +124,7 @@ def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument:
             chosen.add(pattern)
             continue
         try:
-            rx = _bounded(pattern)
+            rx = bounded_pattern(pattern)
         except re.error as err:
             raise ValueError(f"`{argument}`: {pattern!r} is not a valid pattern ({err})") from None
         hits = [name for name in layers if name.startswith(pattern + ".") or rx.search(name)]
@@ -181,7 +185,7 @@ def default_pag_layers(model: nn.Module) -> list[str]:
     mid = [name for name in layers if name.startswith("mid_block.")]
     if mid:
         return mid
-    rx = _bounded(r"blocks.1")
+    rx = bounded_pattern(r"blocks.1")
     hits = [name for name in layers if rx.search(name)]
     return hits or [layers[len(layers) // 2]]
 
@@ -190,19 +194,24 @@ def default_pag_layers(model: nn.Module) -> list[str]:
 class GuidanceState:
     """What the installed processors do in the current model call of one thread.
 
-    ``perturbed_rows``: how many trailing rows of the model's batch of ``batch_rows`` the PAG processors
-    perturb (0: none). ``capture``: whether capture processors record their map; ``capture_rows``: how
-    many leading rows of the model batch need it (0: all). A layer that sees k rows per model row (video
+    ``groups``: the rows of the model's batch of ``batch_rows`` that each perturbation term's branch
+    holds, by term ("pag", "seg", "tpg", "slg"): (start, stop); the processors and block hooks of a term
+    act on its rows only. ``perturbed_rows``: shorthand for a PAG group of that many trailing rows.
+    ``capture``: whether capture processors record their map; ``capture_rows``: how many leading rows of
+    the model batch need it (0: all). A layer that sees k rows per model row (video
     frames, or spatial tokens in temporal layers) scales these by k. ``maps``: the aggregated maps
     recorded, per layer path: (rows, N) and the token grid (None where the layer saw tokens).
     ``thread``: the thread whose guided pass this is; the processors leave other threads' calls alone
     (a call that began before the guided run installed them). None: any thread (inside torch.compile).
     ``image_tokens``: how many image tokens the model call has, where a layer's own sequence can also
     hold text tokens (Flux's single-stream blocks: [text, image]); 0: a layer's own tokens are the image.
+    ``image_size``: the (H, W) of the model input's latent, from which a token layer's grid is read (SEG).
     """
 
     perturbed_rows: int = 0
+    groups: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_tokens: int = 0
+    image_size: tuple[int, int] | None = None
     thread: int | None = None
     capture: bool = False
     capture_rows: int = 0
@@ -214,6 +223,14 @@ class GuidanceState:
         if self.thread is None or torch.compiler.is_compiling():
             return True
         return self.thread == threading.get_ident()
+
+    def term_rows(self, layer_batch: int = 0) -> dict[str, tuple[int, int]]:
+        """Each perturbation term's (start, stop) rows of the model batch (``perturbed_rows`` as PAG's,
+        the trailing rows of ``batch_rows``, or of ``layer_batch`` where that is not set)."""
+        if self.perturbed_rows > 0 and "pag" not in self.groups:
+            total = self.batch_rows or layer_batch
+            return {**self.groups, "pag": (total - self.perturbed_rows, total)}
+        return self.groups
 
     def layer_rows(self, rows: int, layer_batch: int) -> int:
         """``rows`` model rows expressed in the rows of a layer whose batch is ``layer_batch``."""
@@ -291,8 +308,11 @@ class GuidedAttention:
       ``limits.exact_max_elements`` probabilities they are computed as diffusers' ``AttnProcessor`` and
       SAG pipeline do (``attn.get_attention_scores``, then ``bmm``: bit-identical masks); above it, the
       output comes from the fused kernel and the map from :func:`aggregated_map_chunked` (memory-flat).
-    * ``perturb`` (PAG, arXiv:2403.17377): the trailing perturbed rows get the identity attention matrix,
-      i.e. the attention output is V (diffusers' ``PAGIdentitySelfAttnProcessor2_0``).
+    * ``perturb``: the perturbation terms this layer takes part in ("pag", "seg"; True means PAG), each on
+      its own rows of the batch (``state.groups``). PAG (arXiv:2403.17377): the identity attention matrix,
+      i.e. the output is V (diffusers' ``PAGIdentitySelfAttnProcessor2_0``). SEG (arXiv:2408.00760): the
+      queries blurred over the token grid with a Gaussian of ``seg_sigma`` (infinity: every query is the
+      mean query), :func:`seg_attention`.
 
     Outside a guided call (``state`` asks for nothing) it is the inner processor. :func:`guided_attention`
     builds one with the inner processor's call signature, which diffusers reads to decide which keyword
@@ -307,11 +327,13 @@ class GuidedAttention:
         state: GuidanceState,
         *,
         capture: bool = False,
-        perturb: bool = False,
+        perturb: bool | Iterable[str] = False,
         limits: MapLimits = DEFAULT_MAP_LIMITS,
+        seg_sigma: float = float("inf"),
     ):
         self.inner, self.name, self.state = inner, name, state
-        self.capture, self.perturb, self.limits = capture, perturb, limits
+        self.capture, self.limits, self.seg_sigma = capture, limits, seg_sigma
+        self.perturb = frozenset({"pag"} if perturb is True else () if perturb is False else perturb)
         # diffusers' classic processor computes the same attention with explicit matrices; its fused
         # twin runs in its place during guided calls, where the attention call must be intercepted.
         self._guided_inner = AttnProcessor2_0() if type(inner) is AttnProcessor else inner
@@ -319,7 +341,7 @@ class GuidedAttention:
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st = self.state
         capture = self.capture and st.capture
-        perturb = self.perturb and st.perturbed_rows > 0
+        perturb = bool(self.perturb) and any(term in self.perturb for term in st.term_rows(1))
         if not (capture or perturb) or not st.this_thread():
             return self.inner(attn, hidden_states, *args, **kwargs)
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
@@ -359,56 +381,95 @@ class GuidedAttention:
             )
         return slice(0, n_img) if where == "first" else slice(n - n_img, n)
 
+    def _row_plan(self, st: GuidanceState, b: int, perturb: bool) -> list[tuple[slice, str | None]]:
+        """The rows of a layer batch of ``b`` in order, each run with a term's perturbation or normally
+        (None): the groups of the terms this layer takes part in, the rest normal."""
+        plan: list[tuple[slice, str | None]] = []
+        pos = 0
+        groups = st.term_rows(b) if perturb else {}
+        for term, (start, stop) in sorted(groups.items(), key=lambda item: item[1]):
+            if term not in self.perturb:
+                continue
+            lo, hi = st.layer_rows(start, b), st.layer_rows(stop, b)
+            if lo > pos:
+                plan.append((slice(pos, lo), None))
+            plan.append((slice(lo, hi), term))
+            pos = hi
+        if pos < b:
+            plan.append((slice(pos, b), None))
+        return plan
+
     def _attention(self, attn, st: GuidanceState, capture, perturb, grid, n_img: int, a: dict) -> Tensor:
         """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
-        tensors: identity for the perturbed rows, map capture for the leading rows. ``n_img``: the image
-        tokens; a longer sequence is joint attention (SD3: image tokens first; Flux: text first)."""
+        tensors: each perturbation term's attention for its rows, map capture for the leading rows. ``n_img``:
+        the image tokens; a longer sequence is joint attention (SD3: image tokens first; Flux: text first)."""
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         b, n = q.shape[0], q.shape[-2]
         image = self._image_tokens(n, n_img, k.shape[-2])
-        keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
-        mask_keep = _rows(mask, slice(0, keep), b)
         options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
-        out_keep = None
-        if capture and self.name not in st.maps:
-            rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else keep
-            if n == n_img:
-                qkv = (q[:keep], k[:keep], v[:keep])
-                out_keep, agg = self._attend_and_map(attn, *qkv, mask_keep, options, rows)
-            else:  # joint: image queries x image keys, rows renormalised over the image keys
-                if mask is not None:
-                    raise NotImplementedError("SAG maps of joint attention with an attention mask")
-                scale = options.get("scale") or q.shape[-1] ** -0.5
-                agg = aggregated_map_chunked(
-                    q[:rows, :, image], k[:rows, :, image], scale, self.limits.chunk_elements
-                ).to(q.dtype)
-            st.maps[self.name] = (agg, grid)
-        if out_keep is None and keep > 0:
-            out_keep = F.scaled_dot_product_attention(
-                q[:keep], k[:keep], v[:keep], attn_mask=mask_keep, **options
-            )
-        if keep == b:
-            return out_keep
-        perturbed = identity_attention(q[keep:], k[keep:], v[keep:], image, options)
-        return perturbed if out_keep is None else torch.cat([out_keep, perturbed.to(out_keep.dtype)])
+        parts = []
+        for rows, term in self._row_plan(st, b, perturb):
+            qkv = (q[rows], k[rows], v[rows])
+            if term == "pag":
+                parts.append(identity_attention(*qkv, image, options))
+            elif term == "seg":
+                tokens = grid if grid is not None else self._grid(st, n_img)
+                parts.append(seg_attention(*qkv, image, tokens, self.seg_sigma, options))
+            elif capture and rows.start == 0 and self.name not in st.maps:
+                sub_mask = _rows(mask, rows, b)
+                rows_map = st.layer_rows(st.capture_rows, b) if st.capture_rows else rows.stop
+                tokens = (n, n_img)
+                parts.append(self._attend_capturing(attn, st, qkv, sub_mask, options, tokens, grid, rows_map))
+            else:
+                parts.append(F.scaled_dot_product_attention(*qkv, attn_mask=_rows(mask, rows, b), **options))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p.to(parts[0].dtype) for p in parts])
+
+    def _grid(self, st: GuidanceState, n_img: int) -> tuple[int, int]:
+        """The token grid of a layer that sees tokens (not a 4-D feature map), from the latent's size."""
+        if st.image_size is None:
+            raise ValueError(f"attnguide: the token grid of layer {self.name!r} is unknown (no image size)")
+        return infer_grid(n_img, *st.image_size)
+
+    def _attend_capturing(self, attn, st, qkv, mask, options: dict, tokens, grid, rows: int) -> Tensor:
+        """The attention of the leading (unperturbed) rows, recording the SAG map of the first ``rows`` of
+        them in ``st.maps``. ``tokens``: (all tokens, image tokens) of the call."""
+        q, k, v = qkv
+        n, n_img = tokens
+        rows = min(rows, q.shape[0])
+        image = self._image_tokens(n, n_img, k.shape[-2])
+        if n == n_img:
+            out, agg = self._attend_and_map(attn, q, k, v, mask, options, rows)
+        else:  # joint: image queries x image keys, rows renormalised over the image keys
+            if mask is not None:
+                raise NotImplementedError("SAG maps of joint attention with an attention mask")
+            scale = options.get("scale") or q.shape[-1] ** -0.5
+            agg = aggregated_map_chunked(
+                q[:rows, :, image], k[:rows, :, image], scale, self.limits.chunk_elements
+            ).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **options)
+        st.maps[self.name] = (agg, grid)
+        return out
 
     def _linear_attention(self, attn, st, capture, perturb, grid, x: Tensor, args, kwargs) -> Tensor:
         """Sana's linear (ReLU-kernel) self-attention, which has no attention call to intercept: the
-        installed processor on the kept rows, V projected for the perturbed rows (diffusers'
+        installed processor on the normal rows, V projected for PAG's rows (diffusers'
         ``PAGIdentitySanaLinearAttnProcessor2_0``), and the map of :func:`linear_attention_map`."""
         b = x.shape[0]
-        keep = b - (st.layer_rows(st.perturbed_rows, b) if perturb else 0)
         if capture and self.name not in st.maps:
-            rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else keep
+            rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else b
             st.maps[self.name] = (linear_attention_map(attn, x[:rows]).to(x.dtype), grid)
         parts = []
-        if keep > 0:
-            rows_of = lambda v: _rows(v, slice(0, keep), b)  # noqa: E731
-            parts.append(
-                self.inner(attn, x[:keep], *map(rows_of, args), **{k: rows_of(v) for k, v in kwargs.items()})
-            )
-        if keep < b:
-            parts.append(attn.to_out[1](attn.to_out[0](attn.to_v(x[keep:]).to(x.dtype))))
+        for rows, term in self._row_plan(st, b, perturb):
+            if term == "pag":
+                parts.append(attn.to_out[1](attn.to_out[0](attn.to_v(x[rows]).to(x.dtype))))
+            elif term is None:
+                rows_of = lambda v, rows=rows: _rows(v, rows, b)  # noqa: E731
+                sub_kwargs = {k: rows_of(v) for k, v in kwargs.items()}
+                parts.append(self.inner(attn, x[rows], *map(rows_of, args), **sub_kwargs))
+            else:
+                raise ValueError(f"`{term}`: layer {self.name!r} is a linear attention, which has no {term}")
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _attend_and_map(self, attn, q, k, v, mask, options: dict, rows: int) -> tuple[Tensor, Tensor]:
@@ -470,6 +531,57 @@ def identity_attention(
     mask[image, image].fill_diagonal_(0)
     options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], **options)
+
+
+def seg_kernel_size(sigma: float) -> int:
+    """The Gaussian kernel of SEG's official implementation (SEG-SDXL): the odd size ceil(6 sigma) + 1
+    rounded down to odd, covering +-3 sigma."""
+    k = math.ceil(6 * sigma)
+    return k + 1 - k % 2
+
+
+def blur_queries(q: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
+    """SEG's smoothed queries (arXiv:2408.00760, Sec. 3): each query channel, laid out on the (h, w) token
+    grid, blurred by a 2-D Gaussian of ``sigma`` tokens (reflect padding, kernel of
+    :func:`seg_kernel_size`, capped to the grid); ``sigma`` = infinity makes every query the mean query.
+    q: (B, heads, h * w, d)."""
+    b, heads, n, d = q.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"SEG: {n} query tokens are not a {h}x{w} grid")
+    if math.isinf(sigma):
+        return q.mean(dim=2, keepdim=True).expand_as(q)
+    x = q.permute(0, 1, 3, 2).reshape(b, heads * d, h, w)
+    k = min(seg_kernel_size(sigma), 2 * min(h, w) - 1)  # reflect padding needs k // 2 < each side
+    if k <= 1:
+        return q
+    half = (k - 1) / 2
+    x_k = torch.linspace(-half, half, k, device=q.device, dtype=torch.float32)
+    pdf = torch.exp(-0.5 * (x_k / sigma) ** 2)
+    k1 = (pdf / pdf.sum()).to(q.dtype)
+    kernel = (k1[:, None] * k1[None, :]).expand(heads * d, 1, k, k)
+    pad = k // 2
+    x = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel, groups=heads * d)
+    return x.reshape(b, heads, d, n).permute(0, 1, 3, 2)
+
+
+def seg_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    image: slice,
+    grid: tuple[int, int],
+    sigma: float,
+    options: dict | None = None,
+) -> Tensor:
+    """SEG's weak attention on (B, heads, N, d) tensors: the image queries (the tokens ``image`` of N)
+    blurred by :func:`blur_queries`, keys and values as they are; in joint attention the text queries
+    are kept. The attention is then softmax(q_blur k^T / sqrt(d)) v, whose energy landscape is the
+    smoothed one of the paper."""
+    q = q.clone()
+    q[:, :, image] = blur_queries(q[:, :, image], grid, sigma)
+    options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
+    return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 def joint_image_position(processor: object) -> str | None:
@@ -578,16 +690,23 @@ def install_guidance_processors(
     swap: ProcessorSwap,
     state: GuidanceState,
     capture_layers: Iterable[str],
-    perturb_layers: Iterable[str],
+    perturb_layers: Iterable[str] | dict[str, Iterable[str]],
     limits: MapLimits = DEFAULT_MAP_LIMITS,
+    seg_sigma: float = float("inf"),
 ) -> None:
     """One :class:`GuidedAttention` around the installed processor of each layer that captures a map
-    (SAG) or is perturbed (PAG); a layer that does both computes its map from the unperturbed rows."""
-    capture, perturb = list(capture_layers), list(perturb_layers)
-    for name in dict.fromkeys(capture + perturb):
+    (SAG) or takes part in a perturbation term (``perturb_layers``: the layers of each term, {"pag": [...],
+    "seg": [...]}; a plain list means PAG's); a layer that captures computes its map from the unperturbed
+    rows."""
+    capture = list(capture_layers)
+    terms = perturb_layers if isinstance(perturb_layers, dict) else {"pag": perturb_layers}
+    terms = {term: list(layers) for term, layers in terms.items()}
+    every = capture + [name for layers in terms.values() for name in layers]
+    for name in dict.fromkeys(every):
+        mine = frozenset(term for term, layers in terms.items() if name in layers)
         swap.install(
             name,
-            lambda old, name=name: guided_attention(
-                old, name, state, capture=name in capture, perturb=name in perturb, limits=limits
+            lambda old, name=name, mine=mine: guided_attention(
+                old, name, state, capture=name in capture, perturb=mine, limits=limits, seg_sigma=seg_sigma
             ),
         )

@@ -76,6 +76,20 @@ def check_window(name: str, window: Any) -> tuple[float, float]:
     return start, stop
 
 
+def check_blocks(name: str, blocks: Any) -> None:
+    """None, a transformer-block index, path or pattern, or a sequence of them; ValueError naming ``name``
+    otherwise (which blocks exist is checked against the model by ``resolve_blocks``)."""
+    if blocks is None or (isinstance(blocks, (int, str)) and not isinstance(blocks, bool)):
+        return
+    if isinstance(blocks, Sequence) and all(
+        isinstance(b, (int, str)) and not isinstance(b, bool) for b in blocks
+    ):
+        return
+    raise ValueError(
+        f"`{name}` must be a block index, a block path or pattern, or a list of them; got {blocks!r}"
+    )
+
+
 def check_layers(name: str, layers: Any) -> None:
     """None, a layer path or pattern, or a sequence of them; ValueError naming ``name`` otherwise (which
     names exist is checked against the model by ``resolve_layers``)."""
@@ -199,6 +213,7 @@ USUAL_MAXIMA: dict[str, float] = {
     "sag_scale": 10.0,
     "pag_scale": 50.0,
     "guidance_rescale": 1.0,
+    "classifier_scale": 10.0,  # ADM's largest: 10 for its unconditional 256x256 model
 }
 
 

@@ -57,7 +57,14 @@ class CudaGraphPasses:
             t = torch.as_tensor(t).to(x.device)
         st = self.state
         key = (tuple(branches), tuple(x.shape), x.dtype, tuple(t.shape), t.dtype)
-        key += (st.capture, st.capture_rows, st.perturbed_rows, st.batch_rows, inputs_key)
+        key += (
+            st.capture,
+            st.capture_rows,
+            st.perturbed_rows,
+            tuple(sorted(st.groups.items())),
+            st.batch_rows,
+        )
+        key += (inputs_key,)
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen:  # first time: eager (also the warm-up the capture needs)

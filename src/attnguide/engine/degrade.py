@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MASK_KINDS = ("attention", "global", "random", "square", "highfreq")
+MASK_KINDS = ("attention", "global", "random", "random_tokens", "square", "highfreq")
 
 #: A blur strategy: (B, C, H, W) -> (B, C, H, W), e.g. ``functools.partial(gaussian_blur_2d, kernel_size=9,
 #: sigma=1.0)`` or :func:`mean_pixel_blur`.
@@ -126,6 +126,33 @@ def random_mask(
     b, _, h, w = shape
     u = torch.rand((b, 1, h, w), generator=generator)
     return (u < fraction).float()
+
+
+def random_token_mask(
+    shape: tuple[int, int, int, int],
+    grid: tuple[int, int],
+    fraction: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random whole attention tokens: ``round(fraction * h * w)`` cells of the (h, w) token ``grid`` per
+    image (at least one), drawn without replacement, nearest-upsampled to the image as
+    :func:`attention_mask` upsamples the map, so each block is the pixels one attention token covers.
+
+    The masking ablation's random mask at the attention mask's granularity: beside the per-pixel
+    :func:`random_mask` it separates "where SAG blurs" from "how coarse its blocks are". A fixed count
+    (not a coin per token) keeps the fraction on small grids, such as a 7x7 mid block.
+    """
+    b, _, h, w = shape
+    ints = len(grid) == 2 and all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
+    if not ints or not (0 < grid[0] <= h and 0 < grid[1] <= w):
+        raise ValueError(f"`grid` must be two positive integers at most the image's {h}x{w}, got {grid!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+    n = grid[0] * grid[1]
+    k = min(n, max(1, round(fraction * n)))
+    chosen = torch.rand((b, n), generator=generator).argsort(dim=1)[:, :k]
+    tokens = torch.zeros((b, n)).scatter_(1, chosen, 1.0)
+    return F.interpolate(tokens.reshape(b, 1, *grid), (h, w))
 
 
 def square_mask(

@@ -11,6 +11,9 @@ diffusers' SAG and PAG pipelines.
     SAG   (Alg. 1, Eq. 16):              out += s_sag (ref - model(x_tilde_t))     [ref = u with CFG, else c]
     blur  (Sec. 5.1):                    as SAG with the mask M = 1 everywhere
     PAG   (Ahn et al. 2024):             out += s_pag (c - model_identity_attn(x_t))
+    SEG   (Hong 2024, arXiv:2408.00760): out += s_seg (c - model_blurred_queries(x_t))
+    TPG   (Rajabi et al. 2025, arXiv:2506.10036): out += s_tpg (c - model_shuffled_tokens(x_t))
+    SLG   (skip-layer guidance, SD3.5):  out += s_slg (c - model_without_blocks(x_t))
 
 where x_tilde_t comes from :func:`sag_degraded_input` (Alg. 1 / Eq. 13-15):
 
@@ -24,19 +27,31 @@ degraded, frame by frame for video; conditioning channels of the input stay (eng
 
 Eq. 15 written on x0 (blur x0_hat under the mask, then re-noise) equals the paper's form on x_t
 (mix x_t and the re-noised blur with M), because re-noising is affine with the same eps.
+
+The perturbation terms PAG, SEG, TPG and SLG each run the conditional branch once more with the model
+weakened inside (engine/attention.py: identity attention, blurred queries; engine/blocks.py: shuffled
+tokens, skipped blocks), batched with the CFG branches in one model call, and add s (c - weak).
+
+Classifier guidance (CG; Dhariwal & Nichol 2021, arXiv:2105.05233, and the SAG paper's Eq. 3 and
+Table 3) is not "prediction minus a weaker prediction" but a shift of the implied eps by a noise-aware
+classifier's gradient at the model input x_t (see :class:`ClassifierGuidance` and
+:func:`classifier_shift`):
+
+    CG    (ADM's condition_score):       eps_hat = eps - b s_cg grad_{x_t} log p(y | x_t)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from .checks import check_layers, check_number, check_scale, check_window
+from .checks import check_blocks, check_layers, check_number, check_scale, check_window
 from .degrade import MASK_KINDS, Blur, gaussian_blur_2d
-from .parameterization import NoiseLevel, predict_eps, predict_x0, renoise
+from .parameterization import PREDICTION_TYPES, NoiseLevel, predict_eps, predict_x0, renoise
 
 
 @dataclass(frozen=True)
@@ -49,9 +64,11 @@ class SAG:
     self-attention). threshold: psi of Eq. 14, > 0 (1.0 = the mean of the map). blur_kernel_size,
     blur_sigma: the Gaussian blur (diffusers: 9 and 1.0). mask: "attention" (SAG), "global" (blur
     guidance), or the Table 5 ablations "random", "square", "highfreq" that mask ``mask_fraction`` of
-    the pixels. window: (start, stop) fractions of the sampling steps where the term is applied; outside
-    it the extra model pass is skipped. blur: another blur strategy (a function of x0_hat, e.g.
-    :func:`attnguide.engine.degrade.mean_pixel_blur`) in place of the Gaussian; None keeps the Gaussian.
+    the pixels, and "random_tokens" (that fraction of the SAG layer's attention tokens, chosen at random:
+    the attention mask's block size). window: (start, stop) fractions of the sampling steps where the
+    term is applied; outside it the extra model pass is skipped. blur: another blur strategy (a
+    function of x0_hat, e.g. :func:`attnguide.engine.degrade.mean_pixel_blur`) in place of the Gaussian;
+    None keeps the Gaussian.
     """
 
     scale: float = 0.75
@@ -87,7 +104,9 @@ class SAG:
 
     @property
     def needs_map(self) -> bool:
-        return self.mask == "attention"
+        """Whether the SAG layer's map is captured: the attention mask's source, and the token grid of the
+        "random_tokens" mask (which uses only the grid)."""
+        return self.mask in ("attention", "random_tokens")
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,144 @@ class PAG:
         if self.adaptive_scale > 0 and self.scale > 0:
             return max(0.0, self.scale - self.adaptive_scale * (1000 - float(t)))
         return self.scale
+
+
+Layers = str | Sequence[str] | None
+Blocks = int | str | Sequence[int | str] | None
+
+
+@dataclass(frozen=True)
+class SEG:
+    """Smoothed Energy Guidance (Hong, arXiv:2408.00760): the weak pass blurs the self-attention queries
+    of ``layers`` over the token grid with a Gaussian of ``sigma`` tokens (infinity: every query is the
+    mean query, a uniform attention map), which smooths the attention's energy landscape; one extra
+    conditional pass, out += s (c - c_seg).
+
+    scale: s (SEG-SDXL's seg_scale, default 3.0). sigma: the blur (> 0; ``math.inf`` the limit;
+    default ``math.inf``, the setting diffusers' guider means). layers: attention layers as for PAG
+    (None: PAG's default, the mid block in UNets). window: as for :class:`SAG`. Not defined for linear
+    attention (Sana): there it raises ValueError.
+    """
+
+    scale: float = 3.0
+    sigma: float = math.inf
+    layers: Layers = None
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_scale("seg_scale", self.scale, minimum=-math.inf)
+        if not isinstance(self.sigma, (int, float)) or isinstance(self.sigma, bool) or not self.sigma > 0:
+            raise ValueError(f"`seg_sigma` must be a number > 0 (math.inf allowed), got {self.sigma!r}")
+        check_layers("seg_layers", self.layers)
+        object.__setattr__(self, "window", check_window("seg_window", self.window))
+
+
+@dataclass(frozen=True)
+class TPG:
+    """Token Perturbation Guidance (Rajabi et al., arXiv:2506.10036): the weak pass shuffles the tokens
+    entering the transformer blocks ``layers`` (one random permutation of the token axis per block and
+    step: norm-preserving) and runs the rest of the network on them; out += s (c - c_tpg).
+
+    scale: s (default 3.0). layers: transformer blocks by index (``transformer_blocks.i``), path or
+    pattern (None: the blocks holding PAG's default layers). window: as for :class:`SAG`. The
+    permutations come from the run's generator (the Guider's ``generator``).
+    """
+
+    scale: float = 3.0
+    layers: Blocks = None
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_scale("tpg_scale", self.scale, minimum=-math.inf)
+        check_blocks("tpg_layers", self.layers)
+        object.__setattr__(self, "window", check_window("tpg_window", self.window))
+
+
+@dataclass(frozen=True)
+class SLG:
+    """Skip-layer guidance (Stable Diffusion 3.5; diffusers' SD3 ``skip_guidance_layers``): the weak pass
+    skips the transformer blocks ``layers`` (each one's output is its input); out += s (c - c_slg).
+
+    scale: s (diffusers' skip_layer_guidance_scale, 2.8). layers: block indices / paths / patterns
+    (None: diffusers' recommended 7, 8, 9 where the model has those blocks, else its middle block).
+    window: diffusers' (skip_layer_guidance_start, skip_layer_guidance_stop) = (0.01, 0.2); diffusers
+    applies it where start * N < i < stop * N, attnguide where start * N <= i < stop * N (the same steps
+    unless start * N is a whole number).
+    """
+
+    scale: float = 2.8
+    layers: Blocks = None
+    window: tuple[float, float] = (0.01, 0.2)
+
+    def __post_init__(self) -> None:
+        check_scale("slg_scale", self.scale, minimum=-math.inf)
+        check_blocks("slg_layers", self.layers)
+        object.__setattr__(self, "window", check_window("slg_window", self.window))
+
+
+#: The perturbation terms beside PAG, by the name their branch has in the model batch.
+PERTURBATION_TERMS = {"seg": SEG, "tpg": TPG, "slg": SLG}
+
+
+#: A classifier-guidance gradient: ``grad_fn(x, t) -> grad_x log p(y | x_t)``, shaped like ``x``.
+GradFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol, arXiv:2105.05233, Sec. 4 and Alg. 2; the SAG paper's
+    Eq. 3 and Table 3): the implied eps is shifted along a noise-aware classifier's gradient,
+    eps_hat = eps - sqrt(1 - abar_t) s grad_{x_t} log p(y | x_t) (:func:`classifier_shift`, which writes
+    the same shift for every prediction type).
+
+    scale: s, ADM's ``classifier_scale`` (0 disables; negative steers away from y). grad_fn: the
+    gradient, as guided-diffusion's ``cond_fn(x, t)`` without its scale: ``x`` is the step's model input
+    (latent channels; a leaf tensor the engine detached, so the function may call
+    ``x.requires_grad_()``), ``t`` the timestep once per row (a 1-D tensor); it returns
+    grad_x log p(y | x_t), shaped like ``x``. The labels y are the function's own (close over them:
+    :func:`classifier_grad_fn` builds one from a classifier module). It runs under
+    ``torch.enable_grad()`` and never sees the denoiser's graph. window: as for :class:`SAG`.
+    """
+
+    scale: float
+    grad_fn: GradFn
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_scale("classifier_scale", self.scale, minimum=-math.inf)
+        if not callable(self.grad_fn):
+            raise ValueError(
+                "`classifier` must be a function grad_fn(x, t) -> grad_x log p(y | x_t) (or a classifier "
+                f"module where a pipeline takes one), got {self.grad_fn!r}"
+            )
+        object.__setattr__(self, "window", check_window("classifier_window", self.window))
+
+
+def classifier_grad_fn(classifier: nn.Module, labels: Tensor) -> GradFn:
+    """ADM's ``cond_fn`` (guided-diffusion ``scripts/classifier_sample.py``) for a noise-aware
+    ``classifier(x, t) -> logits``: grad_x of log softmax(logits)[y], y = ``labels`` (one per row), per
+    sample (the rows' log-probabilities are summed, so each row's gradient is its own as long as the
+    classifier treats rows independently: eval mode for batch norm). No gradient reaches the
+    classifier's weights."""
+    if not isinstance(classifier, nn.Module):
+        raise ValueError(
+            f"`classifier` must be a torch.nn.Module classifier(x, t) -> logits, got {classifier!r}"
+        )
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(f"`labels` must be a 1-D integer tensor (one label per image), got {labels!r}")
+
+    def grad_fn(x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[0] != labels.shape[0]:
+            raise ValueError(f"`labels`: {labels.shape[0]} labels for a batch of {x.shape[0]} images")
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(classifier(x_in, t).float(), dim=-1)
+            rows = torch.arange(len(labels), device=log_probs.device)
+            picked = log_probs[rows, labels.to(log_probs.device)]
+            (grad,) = torch.autograd.grad(picked.sum(), x_in)
+        return grad
+
+    return grad_fn
 
 
 def in_window(window: tuple[float, float], step: int, num_steps: int) -> bool:
@@ -151,15 +308,56 @@ def combine(
     sag_scale: float = 0.0,
     out_perturbed: Tensor | None = None,
     pag_scale: float = 0.0,
+    classifier_shift: Tensor | None = None,
+    weak: dict[str, tuple[Tensor, float]] | None = None,
 ) -> Tensor:
     """The guided prediction: CFG, then the SAG term s_sag (ref - degraded), then the PAG term
-    s_pag (c - perturbed); each term only where its weak prediction is given."""
+    s_pag (c - perturbed), then each other perturbation term s (c - weak) (``weak``: SEG, TPG, SLG by
+    name: (weak prediction, scale)), then classifier guidance's shift (:func:`classifier_shift`, already
+    in the prediction's type); each term only where its weak prediction (or shift) is given."""
     out = cfg(out_cond, out_uncond, guidance_scale)
     if out_degraded is not None:
         out = out + sag_scale * (sag_ref - out_degraded)
     if out_perturbed is not None:
         out = out + pag_scale * (out_cond - out_perturbed)
+    for weak_out, scale in (weak or {}).values():
+        out = out + scale * (out_cond - weak_out)
+    if classifier_shift is not None:
+        out = out + classifier_shift
     return out
+
+
+def classifier_shift(grad: Tensor, level: NoiseLevel, prediction_type: str, scale: float) -> Tensor:
+    """What classifier guidance adds to the model output: ADM's score form (guided-diffusion
+    ``condition_score``) eps_hat = eps - b s g, g = ``grad`` = grad_{x_t} log p(y | x_t) at the model
+    input x_t = a x0 + b eps (``level``; b = sqrt(1 - abar_t), so it works with any scheduler, DDIM
+    included), written for each prediction type.
+
+    Why the score form: grad log p(x_t) = -eps / b, so adding s g to the score is eps -> eps - b s g.
+    Shift eps by delta = -b s g with x_t fixed; then x0 = (x_t - b eps) / a moves by -(b / a) delta, and
+    (engine/parameterization.py) the outputs move by:
+
+        epsilon:       eps_hat = eps + delta                            = eps - b s g
+        v_prediction:  v = a eps - b x0  ->  a delta + (b^2 / a) delta  = v - (b / a) s g   (a^2 + b^2 = 1)
+        sample:        x0_hat = x0 - (b / a) delta                      = x0 + (b^2 / a) s g
+        flow:          v = eps - x0      ->  delta + (b / a) delta      = v - (b / a) s g   (a + b = 1)
+
+    so ``predict_eps`` of the shifted output is eps - b s g and its ``predict_x0`` is x0 + (b^2 / a) s g
+    in every type. Where a = 0 (pure noise: x_t says nothing of x0, so an ideal classifier's gradient
+    is 0, and the eps shift has no finite v / x0 form) the v, x0 and flow shifts are 0: the term skips
+    that step. In a DDPM step (fixed small variance Sigma) this moves the posterior mean by
+    (beta_t / sqrt(alpha_t)) s g, ADM's ``condition_mean`` (mean + s Sigma g) times
+    (1 - abar_t) / ((1 - abar_{t-1}) sqrt(alpha_t)): near 1 for fine steps away from t = 0.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    a, b = level.on(grad, cast=True)
+    if prediction_type == "epsilon":
+        return (scale * -b) * grad
+    informative = a > 0  # a = 0: pure noise (flow matching's first step, zero terminal SNR)
+    safe_a = torch.where(informative, a, torch.ones_like(a))
+    factor = b * b / safe_a if prediction_type == "sample" else -b / safe_a  # v_prediction, flow: -b / a
+    return (scale * torch.where(informative, factor, torch.zeros_like(factor))) * grad
 
 
 def sag_degraded_input(
@@ -190,8 +388,12 @@ def sag_degraded_input(
 __all__ = [
     "PAG",
     "SAG",
+    "ClassifierGuidance",
+    "GradFn",
     "cfg",
     "check_scale",
+    "classifier_grad_fn",
+    "classifier_shift",
     "combine",
     "in_window",
     "rescale_cfg",

@@ -10,11 +10,13 @@ which conditioning chunk ``i`` gets. :class:`Guider` calls it once for the batch
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 from torch import Tensor, nn
 
 from .attention import (
@@ -28,6 +30,7 @@ from .attention import (
     model_lock,
     resolve_layers,
 )
+from .blocks import BlockHooks, resolve_blocks, transformer_blocks
 from .checks import check_eta, check_finite_output, check_latents, check_scale
 from .cuda_graphs import CudaGraphPasses, ModelFn, graph_safe
 from .degrade import (
@@ -36,9 +39,23 @@ from .degrade import (
     highfreq_mask,
     infer_grid,
     random_mask,
+    random_token_mask,
     square_mask,
 )
-from .guidance import PAG, SAG, combine, in_window, rescale_cfg, sag_degraded_input
+from .guidance import (
+    PAG,
+    PERTURBATION_TERMS,
+    SAG,
+    SEG,
+    SLG,
+    TPG,
+    ClassifierGuidance,
+    classifier_shift,
+    combine,
+    in_window,
+    rescale_cfg,
+    sag_degraded_input,
+)
 from .layout import LatentLayout, as_images, from_images
 from .parameterization import (
     PREDICTION_TYPES,
@@ -82,6 +99,10 @@ class StepOutputs:
     sag_scale: float = 0.0
     out_perturbed: Tensor | None = None
     pag_scale: float = 0.0
+    #: the other perturbation terms' weak predictions and scales, by name ("seg", "tpg", "slg")
+    weak: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+    #: classifier guidance's addition to the guided prediction (engine.guidance.classifier_shift)
+    classifier_shift: Tensor | None = None
 
 
 class Guider:
@@ -91,9 +112,15 @@ class Guider:
     model: the denoiser module (UNet or transformer) whose self-attention layers are used.
     scheduler: any diffusers scheduler (its ``prediction_type`` unless ``prediction_type`` is given).
     guidance_scale: CFG weight w, or None for no CFG (the model function then only sees "cond").
-    sag, pag: the terms, or None. guidance_rescale: CFG rescale phi (diffusers' ``guidance_rescale``).
+    sag, pag: the terms, or None. seg, tpg, slg: the other perturbation terms (engine/guidance.py), or
+    None; each adds its branch to the batched call. guidance_rescale: CFG rescale phi (diffusers'
+    ``guidance_rescale``).
+    classifier: classifier guidance (:class:`ClassifierGuidance`), or None: its gradient is taken once per
+    step at this step's model input x_t (ADM), latent channels only, outside the denoiser's graph, and
+    its shift is added once to the guided (CFG-combined, SAG, PAG) prediction; the SAG and PAG passes
+    do not see it.
     record_masks: keep the sum of the SAG masks over the steps in ``mask_sum`` (paper Fig. 4).
-    generator: randomness for the "random" and "square" ablation masks.
+    generator: randomness for the "random", "random_tokens" and "square" ablation masks.
     cuda_graphs: replay the model passes from CUDA graphs on a CUDA device (:class:`CudaGraphPasses`);
     the model function's own tensors must then stay fixed during the run (else call ``graphs.reset()``).
     map_limits: when a SAG map is computed memory-flat (:class:`attnguide.engine.attention.MapLimits`).
@@ -112,6 +139,10 @@ class Guider:
         guidance_scale: float | None = None,
         sag: SAG | None = None,
         pag: PAG | None = None,
+        seg: SEG | None = None,
+        tpg: TPG | None = None,
+        slg: SLG | None = None,
+        classifier: ClassifierGuidance | None = None,
         guidance_rescale: float = 0.0,
         prediction_type: str | None = None,
         record_masks: bool = False,
@@ -122,6 +153,12 @@ class Guider:
         owner: int | None = None,
     ):
         _check_guider_arguments(model, scheduler, sag, pag, generator, map_limits, record_masks, cuda_graphs)
+        if classifier is not None and not isinstance(classifier, ClassifierGuidance):
+            raise TypeError(
+                "`classifier` must be an attnguide.engine.guidance.ClassifierGuidance (or None), "
+                f"got {classifier!r}"
+            )
+        self.classifier = classifier if (classifier is not None and classifier.scale != 0) else None
         self.model = model
         self.scheduler = scheduler
         if guidance_scale is not None:
@@ -179,7 +216,12 @@ class Guider:
         if self.pag is not None:
             names = self.pag.layers if self.pag.layers is not None else default_pag_layers(inner)
             self.pag_layers = resolve_layers(inner, names, argument="pag_applied_layers")
+        self.weak = weak_terms(seg=seg, tpg=tpg, slg=slg)
+        self.weak_layers = resolve_weak_layers(inner, self.weak)
+        if "tpg" in self.weak:
+            self.graphs = None  # a replayed graph would reuse one permutation
         self._swap = ProcessorSwap(inner)
+        self._hooks = BlockHooks(inner, self.state, self.generator)
         self._lock = model_lock(inner)  # held from __enter__ to __exit__: one run at a time per model
         self._sigma_schedule: bool | None = None
         self._abar_table: Tensor | None = None
@@ -194,6 +236,8 @@ class Guider:
             "guidance_scale": self.guidance_scale,
             "sag_scale": self.sag.scale if self.sag is not None else None,
             "pag_scale": self.pag.scale if self.pag is not None else None,
+            **{f"{name}_scale": term.scale for name, term in self.weak.items()},
+            "classifier_scale": self.classifier.scale if self.classifier is not None else None,
             "guidance_rescale": self.guidance_rescale if self.do_cfg else None,
         }
 
@@ -212,10 +256,20 @@ class Guider:
     def __enter__(self) -> Guider:
         self._lock.acquire()
         try:
+            perturbed = {"pag": self.pag_layers}
+            if "seg" in self.weak:
+                perturbed["seg"] = self.weak_layers["seg"]
             install_guidance_processors(
-                self._swap, self.state, self.sag_layers, self.pag_layers, self.map_limits
+                self._swap,
+                self.state,
+                self.sag_layers,
+                perturbed,
+                self.map_limits,
+                seg_sigma=self.weak["seg"].sigma if "seg" in self.weak else math.inf,
             )
+            self._hooks.install(self.weak_layers.get("tpg", []), self.weak_layers.get("slg", []))
         except BaseException:
+            self._hooks.remove()
             self._swap.restore()
             self._lock.release()
             raise
@@ -223,6 +277,7 @@ class Guider:
 
     def __exit__(self, *exc) -> None:
         try:
+            self._hooks.remove()
             self._swap.restore()
             self.state.maps.clear()
             if self.graphs is not None:
@@ -254,8 +309,9 @@ class Guider:
         """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
         one batched call [uncond?, cond, perturbed cond?] and, for SAG, one call on the degraded input.
         ``cfg``: whether the model function has an "uncond" branch (default: ``guidance_scale`` given).
-        ``terms``: the terms to run in this call ({"sag", "pag"}; None: all), for pipelines that make
-        the CFG branches in separate calls (SAG belongs to the unconditional one, PAG to the conditional).
+        ``terms``: the terms to run in this call ({"sag", "pag", "seg", "tpg", "slg"}; None: all), for
+        pipelines that make the CFG branches in separate calls (SAG belongs to the unconditional one, the
+        perturbation terms to the conditional).
         ``image_tokens``: the model call's image tokens, where a layer's sequence can also hold text
         tokens (:class:`GuidanceState`). ``inputs_key`` identifies the model function's own inputs for
         the CUDA-graph cache (tensors by address: a captured graph reads them there). Holds
@@ -280,20 +336,27 @@ class Guider:
         do_pag = self.pag is not None and in_window(self.pag.window, step, num_steps)
         if terms is not None:
             do_sag, do_pag = do_sag and "sag" in terms, do_pag and "pag" in terms
-
-        branches = (["uncond"] if do_cfg else []) + ["cond"] + (["cond"] if do_pag else [])
+        weak = [
+            name
+            for name, term in self.weak.items()
+            if in_window(term.window, step, num_steps) and (terms is None or name in terms)
+        ]
+        perturbed = (["pag"] if do_pag else []) + weak
+        branches = (["uncond"] if do_cfg else []) + ["cond"] + ["cond"] * len(perturbed)
         x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
         st.maps.clear()
-        st.perturbed_rows = b if do_pag else 0
+        first = len(branches) - len(perturbed)
+        st.groups = {name: ((first + i) * b, (first + i + 1) * b) for i, name in enumerate(perturbed)}
         st.capture = do_sag and self.sag.needs_map
         st.capture_rows = b  # the map of the SAG reference branch, the first chunk, is all that is used
         st.batch_rows = x_main.shape[0]
         st.thread = None if torch.compiler.is_compiling() else threading.get_ident()
         st.image_tokens = image_tokens
+        st.image_size = tuple(x_in.shape[-2:])
         try:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
-            st.perturbed_rows = 0
+            st.groups = {}
             st.capture = False
             st.capture_rows = 0
         layout = self.layout or LatentLayout.from_channels(
@@ -305,8 +368,9 @@ class Guider:
             out_cond=preds[i_cond],
             out_uncond=preds[0] if do_cfg else None,
             variance=variances[i_cond],
-            out_perturbed=preds[-1] if do_pag else None,
+            out_perturbed=preds[first] if do_pag else None,
             pag_scale=self.pag.scale_at(t) if do_pag else 0.0,
+            weak={name: (preds[first + perturbed.index(name)], self.weak[name].scale) for name in weak},
         )
         if do_sag:
             res.sag_ref = res.out_uncond if do_cfg else res.out_cond
@@ -315,7 +379,35 @@ class Guider:
             st.batch_rows = b
             out_degraded = self._call_model(model_fn, x_deg, t, [branches[0]], inputs_key)
             res.out_degraded, _ = layout.split_output(out_degraded)
+        if self.classifier is not None and in_window(self.classifier.window, step, num_steps):
+            if terms is not None and "classifier" not in terms:
+                raise ValueError(
+                    "`classifier`: classifier guidance is not supported where the CFG branches come in "
+                    "separate denoiser calls (cfg_layout 'separate', Flux's true CFG)"
+                )
+            res.classifier_shift = self._classifier_shift(x_in, t, layout)
         return res
+
+    def _classifier_shift(self, x_in: Tensor, t: Tensor, layout: LatentLayout) -> Tensor:
+        """Classifier guidance's shift of the prediction (:func:`classifier_shift`): the user's gradient at
+        the model input's latent channels, taken on a detached copy under ``torch.enable_grad()`` (also
+        inside ``torch.inference_mode``), so no gradient flows through or into the denoiser."""
+        latent, _ = layout.split_input(x_in)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = latent.detach().clone()
+            tt = torch.as_tensor(t, device=x.device).reshape(-1)
+            tt = (tt if tt.numel() == x.shape[0] else tt[:1]).expand(x.shape[0])
+            grad = self.classifier.grad_fn(x, tt)
+        if not isinstance(grad, Tensor) or tuple(grad.shape) != tuple(latent.shape):
+            got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+            raise ValueError(
+                f"`classifier`: grad_fn(x, t) must return grad_x log p(y | x_t) shaped like x "
+                f"{tuple(latent.shape)}, got {got}"
+            )
+        table = self._alpha_table(t)
+        level = noise_level(self.scheduler, t, sigma_schedule=self._sigma_schedule, table=table)
+        shift = classifier_shift(grad.detach(), level, self.prediction_type, self.classifier.scale)
+        return shift.to(dtype=latent.dtype)
 
     def _degraded_input(
         self, x_in: Tensor, ref: Tensor, t: Tensor, layout: LatentLayout, st: GuidanceState
@@ -358,6 +450,8 @@ class Guider:
             sag_scale=r.sag_scale,
             out_perturbed=r.out_perturbed,
             pag_scale=r.pag_scale,
+            classifier_shift=r.classifier_shift,
+            weak=r.weak,
         )
         if self.do_cfg and self.guidance_rescale > 0.0:
             guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
@@ -375,11 +469,12 @@ class Guider:
     # ------------------------------------------------------------------ masks
     def _mask(self, images: Tensor, ref: Tensor, level: NoiseLevel, st: GuidanceState) -> Tensor:
         """M of Eq. 14 for the SAG reference branch's images (frames of a video: one row each), shape
-        (B, 1, H, W)."""
+        (B, 1, H, W). The "random_tokens" mask takes only the token grid of the captured map (with
+        several SAG layers, the finest grid)."""
         b, size = images.shape[0], tuple(images.shape[-2:])
         kind = self.sag.mask
         opts = {"device": images.device, "dtype": images.dtype}
-        if kind == "attention":
+        if kind in ("attention", "random_tokens"):
             maps = []
             for name in self.sag_layers:
                 if name not in st.maps:
@@ -391,7 +486,11 @@ class Guider:
                         "spatial self-attention layer (not a temporal one)"
                     )
                 maps.append((agg, grid if grid is not None else infer_grid(agg.shape[1], *size)))
-            if len(maps) == 1:
+            if kind == "random_tokens":
+                grid = max((g for _, g in maps), key=lambda g: g[0] * g[1])
+                mask = random_token_mask((b, 1, *size), grid, self.sag.mask_fraction, self.generator)
+                mask = mask.to(**opts)
+            elif len(maps) == 1:
                 mask = attention_mask(maps[0][0], maps[0][1], size, self.sag.threshold)
             else:
                 mask = (combine_attention_maps(maps, size) > self.sag.threshold).to(maps[0][0].dtype)
@@ -505,3 +604,51 @@ def sample_loop(
             if callback is not None:
                 callback(i, t, latents)
     return guider.check_output(latents) if check_output else latents
+
+
+def weak_terms(**terms: SEG | TPG | SLG | None) -> dict[str, SEG | TPG | SLG]:
+    """The perturbation terms beside PAG that run (scale not 0), by name; TypeError for a wrong type."""
+    out = {}
+    for name, term in terms.items():
+        kind = PERTURBATION_TERMS[name]
+        if term is not None and not isinstance(term, kind):
+            raise TypeError(f"`{name}` must be an attnguide.{kind.__name__} (or None), got {term!r}")
+        if term is not None and term.scale != 0:
+            out[name] = term
+    return out
+
+
+def resolve_weak_layers(model: nn.Module, terms: dict[str, SEG | TPG | SLG]) -> dict[str, list[str]]:
+    """The layers (SEG: attention layers) and blocks (TPG, SLG) of each term, defaults filled in;
+    ValueError before any model call where a name matches nothing or SEG meets linear attention."""
+    out: dict[str, list[str]] = {}
+    if "seg" in terms:
+        seg = terms["seg"]
+        names = seg.layers if seg.layers is not None else default_pag_layers(model)
+        out["seg"] = resolve_layers(model, names, argument="seg_layers")
+        modules = dict(model.named_modules())
+        linear = [n for n in out["seg"] if isinstance(modules[n].processor, SanaLinearAttnProcessor2_0)]
+        if linear:
+            raise ValueError(
+                f"`seg`: SEG blurs softmax-attention queries; {', '.join(linear)} use linear attention "
+                "(Sana), which has no such energy: use PAG, TPG or SLG there"
+            )
+    for name, argument in (("tpg", "tpg_layers"), ("slg", "slg_layers")):
+        if name in terms:
+            layers = terms[name].layers
+            out[name] = resolve_blocks(
+                model, layers if layers is not None else default_blocks(model, name), argument=argument
+            )
+    return out
+
+
+def default_blocks(model: nn.Module, term: str) -> list[int | str]:
+    """TPG's default: the blocks that hold PAG's default layers; SLG's: diffusers' recommended SD3.5
+    blocks 7, 8, 9 where the model has them, else the mid block's (UNets), else the middle block."""
+    blocks = list(transformer_blocks(model))
+    if term == "slg":
+        wanted = [f"transformer_blocks.{i}" for i in (7, 8, 9)]
+        mid = [b for b in blocks if b.startswith("mid_block.")]
+        return wanted if all(w in blocks for w in wanted) else mid or [blocks[len(blocks) // 2]]
+    parents = {name.rsplit(".", 1)[0] for name in default_pag_layers(model)}
+    return [b for b in blocks if b in parents] or [blocks[len(blocks) // 2]]

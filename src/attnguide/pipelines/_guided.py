@@ -117,6 +117,7 @@ class GuidedPipelineMixin:
                 self,
                 sag=sag,
                 pag=pag,
+                **options.weak_terms(),
                 record_masks=options.record_masks,
                 cuda_graphs=self.cuda_graphs,
                 map_limits=self.map_limits,

@@ -1,18 +1,26 @@
 """Pixel-space UNet pipeline (``UNet2DModel``, as diffusers' ``DDPMPipeline``) with SAG, blur guidance,
-PAG and, for class-conditional models with a null label, classifier-free guidance.
+PAG, classifier guidance (ADM) and, for class-conditional models with a null label, classifier-free
+guidance.
 
 Covers the paper's unconditional and class-conditional pixel models (ADM, IDDPM), learned variance
-included (2C output channels: the variance of the conditional pass is kept).
+included (2C output channels: the variance of the conditional pass is kept), and its Table 3 (SAG with
+classifier guidance).
 """
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
-from ..engine.checks import positive_int
+from ..engine.attention import model_lock
+from ..engine.checks import check_latents, check_scale, positive_int
+from ..engine.guidance import ClassifierGuidance, GradFn, classifier_grad_fn
+from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from ._guided import OwnLoopMixin, call_arguments
 from .options import (
     GuidanceOptions,
@@ -45,14 +53,23 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         return getattr(self.unet.config, "num_class_embeds", None)
 
     def _labels(
-        self, class_labels: Any, batch_size: int, null_label: int | None, device: torch.device
+        self,
+        class_labels: Any,
+        batch_size: int,
+        null_label: int | None,
+        device: torch.device,
+        classifier_classes: int | None = None,
     ) -> torch.Tensor | None:
-        """The conditional branch's labels (checked), one per image; None for an unconditional UNet."""
+        """The conditional branch's labels (checked), one per image; None for an unconditional UNet, where
+        ``class_labels`` are only allowed as a classifier module's labels (``classifier_classes``: its
+        number of classes, 0 where unknown)."""
         n = self.num_classes
         if n is None:
-            if class_labels is not None:
+            if class_labels is not None and classifier_classes is None:
                 raise ValueError("`class_labels` given, but this UNet is unconditional (no num_class_embeds)")
-            return None
+            if class_labels is None:
+                return None
+            n = classifier_classes or 2**31 - 1
         if class_labels is None:
             if null_label is None:
                 raise ValueError("`class_labels` is required: this class-conditional UNet has no null label")
@@ -97,10 +114,50 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
             callback=call["callback"],
         )
         null_label = self._null_label(call["null_class_label"])
-        labels = self._labels(call["class_labels"], batch_size, null_label, self._execution_device)
+        classifier = call["classifier"]
+        module_classes = _classifier_classes(classifier) if isinstance(classifier, nn.Module) else None
+        device = self._execution_device
+        labels = self._labels(call["class_labels"], batch_size, null_label, device, module_classes)
         if call["guidance_scale"] > 1.0 and self.num_classes is None:
             raise ValueError("`guidance_scale` > 1 needs a class-conditional UNet (num_class_embeds)")
         return labels, null_label, shape
+
+    def classifier_term(self, call: dict[str, Any], labels: torch.Tensor | None) -> ClassifierGuidance | None:
+        """The call's classifier guidance (None without ``classifier`` or at scale 0), checked before any
+        model runs: a classifier module ``classifier(x, t) -> logits`` is guided towards the call's
+        ``class_labels`` (ADM's ``cond_fn``: :func:`classifier_grad_fn`), a function is the gradient
+        ``grad_fn(x, t)`` itself (closing over its own labels)."""
+        classifier, scale = call["classifier"], call["classifier_scale"]
+        check_scale("classifier_scale", scale, minimum=-float("inf"))
+        if classifier is None:
+            return None
+        grad_fn: GradFn
+        if isinstance(classifier, nn.Module):
+            if call["class_labels"] is None or labels is None:
+                raise ValueError(
+                    "`class_labels` is required with a classifier module: classifier guidance steers "
+                    "towards them (or pass `classifier` as a function grad_fn(x, t))"
+                )
+            classes = _classifier_classes(classifier)
+            if classes and int(labels.max()) >= classes:
+                raise ValueError(
+                    f"`class_labels` must be classes of the classifier (0 to {classes - 1}) for classifier "
+                    f"guidance, got {labels.tolist()}"
+                )
+            weight = next(classifier.parameters(), None)
+            if weight is not None and weight.device != labels.device:
+                raise ValueError(
+                    f"`classifier` is on {weight.device}, the pipeline runs on {labels.device}; move it there"
+                )
+            grad_fn = classifier_grad_fn(classifier, labels)
+        elif callable(classifier):
+            grad_fn = classifier
+        else:
+            raise ValueError(
+                "`classifier` must be a classifier module classifier(x, t) -> logits or a function "
+                f"grad_fn(x, t) -> grad_x log p(y | x_t), got {classifier!r}"
+            )
+        return ClassifierGuidance(scale, grad_fn) if scale != 0 else None
 
     @torch.no_grad()
     @with_guidance_options()
@@ -120,19 +177,29 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
         width: int | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        classifier: nn.Module | GradFn | None = None,
+        classifier_scale: float = 1.0,
         **guidance: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images. The first five arguments are diffusers' ``DDPMPipeline`` ones.
 
         ``guidance_scale`` > 1 enables CFG (class-conditional models). ``sag_scale`` (0 disables) and the
         ``sag_*`` options are those of :class:`attnguide.SAG`; ``sag_mask="global"`` is blur guidance.
-        ``pag_scale`` > 0 adds PAG in ``pag_applied_layers``. Returns images in [0, 1].
+        ``pag_scale`` > 0 adds PAG in ``pag_applied_layers``. ``classifier`` adds classifier guidance
+        (ADM) with ``classifier_scale`` s (ADM's ``classifier_scale``; 0 disables): a noise-aware
+        classifier module ``classifier(x_t, t) -> logits`` (in eval mode, on the pipeline's device),
+        guided towards ``class_labels`` (for an unconditional UNet these are the classifier's labels
+        only), or a gradient function ``grad_fn(x_t, t)`` (:class:`ClassifierGuidance`). Returns images
+        in [0, 1].
         """
         call = call_arguments(locals())
         options = GuidanceOptions.take(guidance)
         reject_unknown(guidance, (), "DDPMSAGPipeline.__call__")
         options.check()  # bad options fail here, before any model runs
         labels, null_label, shape = self.check_call(call)
+        classifier_term = self.classifier_term(call, labels)
+        if self.num_classes is None:
+            labels = None  # an unconditional UNet: the labels were the classifier's only
         do_cfg = guidance_scale > 1.0 and labels is not None and class_labels is not None
         branch_labels = None
         if labels is not None:
@@ -146,16 +213,73 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
                 cache[key] = None if branch_labels is None else torch.cat([branch_labels[b] for b in key])
             return self.unet(x, t, class_labels=cache[key]).sample
 
-        image = self.sample_guided(
-            self.unet,
-            model_fn,
-            options,
-            guidance_scale=guidance_scale if do_cfg else None,
-            shape=shape,
-            latents=latents,
-            generator=generator,
-            num_inference_steps=num_inference_steps,
-            eta=eta,
-            callback=callback,
-        )
+        sampling = {
+            "guidance_scale": guidance_scale if do_cfg else None,
+            "shape": shape,
+            "latents": latents,
+            "generator": generator,
+            "num_inference_steps": num_inference_steps,
+            "eta": eta,
+            "callback": callback,
+        }
+        if classifier_term is None:
+            image = self.sample_guided(self.unet, model_fn, options, **sampling)
+        else:
+            image = self._sample_with_classifier(model_fn, options, classifier_term, **sampling)
         return self.image_output(image, output_type, return_dict)
+
+    def _sample_with_classifier(
+        self,
+        model_fn: ModelFn,
+        options: GuidanceOptions,
+        classifier: ClassifierGuidance,
+        *,
+        guidance_scale: float | None,
+        shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
+        eta: float,
+        callback: Callable | None,
+    ) -> torch.Tensor:
+        """:meth:`OwnLoopMixin.sample_guided` with classifier guidance added to the Guider (the same
+        noise, schedule and loop)."""
+        sag, pag = options.check()
+        guider = Guider(
+            self.unet,
+            self.scheduler,
+            guidance_scale=guidance_scale,
+            sag=sag,
+            pag=pag,
+            classifier=classifier,
+            record_masks=options.record_masks,
+            owner=threading.get_ident(),
+        )
+        self.last_guider = guider
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        else:
+            check_latents("latents", latents, shape=shape, dtype=self.unet.dtype, finite=False)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        with model_lock(self.unet):  # the scheduler's state is this run's until the loop ends
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return sample_loop(
+                guider,
+                model_fn,
+                latents,
+                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
+                progress=self.progress_bar,
+                callback=callback,
+                check_output=False,
+            )
+
+
+def _classifier_classes(classifier: nn.Module) -> int:
+    """A classifier module's number of classes (its ``num_classes`` attribute or config entry), 0 where
+    it says none."""
+    n = getattr(classifier, "num_classes", None)
+    config = getattr(classifier, "config", None)
+    if n is None and isinstance(config, dict):
+        n = config.get("num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0

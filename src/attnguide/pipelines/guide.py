@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
-from ..engine.guidance import PAG, SAG, combine
+from ..engine.guidance import PAG, SAG, SEG, SLG, TPG, ClassifierGuidance, combine
 from ..engine.layout import LatentLayout, pack_2x2, position_grid, unpack_2x2
 from ..engine.parameterization import scheduler_takes_variance
 from ..engine.step import Guider, StepOutputs
@@ -231,9 +231,8 @@ class GuidedForward:
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
         self.separate_cfg = type(inner).__name__ in SEPARATE_CFG_MODELS
-        self.windowed = any(
-            term is not None and term.window != (0.0, 1.0) for term in (guider.sag, guider.pag)
-        )
+        terms = (guider.sag, guider.pag, *guider.weak.values())
+        self.windowed = any(term is not None and term.window != (0.0, 1.0) for term in terms)
         self._position = _Position()
 
     def __call__(self, *args, **kwargs):
@@ -314,10 +313,11 @@ class GuidedForward:
         pending = pos.pending
         pos.pending = None
         if pending is None or pending.sample is not sample or not torch.equal(pending.t, t0):
-            r = passes(cfg=False, terms=frozenset({"pag"}))
+            r = passes(cfg=False, terms=frozenset({"pag", "seg", "tpg", "slg"}))
             delta = None
-            if r.out_perturbed is not None:
-                delta = combine(r.out_cond, out_perturbed=r.out_perturbed, pag_scale=r.pag_scale) - r.out_cond
+            if r.out_perturbed is not None or r.weak:
+                delta = combine(r.out_cond, out_perturbed=r.out_perturbed, pag_scale=r.pag_scale, weak=r.weak)
+                delta = delta - r.out_cond
             returned = pack(_with_variance(r.out_cond if delta is None else r.out_cond + delta, r.variance))
             pos.pending = _Pending(sample, t0, returned, delta)
             return returned
@@ -391,6 +391,8 @@ class GuidedForward:
             sag_scale=r.sag_scale,
             out_perturbed=r.out_perturbed,
             pag_scale=r.pag_scale,
+            classifier_shift=r.classifier_shift,
+            weak=r.weak,
         )
         parts = {"cond": guided}
         if "uncond" in rows:
@@ -503,12 +505,37 @@ def packed_layout(module: nn.Module, scheduler: Any) -> LatentLayout | None:
     return LatentLayout.from_channels(in_ch // 4, out_ch // 4, variance=scheduler_takes_variance(scheduler))
 
 
+def _check_classifier(classifier: Any, module: nn.Module, cfg_layout: str) -> None:
+    """TypeError for a classifier term of the wrong type; ValueError where ``guide`` cannot add it exactly
+    once per step: CFG as separate calls, and step windows (the block counts steps only for SAG's and
+    PAG's windows)."""
+    if classifier is None:
+        return
+    if not isinstance(classifier, ClassifierGuidance):
+        raise TypeError(f"`classifier` must be an attnguide ClassifierGuidance (or None), got {classifier!r}")
+    separate = type(getattr(module, "_orig_mod", module)).__name__ in SEPARATE_CFG_MODELS
+    if cfg_layout == "separate" or (separate and cfg_layout == "auto"):
+        raise ValueError(
+            "`classifier`: attnguide.guide cannot add classifier guidance where the CFG branches come in "
+            f"separate denoiser calls ({type(module).__name__}); use a pipeline that batches them"
+        )
+    if classifier.window != (0.0, 1.0):
+        raise ValueError(
+            f"`classifier_window`: attnguide.guide applies classifier guidance at every step; got "
+            f"{classifier.window} (use the engine's Guider with sample_loop for a window)"
+        )
+
+
 @contextlib.contextmanager
 def guide(
     target: Any,
     *,
     sag: SAG | None = None,
     pag: PAG | None = None,
+    seg: SEG | None = None,
+    tpg: TPG | None = None,
+    slg: SLG | None = None,
+    classifier: ClassifierGuidance | None = None,
     scheduler: Any = None,
     cfg_layout: str = "auto",
     record_masks: bool = False,
@@ -516,7 +543,8 @@ def guide(
     map_limits: MapLimits = DEFAULT_MAP_LIMITS,
     calling_thread_only: bool = False,
 ) -> Iterator[Guider]:
-    """Add SAG / blur guidance / PAG to an existing pipeline (or a bare denoiser) for the ``with`` block.
+    """Add SAG / blur guidance / PAG / SEG / TPG / SLG / classifier guidance to an existing pipeline (or a
+    bare denoiser) for the ``with`` block.
 
     target: a diffusers pipeline with a ``unet`` or ``transformer``, or a denoiser module (then
     ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses, and
@@ -525,6 +553,10 @@ def guide(
     the module text), "uncond_first", "cond_first", "none", or "separate" (no CFG batch: two denoiser
     calls per step, conditional first, with the same latents; Flux's ``true_cfg_scale``; the conditional
     answer is completed in place when the unconditional call arrives).
+    classifier: classifier guidance (ADM), a :class:`ClassifierGuidance` whose ``grad_fn`` closes over the
+    labels: its shift is added once per step to the guided prediction (the pipeline's CFG combination
+    included, as the SAG and PAG terms). Not with CFG as separate calls ("separate"; Flux's true CFG),
+    and without a step window for now.
     record_masks, cuda_graphs, map_limits: as for :class:`attnguide.Guider`.
     calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
     pipelines do this); other threads' calls of the denoiser meanwhile run unguided. Default: every
@@ -544,6 +576,7 @@ def guide(
             raise ValueError(f"`{name}` must be True or False, got {flag!r}")
     pipe, module, scheduler = _denoiser_of(target, scheduler)
     _check_terms(sag, pag, pipe)
+    _check_classifier(classifier, module, cfg_layout)
     if cfg_layout == "auto" and (pipe is None or not cfg_layout_knowable(pipe, module)):
         where = "a bare denoiser's batch" if pipe is None else f"the denoiser batch of {type(pipe).__name__}"
         raise ValueError(
@@ -555,6 +588,10 @@ def guide(
         scheduler,
         sag=sag,
         pag=pag,
+        seg=seg,
+        tpg=tpg,
+        slg=slg,
+        classifier=classifier,
         layout=packed_layout(module, scheduler),
         record_masks=record_masks,
         cuda_graphs=cuda_graphs,
@@ -565,7 +602,8 @@ def guide(
     # passes can be replayed from CUDA graphs (the speed-up applies to unguided and CFG-only runs too).
     first = next(module.parameters(), None)
     graphed = guider.graphs is not None and first is not None and first.is_cuda
-    if guider.sag is None and guider.pag is None and not graphed:
+    unguided = guider.sag is None and guider.pag is None and not guider.weak and guider.classifier is None
+    if unguided and not graphed:
         yield guider
         return
     # The forward and the processors are replaced for the whole block, under the model's lock: another

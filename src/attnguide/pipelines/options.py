@@ -28,7 +28,7 @@ from ..engine.checks import (
     check_steps,
     positive_int,
 )
-from ..engine.guidance import PAG, SAG, check_scale
+from ..engine.guidance import PAG, SAG, SEG, SLG, TPG, check_scale
 from .scheduler_fixups import only_fixups
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -41,7 +41,9 @@ PAG_PIPELINE_DEFAULTS: dict[str, Any] = {"sag_scale": 0.0}
 class GuidanceOptions:
     """The SAG / blur-guidance / PAG options a pipeline call takes (diffusers' names: ``sag_scale``,
     ``pag_scale``, ``pag_applied_layers``, ...). ``sag_*`` build a :class:`attnguide.SAG` term (scale 0:
-    none; ``sag_mask="global"`` is blur guidance), ``pag_*`` a :class:`attnguide.PAG` term, and
+    none; ``sag_mask="global"`` is blur guidance), ``pag_*`` a :class:`attnguide.PAG` term, ``seg_*``,
+    ``tpg_*`` and ``slg_*`` the :class:`attnguide.SEG`, :class:`attnguide.TPG` and :class:`attnguide.SLG`
+    terms (scale 0: none), and
     ``record_masks`` keeps the SAG masks in ``pipe.last_guider`` (``mask_sum``, ``last_mask``)."""
 
     sag_scale: float = 0.75
@@ -55,6 +57,16 @@ class GuidanceOptions:
     pag_adaptive_scale: float = 0.0
     pag_applied_layers: str | list[str] | None = None
     pag_window: tuple[float, float] = (0.0, 1.0)
+    seg_scale: float = 0.0
+    seg_sigma: float = math.inf
+    seg_layers: str | list[str] | None = None
+    seg_window: tuple[float, float] = (0.0, 1.0)
+    tpg_scale: float = 0.0
+    tpg_layers: int | str | list[int | str] | None = None
+    tpg_window: tuple[float, float] = (0.0, 1.0)
+    slg_scale: float = 0.0
+    slg_layers: int | str | list[int | str] | None = None
+    slg_window: tuple[float, float] = (0.01, 0.2)
     record_masks: bool = False
 
     @classmethod
@@ -101,9 +113,27 @@ class GuidanceOptions:
             return None
         return term
 
+    def weak_terms(self) -> dict[str, SEG | TPG | SLG]:
+        """The SEG, TPG and SLG terms whose scale is not 0, by the keyword ``attnguide.guide`` takes;
+        ValueError naming the argument for bad values, also when a term is off."""
+        terms = {
+            "seg": SEG(
+                scale=self.seg_scale, sigma=self.seg_sigma, layers=self.seg_layers, window=self.seg_window
+            ),
+            "tpg": TPG(scale=self.tpg_scale, layers=self.tpg_layers, window=self.tpg_window),
+            "slg": SLG(scale=self.slg_scale, layers=self.slg_layers, window=self.slg_window),
+        }
+        return {name: term for name, term in terms.items() if term.scale != 0}
+
     def scales(self) -> dict[str, float]:
         """The guidance scales by name (what a non-finite output is blamed on)."""
-        return {"sag_scale": self.sag_scale, "pag_scale": self.pag_scale}
+        return {
+            "sag_scale": self.sag_scale,
+            "pag_scale": self.pag_scale,
+            "seg_scale": self.seg_scale,
+            "tpg_scale": self.tpg_scale,
+            "slg_scale": self.slg_scale,
+        }
 
     def check(self) -> tuple[SAG | None, PAG | None]:
         """Both terms, every option checked (``record_masks`` included)."""
