@@ -14,11 +14,16 @@ from attnguide.apps.eval.features import (
 )
 from attnguide.apps.eval.metrics import (
     FrechetToReference,
+    ball_membership,
+    bonferroni_z,
     fid_from_features,
     frechet_distance,
     gaussian_stats,
     inception_score,
+    inception_score_resampled,
+    kendall_tau,
     knn_radii,
+    normal_p_value,
     precision_recall,
 )
 
@@ -83,6 +88,46 @@ def test_frechet_to_reference_equals_sqrtm_path(n):
     assert fast(gen) == pytest.approx(fid_from_features(gen, ref), rel=1e-6)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_frechet_to_reference_resampled_equals_each_resample(batched):
+    rng = np.random.default_rng(10)
+    ref = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))
+    gen = rng.normal(size=(30, 12)) + 0.3
+    fast = FrechetToReference(gaussian_stats(ref))
+    idx = rng.integers(0, 30, (7, 30))
+    got = fast.resampled(gen, idx, batched=batched, max_elements=3 * 30 * 12)  # batches of 3 rows
+    np.testing.assert_allclose(got, [fid_from_features(gen[i], ref) for i in idx], rtol=1e-8)
+    wide = rng.normal(size=(30, 40))  # m < D: the Gram form
+    fast = FrechetToReference(gaussian_stats(rng.normal(size=(100, 40))))
+    np.testing.assert_allclose(fast.resampled(wide, idx, batched=batched), [fast(wide[i]) for i in idx])
+    with pytest.raises(ValueError, match="indices"):
+        fast.resampled(wide, np.zeros((3, 1), dtype=int))
+
+
+def test_kendall_tau_by_hand_and_against_scipy():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # one discordant pair of three: (2 - 1) / 3
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert np.isnan(kendall_tau([1.0], [2.0])) and np.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+    assert kendall_tau([1, 2, np.nan, 3], [1, 2, 5, 3]) == pytest.approx(1.0)  # NaN pairs left out
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(11)
+    x, y = rng.integers(0, 4, 15).astype(float), rng.integers(0, 4, 15).astype(float)  # with ties
+    assert kendall_tau(x, y) == pytest.approx(kendalltau(x, y).statistic, rel=1e-12)
+
+
+def test_normal_p_value_and_bonferroni_z():
+    assert bonferroni_z(0.05, 1) == pytest.approx(1.959964, abs=1e-6)
+    assert bonferroni_z(0.05, 10) == pytest.approx(2.807034, abs=1e-6)  # z_(1 - 0.0025)
+    assert normal_p_value(1.959964, 1.0) == pytest.approx(0.05, abs=1e-6)
+    assert normal_p_value(0.0, 0.0) == 1.0 and normal_p_value(1.0, 0.0) == 0.0
+    assert np.isnan(normal_p_value(1.0, float("nan")))
+    with pytest.raises(ValueError, match="comparisons"):
+        bonferroni_z(0.05, 0)
+
+
 def test_fid_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="mismatched"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -105,6 +150,37 @@ def test_inception_score_confident_equal_use_is_k(k):
     assert mean_l == pytest.approx(k, rel=1e-6)
 
 
+def _is_by_hand(p: np.ndarray) -> float:
+    py = p.mean(0)
+    return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(py)), axis=1))))
+
+
+def test_inception_score_uses_guided_diffusion_splits_of_5000():
+    """n = 500 is ONE split (std NaN), not 10 splits of 50; 12000 samples are splits of 5000, 5000, 2000."""
+    rng = np.random.default_rng(8)
+    p = rng.dirichlet(np.full(10, 0.3), size=500)
+    mean, std = inception_score(p)
+    assert mean == pytest.approx(_is_by_hand(p), rel=1e-12) and np.isnan(std)
+    assert mean != pytest.approx(inception_score(p, splits=10)[0], rel=1e-6)  # the old 10 x 50 differs
+    big = rng.dirichlet(np.full(10, 0.3), size=12000)
+    parts = [_is_by_hand(big[:5000]), _is_by_hand(big[5000:10000]), _is_by_hand(big[10000:])]
+    mean, std = inception_score(big)
+    assert mean == pytest.approx(np.mean(parts), rel=1e-12) and std == pytest.approx(np.std(parts), rel=1e-9)
+    assert inception_score(big, split_size=4000)[0] == pytest.approx(
+        np.mean([_is_by_hand(big[i : i + 4000]) for i in (0, 4000, 8000)]), rel=1e-12
+    )
+
+
+def test_inception_score_resampled_equals_each_resample():
+    rng = np.random.default_rng(9)
+    p = rng.dirichlet(np.full(6, 0.5), size=40)
+    idx = rng.integers(0, 40, (5, 40))
+    got = inception_score_resampled(p, idx)
+    np.testing.assert_allclose(got, [inception_score(p[i])[0] for i in idx], rtol=1e-12)
+    got = inception_score_resampled(p, idx, split_size=16)  # splits of 16, 16, 8 of each resample
+    np.testing.assert_allclose(got, [inception_score(p[i], split_size=16)[0] for i in idx], rtol=1e-12)
+
+
 def test_inception_score_rejects_non_probabilities():
     with pytest.raises(ValueError, match="probabilities"):
         inception_score(np.ones((4, 3)))
@@ -117,6 +193,30 @@ def test_knn_radii_and_batching():
     rng = np.random.default_rng(4)
     y = rng.normal(size=(50, 5))
     np.testing.assert_allclose(knn_radii(y, batch_size=7).numpy(), knn_radii(y, batch_size=1000).numpy())
+
+
+def test_knn_radii_squared_are_not_rooted():
+    x = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [5.0, 5.0, 5.0]])
+    sq = knn_radii(x, k=1, squared=True).numpy()
+    np.testing.assert_array_equal(sq, [3.0, 3.0, 48.0])  # exact squared distances, no sqrt
+    np.testing.assert_allclose(knn_radii(x, k=1).numpy(), np.sqrt(sq))
+
+
+def test_point_exactly_on_a_radius_counts_as_inside():
+    """Kynkaanniemi et al. (and guided-diffusion) count d^2 <= r^2 as inside. The real point (0,0,0) has
+    squared k=1 radius 3 (its neighbour (1,1,1)); the fake point (-1,-1,-1) is at squared distance exactly
+    3 from it. sqrt(3) ** 2 = 2.9999999999999996 < 3, so taking the root and squaring again would leave it
+    outside: precision would be 0 instead of 0.5."""
+    real = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [40.0, 40.0, 40.0]])
+    fake = np.array([[-1.0, -1.0, -1.0], [100.0, 100.0, 100.0]])
+    assert np.sqrt(3.0) ** 2 < 3.0  # the round-off the squared radii avoid
+    precision, recall = precision_recall(real, fake, k=1)
+    assert precision == 0.5
+    # recall by hand: fake radii^2 (k=1) are both 3 * 101^2; (0,0,0) and (1,1,1) lie within 3 * 101^2 of
+    # (-1,-1,-1) (3 and 12), (40,40,40) too (3 * 41^2); so every real point is covered
+    assert recall == 1.0
+    inside = ball_membership(fake, real, knn_radii(real, k=1, squared=True)).numpy()
+    np.testing.assert_array_equal(inside, [[True, False, False], [False, False, False]])
 
 
 def test_precision_recall_identical_and_disjoint():

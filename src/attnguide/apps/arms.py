@@ -35,10 +35,16 @@ class Arm:
     term (scale 0: none): mask kind, blur sigma and kernel, the masked fraction of the random / square /
     high-frequency masks (None: calibrated to the attention mask's), ``sag_average``: the blur becomes
     the per-image mean pixel (sigma -> infinity), the step window. ``pag_scale``: PAG (0: none).
+    ``steps_multiplier``: sample with that many times the sampling steps (the evaluation's sampler
+    honours it), e.g. an unguided arm given as many model passes as a guided one (compute-matched).
+    ``classifier_scale``: classifier guidance (ADM's ``classifier_scale`` s; 0: none) with the model's
+    noise-aware classifier, towards the arm's labels (conditional arms; the evaluation's sampler builds
+    the term, :class:`attnguide.engine.guidance.ClassifierGuidance`).
     """
 
     name: str = field(default="", compare=False)
     conditional: bool = False
+    steps_multiplier: int = 1
     cfg_scale: float | None = None
     sag_scale: float = 0.0
     sag_mask: str = "attention"
@@ -48,6 +54,12 @@ class Arm:
     sag_average: bool = False
     sag_window: tuple[float, float] = (0.0, 1.0)
     pag_scale: float = 0.0
+    classifier_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        m = self.steps_multiplier
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"`steps_multiplier` must be a positive integer, got {m!r}")
 
     @classmethod
     def from_method(
@@ -107,6 +119,11 @@ class Arm:
         return 1.0 if self.cfg_scale is None else self.cfg_scale
 
     @property
+    def uses_classifier(self) -> bool:
+        """Whether the arm adds classifier guidance (it then needs a conditional arm's labels)."""
+        return self.classifier_scale != 0
+
+    @property
     def uses_sag(self) -> bool:
         return self.sag_scale != 0
 
@@ -117,7 +134,7 @@ class Arm:
 
     @property
     def needs_calibration(self) -> bool:
-        ablation = self.sag_mask in ("random", "square", "highfreq")
+        ablation = self.sag_mask in ("random", "random_tokens", "square", "highfreq")
         return self.uses_sag and ablation and self.sag_fraction is None
 
     def sag_term(self, layers: str | Sequence[str] | None = None) -> SAG | None:
@@ -193,4 +210,8 @@ class Arm:
             parts.append(s)
         if a.pag_scale != 0:
             parts.append(f"pag{a.pag_scale:g}")
+        if a.classifier_scale != 0:
+            parts.append(f"cg{a.classifier_scale:g}")
+        if a.steps_multiplier != 1:
+            parts.append(f"{a.steps_multiplier}xsteps")
         return "-".join(parts)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +17,16 @@ import torch
 from ...pipelines.schedulers import SCHEDULER_NAMES
 from ..loading import BUNDLED_MODEL
 from .distributed import setup_distributed
-from .experiments import DEFAULT_SCALES, DEFAULT_SIGMAS, EXPERIMENTS
+from .experiments import (
+    DEFAULT_CLASSIFIER_SCALE,
+    DEFAULT_SAG_SIGMAS,
+    DEFAULT_SCALES,
+    DEFAULT_SIGMAS,
+    EXPERIMENTS,
+    best_sigma,
+)
 from .runner import Evaluation
+from .scoring import REFERENCE_PARTS, SECOND_CLASSIFIER
 
 __all__ = ["build_parser", "experiment_names", "main", "parse_floats", "run"]
 
@@ -45,6 +55,20 @@ def experiment_names(spec: str) -> list[str]:
     return [n for n in EXPERIMENTS if n in names]
 
 
+def _sag_sigmas(text: str) -> tuple[float, ...]:
+    vals = parse_floats(text, "--sag-sigmas")
+    if any(v <= 0 for v in vals):
+        raise SystemExit("error: --sag-sigmas must be positive")
+    return vals
+
+
+def _best_sigma_of(path: str) -> float:
+    try:
+        return best_sigma(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --best-sigma-from {path}: {err}") from None
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1000, help="samples per arm (default 1000)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -60,6 +84,30 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--cfg-scale", type=float, default=1.5, help="CFG weight w (default 1.5, as paper Table 4)"
     )
     p.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
+    p.add_argument(
+        "--sag-sigmas",
+        type=_sag_sigmas,
+        default=DEFAULT_SAG_SIGMAS,
+        help="blur sigmas of the scale sweep and the masking experiment (default 3, the paper's Table 5)",
+    )
+    p.add_argument(
+        "--best-sigma-from",
+        type=_best_sigma_of,
+        default=None,
+        metavar="METRICS_JSON",
+        help="also run those at the lowest-FID sigma of the sigma experiment in this metrics.json",
+    )
+    p.add_argument(
+        "--classifier-scale",
+        type=float,
+        default=DEFAULT_CLASSIFIER_SCALE,
+        help="classifier-guidance scale of table3 (default %(default)s)",
+    )
+    p.add_argument(
+        "--noisy-classifier",
+        default=None,
+        help="noise-aware classifier folder of table3's classifier guidance (default: the bundled one)",
+    )
     p.add_argument(
         "--scales",
         default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
@@ -89,8 +137,38 @@ def _add_metric_options(p: argparse.ArgumentParser) -> None:
         help="Inception-v3 TorchScript file (inception-2015-12-05.pt convention) to use instead of the "
         "digit classifier",
     )
-    p.add_argument("--num-reference", type=int, default=None, help="use only the first N real digits")
-    p.add_argument("--bootstrap", type=int, default=50, help="paired bootstrap resamples for FID deltas (50)")
+    p.add_argument(
+        "--second-classifier",
+        default=None,
+        help="second digit classifier (another architecture / seed) whose features check the ranking of "
+        f"the arms (default: MODEL/{SECOND_CLASSIFIER} if present; 'none' for none)",
+    )
+    p.add_argument(
+        "--reference-part",
+        default="held-out",
+        choices=REFERENCE_PARTS,
+        help="which digits of the train / held-out split are the FID reference (default: held-out, the "
+        "1000 digits that `attnguide train` keeps from the models)",
+    )
+    p.add_argument(
+        "--num-reference",
+        type=int,
+        default=None,
+        help="use only the first N digits of the reference part (interleaved by class)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="paired bootstrap resamples of the seeds for every stated difference (default 1000)",
+    )
+    p.add_argument(
+        "--seed-blocks",
+        type=int,
+        default=3,
+        help="disjoint blocks of seeds in which every stated difference is computed again; a finding needs "
+        "the same sign in all of them (default 3)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +200,21 @@ def _check_options(
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive integer")
     if args.num_samples < 4 and any(n != "cost" for n in names):
         raise SystemExit("error: --num-samples must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
-    for name in ("sag_scale", "cfg_scale", "pag_scale"):
+    if args.bootstrap < 0:
+        raise SystemExit("error: --bootstrap must be >= 0 (0: no intervals, so nothing is resolved)")
+    if args.seed_blocks < 1 or (args.num_samples // args.seed_blocks < 2 and any(n != "cost" for n in names)):
+        raise SystemExit(
+            f"error: --seed-blocks must be >= 1 with at least 2 samples per block "
+            f"(--num-samples {args.num_samples} allows at most {max(1, args.num_samples // 2)})"
+        )
+    if args.num_reference is not None and args.num_reference < 4:
+        raise SystemExit("error: --num-reference must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
+    for name in ("sag_scale", "cfg_scale", "pag_scale", "classifier_scale"):
         if not math.isfinite(getattr(args, name)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be finite")
-    if args.sag_scale == 0 and any(n in names for n in ("table1", "masking", "sigma", "cfg")):
+    if args.best_sigma_from is not None:
+        args.sag_sigmas = (*args.sag_sigmas, args.best_sigma_from)
+    if args.sag_scale == 0 and any(n in names for n in ("table1", "masking", "sigma", "cfg", "table3")):
         raise SystemExit("error: --sag-scale must not be 0 for the SAG experiments")
     scales = parse_floats(args.scales, "--scales")
     sigmas = parse_floats(args.sigmas, "--sigmas")

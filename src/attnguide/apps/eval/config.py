@@ -31,11 +31,23 @@ SAMPLE_KEYS = (
     "sigmas",
     "calibration_samples",
     "cost_batch",
+    "sag_sigmas",
+    "classifier_scale",
+    "noisy_classifier",
 )
 
 
+def noisy_classifier_digest(args: argparse.Namespace) -> str:
+    """The digest of the noise-aware classifier of table3's classifier guidance (``--noisy-classifier``,
+    else the bundled one): it decides table3's samples, so a run with another one is refused."""
+    from ..train.noisy_classifier import BUNDLED_NOISY_CLASSIFIER
+
+    return model_digest(str(args.noisy_classifier or BUNDLED_NOISY_CLASSIFIER))
+
+
 def model_digest(model: str) -> str:
-    """sha256 (16 hex digits) of a model folder's weights and configs; the path itself for hub ids."""
+    """sha256 (16 hex digits) of a model folder's weights and configs (not ``training.json`` nor the
+    ``classifier*`` folders of the feature extractors); the path itself for hub ids."""
     root = Path(model)
     if not root.exists():
         return f"path:{model}"
@@ -44,7 +56,15 @@ def model_digest(model: str) -> str:
         if root.is_dir()
         else [root]
     )
-    files = [p for p in files if p.name not in ("training.json",) and "classifier" not in p.parts]
+    files = [  # the feature extractors (classifier, classifier-2, ...) do not decide the samples
+        p
+        for p in files
+        if p.name != "training.json"
+        and not (
+            root.is_dir()
+            and any(q.startswith(("classifier", "noisy_classifier")) for q in p.relative_to(root).parts)
+        )
+    ]
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
@@ -58,7 +78,8 @@ def eval_config(
     args: argparse.Namespace, names: Sequence[str], scales: Sequence[float], sigmas: Sequence[float]
 ) -> dict[str, Any]:
     """The ``config.json`` of a run: the options that decide its samples (:data:`SAMPLE_KEYS`; those of
-    experiments not run are None) and the metric options."""
+    experiments not run are None) and the metric options (bootstrap, seed blocks, reference, second
+    extractor: not sample keys, so a finished run's shards can be scored again with other statistics)."""
     model = Path(args.model)
     return {
         "schema": SCHEMA,
@@ -75,10 +96,16 @@ def eval_config(
         "pag_scale": args.pag_scale,
         "scales": list(scales) if "scale" in names else None,
         "sigmas": list(sigmas) if "sigma" in names else None,
-        "calibration_samples": args.calibration_samples if "masking" in names else None,
+        "calibration_samples": args.calibration_samples if {"masking", "cfg"} & set(names) else None,
+        "sag_sigmas": list(dict.fromkeys(args.sag_sigmas)) if {"scale", "masking"} & set(names) else None,
+        "classifier_scale": args.classifier_scale if "table3" in names else None,
+        "noisy_classifier": noisy_classifier_digest(args) if "table3" in names else None,
         "cost_batch": args.cost_batch if "cost" in names else None,
         "bootstrap": args.bootstrap,
+        "seed_blocks": args.seed_blocks,
         "num_reference": args.num_reference,
+        "reference_part": args.reference_part,
+        "second_classifier": args.second_classifier,
     }
 
 

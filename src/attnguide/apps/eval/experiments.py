@@ -6,37 +6,59 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..arms import Arm
 
 __all__ = [
     "COST_METHODS",
+    "DEFAULT_CLASSIFIER_SCALE",
+    "DEFAULT_SAG_SIGMAS",
     "DEFAULT_SCALES",
     "DEFAULT_SIGMAS",
     "DEFAULT_WINDOWS",
     "EXPERIMENTS",
+    "PASSES_MULTIPLIER",
     "Entry",
+    "best_sigma",
     "blur_kernel_for",
     "build_experiments",
+    "matched_sag_arms",
     "unique_arms",
+    "with_matched_cfg",
 ]
 
-EXPERIMENTS = ("table1", "scale", "masking", "sigma", "cfg", "window", "cost")
+EXPERIMENTS = ("table1", "scale", "masking", "sigma", "cfg", "table3", "window", "cost")
+#: Classifier-guidance scale s of the "table3" arms (ADM's ``classifier_scale``; ADM's 128x128
+#: conditional model, whose Table 3 row "CG" this reproduces, used 0.5).
+DEFAULT_CLASSIFIER_SCALE = 0.5
 #: SAG step windows of the "window" experiment: (start, stop) as fractions of the sampling steps.
 DEFAULT_WINDOWS = ((0.0, 0.5), (0.5, 1.0), (0.0, 0.25), (0.25, 1.0))
-DEFAULT_SCALES = (-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.75, 1.0)
+#: SAG scales s of the "scale" sweep: the official ADM scripts' range (s = 0.1-0.2) and around it.
+DEFAULT_SCALES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_SIGMAS = (1.0, 3.0, 9.0, 27.0)
+#: Blur sigmas of the "scale" sweep and the "masking" experiment: 3, the setting of the paper's Table 5
+#: (its SAG row is Table 6's sigma-3 row; the official 128 px scripts use sigma 3). Kernels: blur_kernel_for.
+DEFAULT_SAG_SIGMAS = (3.0,)
+#: Model passes per step of SAG over those of the unguided sampler (the batched pass and the degraded
+#: one): the unguided compute-matched arm samples with this many times the steps.
+PASSES_MULTIPLIER = 2
 
 
 @dataclass(frozen=True)
 class Entry:
     """One row of an experiment: a display ``label``, its arm, a plot position ``x`` and the label of the
-    arm it is compared with (paired) or None."""
+    arm it is compared with (paired) or None.
+
+    ``match_sag``: for a CFG arm whose weight the evaluation measures (compute-matched CFG), the SAG arm
+    whose guidance strength it matches; its ``cfg_scale`` is None until :func:`with_matched_cfg` sets it.
+    """
 
     label: str
     arm: Arm
     x: float | None = None
     baseline: str | None = None
+    match_sag: Arm | None = None
 
 
 def blur_kernel_for(sigma: float, size: int) -> int:
@@ -56,23 +78,44 @@ def _table1(u_sag: Arm, conditional_model: bool) -> list[Entry]:
     return rows
 
 
-def _scale_sweep(scales: Sequence[float]) -> list[Entry]:
-    return [
-        Entry(f"s={s:g}", Arm(sag_scale=float(s)), x=float(s), baseline=None if s == 0 else "s=0")
-        for s in sorted({float(s) for s in (*scales, 0.0)})
-    ]
+def _with_sigma(arm: Arm, sigma: float, image_size: int) -> Arm:
+    """``arm`` with the Gaussian blur of ``sigma`` and its kernel (:func:`blur_kernel_for`)."""
+    return replace(arm, sag_sigma=float(sigma), sag_kernel=blur_kernel_for(float(sigma), image_size))
 
 
-def _masking(u_sag: Arm) -> list[Entry]:
+def _sigma_suffix(sigma: float, sigmas: Sequence[float]) -> str:
+    """The label suffix that tells a row's blur sigma apart, where an experiment runs at several."""
+    return f", sigma={sigma:g}" if len(sigmas) > 1 else ""
+
+
+def _scale_sweep(scales: Sequence[float], sigmas: Sequence[float], image_size: int) -> list[Entry]:
+    """Each scale at each blur sigma, sorted by s within a sigma; s = 0 (no guidance) is the baseline of
+    all, placed among the first sigma's rows."""
+    rows, nonzero = [], {float(s) for s in scales} - {0.0}
+    for i, sigma in enumerate(sigmas):
+        for s in sorted(nonzero | {0.0} if i == 0 else nonzero):
+            if s == 0:
+                rows.append(Entry("s=0", Arm(), x=0.0))
+                continue
+            arm = _with_sigma(Arm(sag_scale=s), sigma, image_size)
+            rows.append(Entry(f"s={s:g}{_sigma_suffix(sigma, sigmas)}", arm, x=s, baseline="s=0"))
+    return rows
+
+
+def _masking(u_sag: Arm, sigmas: Sequence[float], image_size: int) -> list[Entry]:
+    """Table 5's masks (and random whole attention tokens) at each blur sigma, against no guidance."""
     rows = [Entry("baseline", Arm())]
-    for label, mask in (
-        ("global (blur guidance)", "global"),
-        ("high-frequency", "highfreq"),
-        ("random", "random"),
-        ("square", "square"),
-    ):
-        rows.append(Entry(label, replace(u_sag, sag_mask=mask), baseline="baseline"))
-    rows.append(Entry("self-attention (SAG)", u_sag, baseline="baseline"))
+    for sigma in sigmas:
+        sag, suffix = _with_sigma(u_sag, sigma, image_size), _sigma_suffix(sigma, sigmas)
+        for label, mask in (
+            ("global (blur guidance)", "global"),
+            ("high-frequency", "highfreq"),
+            ("random", "random"),
+            ("random (token blocks)", "random_tokens"),
+            ("square", "square"),
+            ("self-attention (SAG)", "attention"),
+        ):
+            rows.append(Entry(label + suffix, replace(sag, sag_mask=mask), baseline="baseline"))
     return rows
 
 
@@ -103,6 +146,49 @@ def _guidance_methods(u_sag: Arm, cfg_scale: float, pag_scale: float, conditiona
     return rows
 
 
+def _compute_matched(u_sag: Arm, cfg_scale: float, conditional_model: bool) -> list[Entry]:
+    """SAG's compute-matched rivals (rows of the "cfg" experiment): the unguided sampler given SAG's model
+    passes (:data:`PASSES_MULTIPLIER` times the steps) and, on a class-conditional model, CFG at the
+    weight whose update is as strong as SAG's (measured by the evaluation; :func:`with_matched_cfg`). Each
+    SAG arm is listed again with its rival as baseline, so the paired comparison says whether SAG wins.
+
+    Without CFG the rival of "cond + SAG" (c + s (c - c_deg), two passes a step) is c + (w - 1) (c - u),
+    two passes too; with CFG, "CFG + SAG" meets CFG at w + the strength ratio (one pass fewer)."""
+    m = PASSES_MULTIPLIER
+    u_steps, c_steps = f"uncond, {m}x steps", f"cond, {m}x steps"
+    rows = [
+        Entry(u_steps, Arm(steps_multiplier=m), baseline="uncond"),
+        Entry(f"SAG vs {u_steps}", u_sag, baseline=u_steps),
+    ]
+    if conditional_model:
+        c_sag = replace(u_sag, conditional=True)
+        cfg_sag = replace(Arm(conditional=True, cfg_scale=cfg_scale), sag_scale=u_sag.sag_scale)
+        to_measure = Arm(conditional=True)  # cfg_scale None until the evaluation measures the weight
+        rows += [
+            Entry("cond + SAG", c_sag, baseline="cond"),
+            Entry(c_steps, Arm(conditional=True, steps_multiplier=m), baseline="cond"),
+            Entry(f"cond + SAG vs {c_steps}", c_sag, baseline=c_steps),
+            Entry("CFG matched to cond + SAG", to_measure, baseline="cond", match_sag=c_sag),
+            Entry("cond + SAG vs matched CFG", c_sag, baseline="CFG matched to cond + SAG"),
+            Entry("CFG matched to CFG + SAG", to_measure, baseline="CFG", match_sag=cfg_sag),
+            Entry("CFG + SAG vs matched CFG", cfg_sag, baseline="CFG matched to CFG + SAG"),
+        ]
+    return rows
+
+
+def _table3(u_sag: Arm, classifier_scale: float) -> list[Entry]:
+    """Paper Table 3: classifier guidance (CG) with and without SAG on the class-conditional model, each
+    guided arm paired with the arm it adds a term to (CG + SAG with CG, as the paper's last two rows)."""
+    cond, c_sag = Arm(conditional=True), replace(u_sag, conditional=True)
+    cg = replace(cond, classifier_scale=classifier_scale)
+    return [
+        Entry("cond", cond),
+        Entry("cond + CG", cg, baseline="cond"),
+        Entry("cond + SAG", c_sag, baseline="cond"),
+        Entry("cond + CG + SAG", replace(c_sag, classifier_scale=classifier_scale), baseline="cond + CG"),
+    ]
+
+
 def _step_windows(u_sag: Arm) -> list[Entry]:
     rows = [Entry("no SAG", Arm()), Entry("SAG, all steps", u_sag, x=1.0, baseline="no SAG")]
     for w in DEFAULT_WINDOWS:
@@ -121,22 +207,36 @@ def build_experiments(
     sigmas: Sequence[float],
     image_size: int,
     conditional_model: bool = True,
+    sag_sigmas: Sequence[float] = DEFAULT_SAG_SIGMAS,
+    classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
 ) -> dict[str, list[Entry]]:
     """The entries of each named experiment (``cost`` has none: it samples nothing that is kept).
 
-    Without a class-conditional model the conditional arms of ``table1`` and ``cfg`` are left out."""
+    ``sag_sigmas``: the blur sigmas of the ``scale`` sweep and the ``masking`` experiment (default the
+    paper's Table 5 setting, 3; e.g. also the best sigma of an earlier ``sigma`` run, :func:`best_sigma`),
+    each with the kernel of :func:`blur_kernel_for`. Without a class-conditional model the conditional
+    arms of ``table1`` and ``cfg`` are left out, and ``table3`` (classifier guidance at
+    ``classifier_scale``, towards the conditional arms' labels) is skipped. The ``cfg`` experiment's
+    compute-matched CFG arms need their weight measured (:func:`with_matched_cfg`) before sampling."""
+    sag_sigmas = tuple(dict.fromkeys(float(s) for s in sag_sigmas))
+    if not sag_sigmas or not all(math.isfinite(s) and s > 0 for s in sag_sigmas):
+        raise ValueError(f"`sag_sigmas` must be one or more positive finite numbers, got {sag_sigmas!r}")
     u_sag = Arm(sag_scale=sag_scale)
     builders: dict[str, Callable[[], list[Entry]]] = {
         "table1": lambda: _table1(u_sag, conditional_model),
-        "scale": lambda: _scale_sweep(scales),
-        "masking": lambda: _masking(u_sag),
+        "scale": lambda: _scale_sweep(scales, sag_sigmas, image_size),
+        "masking": lambda: _masking(u_sag, sag_sigmas, image_size),
         "sigma": lambda: _sigma_sweep(u_sag, sigmas, image_size),
-        "cfg": lambda: _guidance_methods(u_sag, cfg_scale, pag_scale, conditional_model),
+        "cfg": lambda: (
+            _guidance_methods(u_sag, cfg_scale, pag_scale, conditional_model)
+            + _compute_matched(u_sag, cfg_scale, conditional_model)
+        ),
         "window": lambda: _step_windows(u_sag),
+        "table3": lambda: _table3(u_sag, classifier_scale),
     }
     out: dict[str, list[Entry]] = {}
     for name in names:
-        if name == "cost":
+        if name == "cost" or (name == "table3" and not conditional_model):
             continue
         if name not in builders:
             raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)} or 'all'")
@@ -146,12 +246,63 @@ def build_experiments(
 
 def unique_arms(experiments: dict[str, list[Entry]]) -> dict[str, Arm]:
     """Every distinct arm of ``experiments`` (canonical form) by key, in the order they first appear: each
-    is sampled once even when several experiments list it."""
+    is sampled once even when several experiments list it. ValueError for a compute-matched CFG arm
+    whose weight is not measured yet (:func:`with_matched_cfg`)."""
     arms: dict[str, Arm] = {}
     for rows in experiments.values():
         for e in rows:
+            if e.match_sag is not None and e.arm.cfg_scale is None:
+                raise ValueError(
+                    f"`experiments`: {e.label!r} is CFG matched to {e.match_sag.key}, whose weight is not "
+                    "measured yet (with_matched_cfg)"
+                )
             arms.setdefault(e.arm.key, e.arm.canonical())
     return arms
+
+
+def matched_sag_arms(experiments: dict[str, list[Entry]]) -> dict[str, Arm]:
+    """The SAG arms (canonical, by key) whose guidance strength a compute-matched CFG arm must match."""
+    return {
+        e.match_sag.key: e.match_sag.canonical()
+        for rows in experiments.values()
+        for e in rows
+        if e.match_sag is not None
+    }
+
+
+def with_matched_cfg(
+    experiments: dict[str, list[Entry]], weights: dict[str, float]
+) -> dict[str, list[Entry]]:
+    """``experiments`` with each compute-matched CFG arm at its measured weight: ``weights`` maps the key
+    of the SAG arm it matches (:func:`matched_sag_arms`) to the CFG weight w."""
+    missing = sorted(set(matched_sag_arms(experiments)) - set(weights))
+    if missing:
+        raise ValueError(f"`weights` has no CFG weight for the SAG arm(s) {', '.join(missing)}")
+    return {
+        name: [
+            replace(e, arm=replace(e.arm, cfg_scale=float(weights[e.match_sag.key])))
+            if e.match_sag is not None
+            else e
+            for e in rows
+        ]
+        for name, rows in experiments.items()
+    }
+
+
+def best_sigma(results: dict[str, Any]) -> float:
+    """The blur sigma of the lowest-FID SAG row of the ``sigma`` experiment in a results record
+    (``metrics.json`` of an earlier run): the second-pass sigma of the scale and masking experiments.
+    Only finite sigmas compete (not "sigma->inf"). ValueError where the record has no such rows."""
+    block = results.get("experiments", {}).get("sigma", {}) if isinstance(results, dict) else {}
+    scored = []
+    for r in block.get("rows", []) if isinstance(block, dict) else []:
+        spec, fid = r.get("spec") or {}, (r.get("metrics") or {}).get("fid")
+        usable = r.get("uses_sag") and not spec.get("sag_average") and isinstance(fid, (int, float))
+        if usable and math.isfinite(fid) and isinstance(spec.get("sag_sigma"), (int, float)):
+            scored.append((fid, spec["sag_sigma"]))
+    if not scored:
+        raise ValueError("`results`: the record has no scored SAG rows of the sigma experiment")
+    return float(min(scored)[1])
 
 
 #: The methods the cost experiment times: name -> arm of (SAG scale s, CFG weight w, PAG scale p).

@@ -14,7 +14,9 @@ Two are provided:
 
 - :class:`DigitClassifierExtractor` (default): the small MNIST CNN shipped with the bundled model
   (:func:`attnguide.apps.train.load_digit_classifier`). Offline and fast, but its figures are **not comparable
-  with published FIDs**, which use Inception-v3 features of ImageNet-scale images.
+  with published FIDs**, which use Inception-v3 features of ImageNet-scale images. A second one of
+  another architecture and seed (the model's ``classifier-2`` folder) checks that the arms rank the same
+  under other features.
 - :class:`InceptionExtractor`: Inception-v3 from a TorchScript file that the user provides, in the
   convention of NVIDIA's StyleGAN2-ADA / StyleGAN3 / EDM metrics (``inception-2015-12-05.pt``):
   ``net(uint8 images (N, 3, 299, 299), return_features=True) -> (N, 2048)``. Grey images are repeated to
@@ -69,7 +71,8 @@ class DigitClassifierExtractor:
     pool: the 128-d globally pooled penultimate features; spatial: the first :data:`SFID_CHANNELS`
     channels of the 7 x 7 map before pooling, flattened (343-d, the analogue of guided-diffusion's sFID
     features); logits: the 10 digit logits. Images are converted to grey (channel mean) and resized to
-    28 x 28 if needed, then mapped to the classifier's input range [-1, 1].
+    28 x 28 if needed, then mapped to the classifier's input range [-1, 1]. ``folder``: where it was
+    loaded from (its ``config.json`` says which digits it trained on), None for a given ``model``.
     """
 
     name = "digit-classifier"
@@ -87,7 +90,9 @@ class DigitClassifierExtractor:
                 raise FileNotFoundError(f"no digit classifier (model.safetensors) in {folder}")
             model = load_digit_classifier(folder, device=device)
             self.identity = f"{self.name}:{_file_digest(folder / 'model.safetensors')}"
+            self.folder: Path | None = folder
         else:
+            self.folder = None
             model = model.to(device).eval()
             digest = hashlib.sha256()
             for k, v in sorted(model.state_dict().items()):

@@ -105,8 +105,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         if name in exps:
             fig = _sweep_figure(name, exps[name]["rows"], results["config"]["num_samples"])
             _save(fig, out / f"{name}.png", written)
-    for name in ("table1", "masking", "cfg"):
-        if name in exps:
+    for name in exps:  # the tables (table1, masking, cfg, and any other experiment): bar charts
+        if name not in ("scale", "sigma", "window"):
             rows = exps[name]["rows"]
             panels = [([r["metrics"].get(key) for r in rows], title) for key, title in _TABLE_METRICS]
             fig = _bar_figure([r["label"] for r in rows], panels, (12, 3.6))

@@ -5,6 +5,7 @@ methods, score the arms and write the results."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -18,12 +19,31 @@ from ..files import write_json_atomic
 from .config import check_config, config_digest, eval_config
 from .cost import run_cost
 from .distributed import Dist
-from .experiments import Entry, build_experiments, unique_arms
+from .experiments import Entry, build_experiments, matched_sag_arms, unique_arms, with_matched_cfg
+from .features import FeatureExtractor
+from .matching import measure_matched_weights
 from .metrics import gaussian_stats
 from .report import did_not_help, write_outputs
-from .results import add_reference, experiment_notes, experiment_rows, run_record
+from .results import (
+    add_reference,
+    correct_comparisons,
+    experiment_comparisons,
+    experiment_notes,
+    experiment_rows,
+    extractor_agreement,
+    run_record,
+)
 from .sampler import Sampler, load_model
-from .scoring import make_extractor, reference_features, score_arms
+from .scoring import (
+    arm_statistics,
+    make_extractor,
+    make_second_extractor,
+    reference_features,
+    reference_indices,
+    reference_record,
+    score_arms,
+    seed_blocks,
+)
 from .shards import ShardStore, sample_tasks, shard_ranges, warn
 
 __all__ = ["Evaluation"]
@@ -80,7 +100,14 @@ class Evaluation:
         size = unet.config.sample_size
         self.image_size = size if isinstance(size, int) else min(size)
         self.sampler = Sampler(
-            unet, sched_config, a.scheduler, a.steps, a.seed, self.device, self.num_class_embeds
+            unet,
+            sched_config,
+            a.scheduler,
+            a.steps,
+            a.seed,
+            self.device,
+            self.num_class_embeds,
+            classifier_path=a.noisy_classifier,
         )
         return build_experiments(
             self.names,
@@ -89,34 +116,107 @@ class Evaluation:
             pag_scale=a.pag_scale,
             scales=self.scales,
             sigmas=self.sigmas,
+            sag_sigmas=a.sag_sigmas,
+            classifier_scale=a.classifier_scale,
             image_size=self.image_size,
             conditional_model=self.num_class_embeds is not None,
         )
 
     def calibrate(self, experiments: Experiments) -> tuple[Experiments, dict[str, Any] | None]:
-        """The masking experiment's random / square / high-frequency masks cover the attention mask's mean
-        fraction, measured on the first shards of the SAG arm; returns the experiments with that fraction
-        filled in, and the calibration record (None when no arm needs one)."""
-        if not any(e.arm.needs_calibration for rows in experiments.values() for e in rows):
+        """What some arms need measured before sampling, on the first ``--calibration-samples`` samples:
+        the masking experiment's random / token / square / high-frequency masks cover the mean fraction
+        of the attention mask of the same SAG arm (same blur), and each compute-matched CFG arm gets the
+        weight whose update is as strong as its SAG arm's (:mod:`.matching`). Returns the experiments
+        with these filled in, and the calibration record (None when no arm needs one)."""
+        needs_masks = any(e.arm.needs_calibration for rows in experiments.values() for e in rows)
+        sag_arms = matched_sag_arms(experiments)
+        if not needs_masks and not sag_arms:
             return experiments, None
-        sag_arm = Arm(sag_scale=self.args.sag_scale)
         n_cal = min(self.args.calibration_samples, self.args.num_samples)
+        calibration: dict[str, Any] = {"samples": int(n_cal)}
+        if needs_masks:
+            experiments = self._calibrate_masks(experiments, n_cal, calibration)
+        if sag_arms:
+            matched = self._matched_weights(sag_arms, n_cal)
+            calibration["matched_cfg"] = matched
+            experiments = with_matched_cfg(experiments, {k: r["weight"] for k, r in matched.items()})
+        if self.dist.rank == 0:
+            write_json_atomic(self.shard_dir / "calibration.json", calibration)
+        return experiments, calibration
+
+    def _calibrate_masks(
+        self, experiments: Experiments, n_cal: int, calibration: dict[str, Any]
+    ) -> Experiments:
+        """Fill in the ablation masks' fraction: the mean attention-mask fraction of the SAG arm that
+        differs from the ablation only in its mask, over its first ``n_cal`` samples (its first shards).
+        Records every such arm's fraction (``mask_fractions``) and the first one's as before (``arm``,
+        ``attention_mask_fraction``)."""
+
+        def reference(arm: Arm) -> Arm:
+            return replace(arm, sag_mask="attention", sag_fraction=None).canonical()
+
+        refs = {
+            reference(e.arm).key: reference(e.arm)
+            for rows in experiments.values()
+            for e in rows
+            if e.arm.needs_calibration
+        }
         cal_shards = [j for j, r in enumerate(self.ranges) if r.start < n_cal]
-        self._sample([(sag_arm, j) for j in cal_shards])
-        fracs = np.concatenate([self._read(sag_arm, j)["mask_fraction"] for j in cal_shards])[:n_cal]
-        fraction = float(np.clip(fracs.mean(), 1.0 / self.image_size**2, 1.0))
-        calibration = {"arm": sag_arm.key, "samples": int(n_cal), "attention_mask_fraction": fraction}
-        self.log(f"attention mask covers {fraction:.4f} of the pixels on average ({n_cal} samples)")
-        calibrated = {
+        self._sample([(arm, j) for arm in refs.values() for j in cal_shards])
+        fractions = {}
+        for key, arm in refs.items():
+            fracs = np.concatenate([self._read(arm, j)["mask_fraction"] for j in cal_shards])[:n_cal]
+            fractions[key] = float(np.clip(fracs.mean(), 1.0 / self.image_size**2, 1.0))
+            self.log(f"attention mask of {key} covers {fractions[key]:.4f} of the pixels ({n_cal} samples)")
+        first = next(iter(fractions))
+        calibration.update(arm=first, attention_mask_fraction=fractions[first], mask_fractions=fractions)
+        return {
             name: [
-                replace(e, arm=replace(e.arm, sag_fraction=fraction)) if e.arm.needs_calibration else e
+                replace(e, arm=replace(e.arm, sag_fraction=fractions[reference(e.arm).key]))
+                if e.arm.needs_calibration
+                else e
                 for e in rows
             ]
             for name, rows in experiments.items()
         }
+
+    def _matched_weights(self, sag_arms: dict[str, Arm], n_cal: int) -> dict[str, dict[str, Any]]:
+        """The compute-matched CFG weight of each SAG arm (by key), kept in ``matching.json``: rank 0
+        measures the arms that file lacks for this run's config digest, then every rank reads the same
+        weights (so every rank samples the same arms, and a resumed run reuses them)."""
+        path = self.shard_dir / "matching.json"
         if self.dist.rank == 0:
-            write_json_atomic(self.shard_dir / "calibration.json", calibration)
-        return calibrated, calibration
+            cached = self._cached_matching(path, n_cal)
+            todo = {k: a for k, a in sag_arms.items() if k not in cached}
+            if todo:
+                cached.update(measure_matched_weights(self.sampler, todo, self.ranges, n_cal, self.log))
+                record = {"kind": "matching", "config_digest": self.store.config_digest, "arms": cached}
+                write_json_atomic(path, record)
+        self.dist.barrier()
+        weights = self._cached_matching(path, n_cal)
+        missing = sorted(set(sag_arms) - set(weights))
+        if missing:
+            raise RuntimeError(f"{path} lacks the matched CFG weight of {', '.join(missing)} after measuring")
+        return {k: weights[k] for k in sag_arms}
+
+    def _cached_matching(self, path: Path, n_cal: int) -> dict[str, dict[str, Any]]:
+        """The matched-CFG records of ``matching.json`` measured on ``n_cal`` samples, if the file is
+        readable and records this run's config digest, else none (with a warning for a file that is
+        there but not usable)."""
+        if not path.exists():
+            return {}
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            warn(f"cannot read {path} ({type(err).__name__}: {err}); measuring the matched CFG weights again")
+            return {}
+        mine = ("matching", self.store.config_digest)
+        if not isinstance(cached, dict) or (cached.get("kind"), cached.get("config_digest")) != mine:
+            cached = None
+        if cached is None or not isinstance(cached.get("arms"), dict):
+            warn(f"{path} records another run (kind / config digest); measuring the matched weights again")
+            return {}
+        return {k: r for k, r in cached["arms"].items() if isinstance(r, dict) and r.get("samples") == n_cal}
 
     def _sample(self, tasks: Sequence[tuple[Arm, int]]) -> None:
         """Sample this rank's share of ``tasks``, then wait for the other ranks."""
@@ -162,12 +262,45 @@ class Evaluation:
         write_json_atomic(path, {"kind": "cost", "config_digest": self.store.config_digest, "cost": cost})
         return cost
 
+    def _reference(self, extractor: FeatureExtractor, filename: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The reference digits' features by ``extractor`` (cached in ``OUT/filename``) and their
+        Gaussians."""
+        a = self.args
+        ref = reference_features(
+            self.out,
+            extractor,
+            a.num_reference,
+            self.log,
+            config_digest=self.store.config_digest,
+            part=a.reference_part,
+            filename=filename,
+        )
+        return ref, {k: gaussian_stats(ref[k]) for k in ("pool", "spatial") if k in ref}
+
+    def _score_second(self, second: FeatureExtractor, arms: dict[str, Arm]) -> dict[str, dict[str, Any]]:
+        """Every arm's metrics by the second extractor (its reference features cached beside the first's)."""
+        tag = hashlib.sha256(second.identity.encode()).hexdigest()[:12]
+        ref, ref_stats = self._reference(second, f"reference_features_{tag}.npz")
+        scores, _ = score_arms(
+            arms,
+            self.store,
+            second,
+            ref,
+            ref_stats,
+            num_samples=self.args.num_samples,
+            num_class_embeds=self.num_class_embeds,
+            log=self.log,
+        )
+        return scores
+
     def score(
         self, experiments: Experiments, arms: dict[str, Arm], calibration: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """The results record: every arm scored against the real digits, every experiment's rows."""
+        """The results record: every arm scored against the reference digits, every experiment's rows and
+        paired comparisons (corrected for their number), and the second extractor's agreement."""
         a = self.args
         extractor, description = make_extractor(a.inception, a.classifier, a.model, self.device)
+        second = make_second_extractor(a.second_classifier, a.model, self.device) if experiments else None
         results = run_record(
             a,
             self.config,
@@ -177,14 +310,17 @@ class Evaluation:
             description=description,
             calibration=calibration,
             shards_written=len(self.written),
+            second=second,
         )
-        ref, ref_stats = None, {}
+        ref, ref_stats, reference = None, {}, None
         if experiments:
-            ref = reference_features(
-                self.out, extractor, a.num_reference, self.log, config_digest=self.store.config_digest
-            )
-            ref_stats = {k: gaussian_stats(ref[k]) for k in ("pool", "spatial") if k in ref}
-        add_reference(results, ref, inception=bool(a.inception))
+            ref, ref_stats = self._reference(extractor, "reference_features.npz")
+            indices = reference_indices(a.reference_part, a.num_reference)
+            reference = reference_record(a.reference_part, indices)
+        used = [e for e in (extractor, second) if e is not None]
+        add_reference(
+            results, ref, inception=bool(a.inception), reference=reference, model=a.model, extractors=used
+        )
         scores, features = score_arms(
             arms,
             self.store,
@@ -195,18 +331,15 @@ class Evaluation:
             num_class_embeds=self.num_class_embeds,
             log=self.log,
         )
-        intervals: dict[tuple[str, str], list[float]] = {}
+        stats = {}
+        if experiments:
+            kw = {"bootstrap": a.bootstrap, "blocks": a.seed_blocks, "seed": a.seed, "device": self.device}
+            stats = arm_statistics(features, ref or {}, **kw, log=self.log)
+            sizes = [len(b) for b in seed_blocks(a.num_samples, a.seed_blocks)]
+            results["statistics"] = {"block_sizes": sizes}
+        cache: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for name, rows in experiments.items():
-            block_rows = experiment_rows(
-                rows,
-                scores,
-                features,
-                ref_stats,
-                num_samples=a.num_samples,
-                bootstrap=a.bootstrap,
-                seed=a.seed,
-                intervals=intervals,
-            )
+            comparisons = experiment_comparisons(rows, scores, stats, cache)
             notes = experiment_notes(
                 name,
                 rows,
@@ -214,7 +347,15 @@ class Evaluation:
                 conditional_model=self.num_class_embeds is not None,
                 image_size=self.image_size,
             )
-            results["experiments"][name] = {"rows": block_rows, "notes": notes}
+            results["experiments"][name] = {
+                "rows": experiment_rows(rows, scores, comparisons, num_samples=a.num_samples),
+                "notes": notes,
+                "comparisons": comparisons,
+            }
+        if experiments:
+            correct_comparisons(results)
+        if second is not None:
+            extractor_agreement(results, self._score_second(second, arms), second.identity)
         return results
 
     def run(self) -> dict[str, Any] | None:

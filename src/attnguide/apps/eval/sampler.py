@@ -1,21 +1,26 @@
 """Sampling one arm from fixed seeds: sample ``i`` always starts from the noise of seed ``seed + i`` and
-(class-conditional arms) label ``i mod 10``, so every arm sees the same starting points."""
+(class-conditional arms) label ``i mod 10``, so every arm sees the same starting points. Arms with
+classifier guidance are steered towards those labels by the model's noise-aware classifier
+(:mod:`attnguide.apps.train.noisy_classifier`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ...engine.guidance import ClassifierGuidance
 from ...engine.step import Guider, sample_loop, scheduler_step_kwargs
 from ...pipelines import DDPMSAGPipeline
 from ...pipelines.schedulers import scheduler_from_name
 from ..arms import Arm
 from ..images import sample_shape
 from ..loading import load_pipeline
+from ..train.noisy_classifier import cond_fn, load_noisy_classifier
 
 __all__ = ["Sampler", "load_model"]
 
@@ -30,7 +35,12 @@ def load_model(model: str, device: str) -> tuple[Any, Any]:
 
 @dataclass
 class Sampler:
-    """The model, scheduler settings and seeds: ``sample(arm, indices, shard)`` gives the images in [0, 1]."""
+    """The model, scheduler settings and seeds: ``sample(arm, indices, shard)`` gives the images in [0, 1].
+
+    ``classifier``: the noise-aware classifier of the arms with classifier guidance, ``classifier(x_t, t)
+    -> logits``; None loads it when an arm first needs it, from ``classifier_path`` (a
+    ``noisy_classifier/`` folder or a model folder holding one; None: the bundled model's).
+    """
 
     unet: Any
     scheduler_config: Any
@@ -39,6 +49,8 @@ class Sampler:
     seed: int
     device: str
     num_class_embeds: int | None = None
+    classifier_path: str | None = None
+    classifier: nn.Module | None = field(default=None, repr=False)
 
     @property
     def null_label(self) -> int | None:
@@ -47,21 +59,35 @@ class Sampler:
 
     def with_steps(self, steps: int) -> Sampler:
         """The same sampler with another number of steps (the cost experiment's warm-up)."""
-        return Sampler(
-            self.unet,
-            self.scheduler_config,
-            self.scheduler_name,
-            steps,
-            self.seed,
-            self.device,
-            self.num_class_embeds,
-        )
+        return replace(self, steps=steps)
 
-    def guider(self, arm: Arm, shard: int) -> Guider:
+    def noisy_classifier(self) -> nn.Module:
+        """The classifier of classifier guidance (:attr:`classifier`, loaded once where it is None)."""
+        if self.classifier is None:
+            config = self.unet.config
+            if self.classifier_path is None and (config.in_channels, config.sample_size) != (1, 28):
+                raise ValueError(
+                    "`classifier_path`: the bundled noisy classifier is for 28x28 digits; give this model's "
+                    "noise-aware classifier for classifier guidance"
+                )
+            self.classifier = load_noisy_classifier(self.classifier_path, self.device)
+        return self.classifier
+
+    def classifier_term(self, arm: Arm, labels: torch.Tensor | None) -> ClassifierGuidance | None:
+        """The classifier guidance of ``arm`` towards ``labels`` (the conditional branch's, one per
+        sample): ADM's gradient of log p(y | x_t) from :meth:`noisy_classifier`. None without it."""
+        if not arm.uses_classifier:
+            return None
+        if not arm.conditional or labels is None:
+            raise ValueError(f"arm {arm.key}: classifier guidance needs a conditional arm (its labels)")
+        return ClassifierGuidance(arm.classifier_scale, cond_fn(self.noisy_classifier(), labels))
+
+    def guider(self, arm: Arm, shard: int, labels: torch.Tensor | None = None) -> Guider:
         """A fresh scheduler and the guidance of ``arm``; the random / square masks draw from a generator
-        seeded by the shard, so a shard's samples do not depend on which process makes them."""
+        seeded by the shard, so a shard's samples do not depend on which process makes them.
+        ``labels``: the conditional labels, which an arm with classifier guidance steers towards."""
         sched = scheduler_from_name(self.scheduler_name, self.scheduler_config)
-        sched.set_timesteps(self.steps, device=self.device)
+        sched.set_timesteps(self.steps * arm.steps_multiplier, device=self.device)
         sag = arm.sag_term()
         return Guider(
             self.unet,
@@ -69,6 +95,7 @@ class Sampler:
             guidance_scale=arm.cfg_scale,
             sag=sag,
             pag=arm.pag_term("mid"),
+            classifier=self.classifier_term(arm, labels),
             record_masks=sag is not None and sag.mask == "attention",
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 + shard),
         )
@@ -93,10 +120,10 @@ class Sampler:
         h, w = sample_shape(config.sample_size)
         gens = [torch.Generator().manual_seed(self.seed + i) for i in indices]
         noise = torch.cat([torch.randn((1, config.in_channels, h, w), generator=g) for g in gens])
-        guider = self.guider(arm, shard)
+        labels = self._labels(arm, indices)
+        guider = self.guider(arm, shard, None if labels is None else labels["cond"])
         sched = guider.scheduler
         latents = noise.to(self.device) * sched.init_noise_sigma
-        labels = self._labels(arm, indices)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
             y = None if labels is None else torch.cat([labels[b] for b in branches])

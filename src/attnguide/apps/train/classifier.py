@@ -1,5 +1,7 @@
-"""Training the digit classifier that the evaluator uses as its feature extractor: a small CNN fitted
-on 4500 of the bundled digits and scored on the 500 held out."""
+"""Training a digit classifier that the evaluator uses as a feature extractor: a small CNN fitted on the
+train part of the digit split (:func:`attnguide.apps.train.data.split_digits`; by default it never sees
+the held-out digits that are the evaluation's FID reference) and scored on a validation subset of that
+part."""
 
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import write_atomic, write_json_atomic
-from .data import DATASET_DESCRIPTION, corrupt_background, load_mnist, random_shift, stratified_split
+from .data import (
+    DATASET_DESCRIPTION,
+    corrupt_background,
+    load_mnist,
+    random_shift,
+    stratified_split,
+    training_digits,
+)
 from .environment import command_line, library_versions, pick_device
 from .models import make_digit_classifier
 
@@ -78,7 +87,7 @@ def _fit(
     robust_aug: float,
     device: torch.device,
 ) -> None:
-    """AdamW with a one-cycle learning rate for ``epochs`` epochs, printing the held-out accuracy."""
+    """AdamW with a one-cycle learning rate for ``epochs`` epochs, printing the validation accuracy."""
     steps_per_epoch = math.ceil(len(train[0]) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -96,7 +105,7 @@ def _fit(
             device=device,
         )
         acc = _accuracy(model, *held_out, device)
-        print(f"classifier epoch {epoch + 1}/{epochs}  loss {loss:.4f}  held-out acc {acc:.4f}", flush=True)
+        print(f"classifier epoch {epoch + 1}/{epochs}  loss {loss:.4f}  validation acc {acc:.4f}", flush=True)
 
 
 def _scores(
@@ -141,10 +150,17 @@ def train_classifier(
     held_out_per_class: int = 50,
     robust_aug: float = 0.5,
     command: str | None = None,
+    data: str = "train",
+    folder: str = "classifier",
+    width: int = 32,
+    feature_dim: int = 128,
 ) -> dict[str, Any]:
-    """Train :class:`DigitClassifier` on 4500 digits and report its accuracy on the 500 held out.
+    """Train :class:`DigitClassifier` on the digits of ``data`` and report its accuracy on a validation set.
 
-    The held-out set is 50 digits per class, chosen with ``seed``. Training uses AdamW with a one-cycle
+    ``data`` is the part of the digit split to use: ``"train"`` (default: the 4000 train digits, so the
+    evaluation's held-out reference stays unseen) or ``"all"`` (the 5000, as older versions). The
+    validation set is ``held_out_per_class`` digits per class of those, chosen with ``seed``; the
+    classifier fits the rest (3500 of the train part). Training uses AdamW with a one-cycle
     learning rate, random shifts of up to 2 pixels and, for a fraction ``robust_aug`` of the digits, a
     brightened, noisy background (see :func:`corrupt_background`) so that the classifier judges the shape
     of a generated digit rather than its residual noise. The result is written to
@@ -154,14 +170,16 @@ def train_classifier(
     Returns:
         The ``config.json`` record (including ``held_out_accuracy``).
     """
+    if not folder or Path(folder).name != folder or folder in (".", ".."):
+        raise ValueError(f"folder must be a plain folder name inside out_dir, got {folder!r}")
     dev = pick_device(device)
-    images, labels = load_mnist()
+    images, labels, split_record = training_digits(*load_mnist(), data)
     train_idx, test_idx = stratified_split(labels, held_out_per_class, seed)
     train, held_out = (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 2)
-    model = make_digit_classifier().to(dev)
+    model = make_digit_classifier(width=width, feature_dim=feature_dim).to(dev)
     t0 = time.time()
     _fit(
         model,
@@ -177,21 +195,24 @@ def train_classifier(
     wall_s = time.time() - t0
     scores = _scores(model, train, held_out, dev)
 
-    folder = Path(out_dir) / "classifier"
+    target = Path(out_dir) / folder
     model.to("cpu")
-    _save_weights(model, folder)
+    _save_weights(model, target)
     record: dict[str, Any] = {
         "class_name": "attnguide.apps.train.DigitClassifier",
         "architecture": model.config,
         "input": "(N, 1, 28, 28) float in [-1, 1], background -1",
-        "features": "features(x) -> (N, 128) global-average-pooled; spatial_features(x) -> (N, 128, 7, 7)",
+        "features": f"features(x) -> (N, {feature_dim}) global-average-pooled; "
+        f"spatial_features(x) -> (N, {feature_dim}, 7, 7)",
         "held_out_accuracy": scores["held_out_accuracy"],
         "held_out_accuracy_corrupted": scores["held_out_accuracy_corrupted"],
         "held_out_corruption": HELD_OUT_CORRUPTION,
         "train_accuracy": scores["train_accuracy"],
         "augmentation": _augmentation(robust_aug),
-        "held_out": f"{held_out_per_class} digits per class ({len(test_idx)} total), split seed {seed}",
+        "held_out": f"{held_out_per_class} digits per class ({len(test_idx)} total) of the {data} digits, "
+        f"split seed {seed} (a validation set: not the evaluation's held-out reference)",
         "train_size": len(train_idx),
+        "data_split": split_record,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -202,10 +223,10 @@ def train_classifier(
         "dataset": DATASET_DESCRIPTION,
         "versions": library_versions(),
     }
-    write_json_atomic(folder / "config.json", record)
+    write_json_atomic(target / "config.json", record)
     print(
-        f"classifier: held-out accuracy {scores['held_out_accuracy']:.4f} "
-        f"(corrupted {scores['held_out_accuracy_corrupted']:.4f}, {wall_s:.0f} s); saved to {folder}",
+        f"classifier: validation accuracy {scores['held_out_accuracy']:.4f} "
+        f"(corrupted {scores['held_out_accuracy_corrupted']:.4f}, {wall_s:.0f} s); saved to {target}",
         flush=True,
     )
     return record

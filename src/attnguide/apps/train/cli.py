@@ -9,8 +9,10 @@ import torch
 
 from .checkpoint import CHECKPOINT_NAME, check_checkpoint
 from .classifier import train_classifier
+from .data import DATA_PARTS
 from .diffusion import train_diffusion
 from .environment import COMMAND, command_line
+from .noisy_classifier import NOISY_CLASSIFIER_DIR, train_noisy_classifier
 
 __all__ = ["DEFAULT_OUT", "build_parser", "main"]
 
@@ -39,7 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after finishing")
+    p.add_argument(
+        "--data",
+        choices=DATA_PARTS,
+        default="train",
+        help="digits to train both models on: the train part of the split (default; the 1000 held-out "
+        "digits stay unseen, as the evaluation's FID reference) or all 5000 (older models)",
+    )
     p.add_argument("--classifier-epochs", type=int, default=15, help="classifier epochs (default: 15)")
+    p.add_argument(
+        "--classifier-folder",
+        default="classifier",
+        help="folder in --out for the classifier (default: classifier; the evaluation's second feature "
+        "extractor is classifier-2)",
+    )
+    p.add_argument("--classifier-width", type=int, default=32, help="classifier conv width (default: 32)")
+    p.add_argument(
+        "--classifier-feature-dim", type=int, default=128, help="classifier pooled features (default: 128)"
+    )
+    p.add_argument("--classifier-seed", type=int, default=None, help="classifier seed (default: --seed)")
     p.add_argument("--skip-classifier", action="store_true", help="do not train the classifier")
     p.add_argument(
         "--retrain-classifier",
@@ -47,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the classifier even if the output folder already has one (e.g. when resuming)",
     )
     p.add_argument("--skip-diffusion", action="store_true", help="only train the classifier")
+    p.add_argument(
+        "--noisy-classifier",
+        action="store_true",
+        help=f"also train the noise-aware classifier of classifier guidance into OUT/{NOISY_CLASSIFIER_DIR} "
+        "(last, on the train digits noised by OUT/scheduler); with --skip-classifier --skip-diffusion: "
+        "only it",
+    )
+    p.add_argument(
+        "--noisy-classifier-steps", type=int, default=3000, help="noisy classifier steps (default: 3000)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
@@ -64,11 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoint(out / CHECKPOINT_NAME, seed=args.seed, unet_kwargs={})
 
     if not args.skip_classifier:
-        if (out / "classifier" / "model.safetensors").exists() and not args.retrain_classifier:
-            print(f"classifier already in {out / 'classifier'}; keeping it (--retrain-classifier to redo)")
+        folder = out / args.classifier_folder
+        if (folder / "model.safetensors").exists() and not args.retrain_classifier:
+            print(f"classifier already in {folder}; keeping it (--retrain-classifier to redo)")
         else:
             train_classifier(
-                out, epochs=args.classifier_epochs, seed=args.seed, device=device, command=command
+                out,
+                epochs=args.classifier_epochs,
+                seed=args.seed if args.classifier_seed is None else args.classifier_seed,
+                device=device,
+                command=command,
+                data=args.data,
+                folder=args.classifier_folder,
+                width=args.classifier_width,
+                feature_dim=args.classifier_feature_dim,
             )
     if not args.skip_diffusion:
         train_diffusion(
@@ -85,5 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             max_minutes=args.max_minutes,
             keep_checkpoint=args.keep_checkpoint,
             command=command,
+            data=args.data,
+        )
+    if args.noisy_classifier:
+        train_noisy_classifier(
+            out, steps=args.noisy_classifier_steps, seed=args.seed, device=device, command=command
         )
     return 0

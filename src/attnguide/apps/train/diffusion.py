@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..files import save_pretrained_atomic, write_json_atomic
 from .checkpoint import CHECKPOINT_NAME, TrainingState, resume_from_checkpoint, save_checkpoint
-from .data import DATASET_DESCRIPTION, load_mnist, random_shift
+from .data import DATASET_DESCRIPTION, load_mnist, random_shift, training_digits
 from .environment import command_line, device_name, library_versions, pick_device
 from .models import NULL_LABEL, make_mnist_scheduler, make_mnist_unet
 
@@ -246,8 +246,11 @@ def _training_record(
     device: torch.device,
     unet_kwargs: dict[str, Any],
     num_images: int,
+    data_split: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``training.json`` record: the settings, the outcome and the environment of a run."""
+    """The ``training.json`` record: the settings, the outcome and the environment of a run, and the
+    digits it trained on (``data_split``: the split record, which the evaluation compares with its
+    reference digits)."""
     tail = state.losses[-200:]
     budget = settings.max_minutes
     return {
@@ -283,6 +286,7 @@ def _training_record(
         "versions": library_versions(),
         "dataset": DATASET_DESCRIPTION,
         "num_images": num_images,
+        "data_split": data_split,
         "weights": "EMA",
     }
 
@@ -306,6 +310,7 @@ def train_diffusion(
     keep_checkpoint: bool = False,
     command: str | None = None,
     unet_kwargs: dict[str, Any] | None = None,
+    data: str = "train",
 ) -> dict[str, Any]:
     """Train the class-conditional MNIST DDPM (epsilon-MSE) and save its EMA weights in diffusers layout.
 
@@ -324,7 +329,10 @@ def train_diffusion(
     ``unet/``, ``scheduler/``, ``model_index.json`` and ``training.json`` are written into ``out_dir``
     (created if needed).
     ``device`` is ``"cpu"``, ``"cuda"``, or ``None`` / ``"auto"`` for CUDA when available; ``command``
-    is the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`.
+    is the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`. ``data`` chooses the
+    digits (:func:`attnguide.apps.train.data.training_digits`): the train part of the digit split
+    (default: the held-out part stays unseen, the evaluation's FID reference) or ``"all"``; the split
+    record goes into ``training.json`` as ``data_split``.
 
     Returns:
         The record written to ``training.json``.
@@ -347,7 +355,7 @@ def train_diffusion(
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
     )
-    images, labels = load_mnist()
+    images, labels, data_split = training_digits(*load_mnist(), data)
     ckpt_path = out / CHECKPOINT_NAME
     state, scheduler = _start_or_resume(settings, unet_kwargs, dev, ckpt_path, num_images=len(images))
 
@@ -368,6 +376,7 @@ def train_diffusion(
         device=dev,
         unet_kwargs=unet_kwargs,
         num_images=len(images),
+        data_split=data_split,
     )
     write_json_atomic(out / "training.json", record)
     if not keep_checkpoint:
