@@ -24,6 +24,7 @@ from ..engine.checks import (
     finite_flag,
     non_finite_output_error,
 )
+from ..engine.guidance import ClassifierGuidance
 from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from .guide import guide
 from .options import GuidanceOptions, check_call_arguments, check_output_type, reject_unknown
@@ -219,10 +220,11 @@ class OwnLoopMixin:
         num_inference_steps: int,
         eta: float,
         callback=None,
+        classifier: ClassifierGuidance | None = None,
     ) -> torch.Tensor:
         """Denoise from ``latents`` (or fresh noise of ``shape``) with CFG weight ``guidance_scale``
-        (None: no CFG) and the terms of ``options``; the Guider stays in ``self.last_guider``. The
-        result is checked for finiteness by :meth:`image_output`."""
+        (None: no CFG), the terms of ``options`` and ``classifier`` guidance (or None); the Guider stays
+        in ``self.last_guider``. The result is checked for finiteness by :meth:`image_output`."""
         sag, pag = options.check()
         guider = Guider(
             denoiser,
@@ -230,6 +232,7 @@ class OwnLoopMixin:
             guidance_scale=guidance_scale,
             sag=sag,
             pag=pag,
+            classifier=classifier,
             record_masks=options.record_masks,
             owner=threading.get_ident(),
         )

@@ -7,20 +7,16 @@ included (2C output channels: the variance of the conditional pass is kept), and
 classifier guidance).
 """
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..engine.attention import model_lock
-from ..engine.checks import check_latents, check_scale, positive_int
+from ..engine.checks import check_scale, positive_int
 from ..engine.guidance import ClassifierGuidance, GradFn, classifier_grad_fn
-from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
 from ._guided import OwnLoopMixin, call_arguments
 from .options import (
     GuidanceOptions,
@@ -222,57 +218,8 @@ class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):
             "eta": eta,
             "callback": callback,
         }
-        if classifier_term is None:
-            image = self.sample_guided(self.unet, model_fn, options, **sampling)
-        else:
-            image = self._sample_with_classifier(model_fn, options, classifier_term, **sampling)
+        image = self.sample_guided(self.unet, model_fn, options, classifier=classifier_term, **sampling)
         return self.image_output(image, output_type, return_dict)
-
-    def _sample_with_classifier(
-        self,
-        model_fn: ModelFn,
-        options: GuidanceOptions,
-        classifier: ClassifierGuidance,
-        *,
-        guidance_scale: float | None,
-        shape: tuple[int, ...],
-        latents: torch.Tensor | None,
-        generator: torch.Generator | list[torch.Generator] | None,
-        num_inference_steps: int,
-        eta: float,
-        callback: Callable | None,
-    ) -> torch.Tensor:
-        """:meth:`OwnLoopMixin.sample_guided` with classifier guidance added to the Guider (the same
-        noise, schedule and loop)."""
-        sag, pag = options.check()
-        guider = Guider(
-            self.unet,
-            self.scheduler,
-            guidance_scale=guidance_scale,
-            sag=sag,
-            pag=pag,
-            classifier=classifier,
-            record_masks=options.record_masks,
-            owner=threading.get_ident(),
-        )
-        self.last_guider = guider
-        device = self._execution_device
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        else:
-            check_latents("latents", latents, shape=shape, dtype=self.unet.dtype, finite=False)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-        with model_lock(self.unet):  # the scheduler's state is this run's until the loop ends
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            return sample_loop(
-                guider,
-                model_fn,
-                latents,
-                extra_step_kwargs=scheduler_step_kwargs(self.scheduler, generator, eta),
-                progress=self.progress_bar,
-                callback=callback,
-                check_output=False,
-            )
 
 
 def _classifier_classes(classifier: nn.Module) -> int:
