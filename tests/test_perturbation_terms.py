@@ -267,3 +267,24 @@ def test_drop_in_pipelines_take_the_new_terms_by_keyword():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="seg_sigma"):
         ours(generator=torch.Generator().manual_seed(0), seg_scale=1.0, seg_sigma=-2.0, **call)
+
+
+@pytest.mark.parametrize("name", ["seg", "tpg", "slg"])
+def test_own_loop_pipelines_take_the_new_terms(name):
+    """DDPMSAGPipeline and DiTSAGPipeline (attnguide's own loops) honour seg_* / tpg_* / slg_*: the output
+    changes at scale 5 and is the unguided one at scale 1e-6."""
+    from attnguide import DDPMSAGPipeline, DiTSAGPipeline
+
+    for family, cls in (("ddpm", DDPMSAGPipeline), ("dit", DiTSAGPipeline)):
+        spec = FAMILIES[family]()
+        pipe = cls(**spec["components"])
+        pipe.set_progress_bar_config(disable=True)
+        window = {"slg_window": (0.0, 1.0)} if name == "slg" else {}
+
+        def run(scale, pipe=pipe, spec=spec, window=window):
+            kw = dict(spec["call"], generator=torch.Generator().manual_seed(0), sag_scale=0.0)
+            return pipe(**kw, **{f"{name}_scale": scale}, **window).images
+
+        base = run(0.0)
+        assert (run(5.0) - base).abs().max() > 1e-3, family
+        torch.testing.assert_close(run(1e-6), base, rtol=0, atol=1e-4)

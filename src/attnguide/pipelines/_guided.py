@@ -232,6 +232,7 @@ class OwnLoopMixin:
             guidance_scale=guidance_scale,
             sag=sag,
             pag=pag,
+            **options.weak_terms(),
             classifier=classifier,
             record_masks=options.record_masks,
             owner=threading.get_ident(),
