@@ -31,11 +31,36 @@ def test_sample_writes_grid_masks_and_metadata(tiny_pixel_dir, tmp_path, capsys)
     for name in ("samples.png", "masks.png", "samples.json"):
         assert (out / name).exists() and f"wrote {out / name}" in printed
     meta = json.loads((out / "samples.json").read_text())
-    assert [c["name"] for c in meta["columns"]] == ["none", "sag", "blur", "pag", "cfg", "cfg+sag"]
+    names = ["none", "sag", "blur", "pag", "seg", "tpg", "slg", "cfg", "cfg+sag"]
+    assert [c["name"] for c in meta["columns"]] == names
     assert meta["class_labels"] == [0, 1]
     grid = Image.open(out / "samples.png")
-    assert grid.width > 6 * 16 and grid.height > 2 * 16
+    assert grid.width > len(names) * 16 and grid.height > 2 * 16
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_sample_columns_of_seg_tpg_and_slg_follow_their_flags(tiny_pixel_dir, tmp_path):
+    """Each new term's column runs at its flag's scale and samples.json records the scales (SEG's sigma
+    inf as null); a run that changes only --seg-scale changes only the seg column."""
+    import numpy as np
+
+    methods = "none,seg,tpg,slg"
+
+    def grid(out, seg_scale):
+        args = ["--model", str(tiny_pixel_dir), "--out", str(out), "--methods", methods]
+        assert _run(*args, "--seg-scale", seg_scale, "--tpg-scale", "1", "--slg-scale", "2") == 0
+        return np.asarray(Image.open(out / "samples.png")), json.loads((out / "samples.json").read_text())
+
+    on, meta = grid(tmp_path / "on", "5")
+    cols = {c["name"]: c for c in meta["columns"]}
+    assert cols["seg"]["seg_scale"] == 5 and cols["seg"]["seg_sigma"] is None
+    assert cols["seg"]["tpg_scale"] == 0
+    assert cols["tpg"]["tpg_scale"] == 1 and cols["slg"]["slg_scale"] == 2
+    assert cols["slg"]["slg_window"] == [0.01, 0.2] and cols["none"]["seg_scale"] == 0
+    off, meta = grid(tmp_path / "off", "0")
+    assert {c["name"]: c for c in meta["columns"]}["seg"]["seg_scale"] == 0
+    changed = np.nonzero((on != off).any(axis=(0, 2)))[0]  # x positions that differ
+    assert changed.size and changed.max() - changed.min() < on.shape[1] / len(methods.split(","))
 
 
 def test_sample_refuses_to_overwrite(tiny_pixel_dir, tmp_path):

@@ -349,6 +349,45 @@ def test_arm_keys_and_kernels():
     assert all(not e.arm.conditional for rows in exps.values() for e in rows)
 
 
+def test_seg_tpg_slg_arms_rows_and_sampler(tiny_model):
+    """The cfg experiment's SEG / TPG / SLG rows (alone vs uncond, with CFG vs CFG), their keys, and the
+    sampler's terms: each changes the samples at scale 1 and reproduces them at scale 1e-6."""
+    from attnguide.apps.eval.experiments import WeakScales
+
+    exps = build_experiments(
+        ["cfg"], sag_scale=0.5, cfg_scale=2.0, pag_scale=1.0, scales=(), sigmas=(), image_size=28
+    )
+    rows = {e.label: e for e in exps["cfg"]}
+    assert rows["SEG"].baseline == "uncond" and rows["CFG + TPG"].baseline == "CFG"
+    assert rows["SEG"].arm.key == "u-seg1" and rows["CFG + SLG"].arm.key == "c-cfg2-slg1-win0-1"
+    assert rows["TPG"].arm.terms == {"tpg"} and rows["CFG + SEG"].arm.terms == {"cfg", "seg"}
+    assert Arm(seg_scale=2.0, seg_sigma=3.0).key == "u-seg2-sigma3"
+    assert Arm(seg_scale=0.0, seg_sigma=3.0, slg_window=(0.0, 1.0)).key == "u"  # unused options reset
+    none = build_experiments(
+        ["cfg"],
+        sag_scale=0.5,
+        cfg_scale=2.0,
+        pag_scale=1.0,
+        scales=(),
+        sigmas=(),
+        image_size=28,
+        weak=WeakScales(seg=0.0, tpg=0.0, slg=0.0),
+    )
+    assert not {"SEG", "TPG", "SLG", "CFG + SEG"} & {e.label for e in none["cfg"]}
+    with pytest.raises(ValueError, match="seg_sigma"):
+        Arm(seg_scale=1.0, seg_sigma=0.0)
+
+    unet, cfg = load_model(str(tiny_model), "cpu")
+    sampler = Sampler(unet, cfg, "ddim", 2, 0, "cpu", 11)
+    plain, _ = sampler.sample(Arm(), range(2), 0)
+    for field in ("seg_scale", "tpg_scale", "slg_scale"):
+        extra = {"slg_window": (0.0, 1.0)} if field == "slg_scale" else {}
+        guided, _ = sampler.sample(Arm(**{field: 5.0}, **extra), range(2), 0)
+        tiny, _ = sampler.sample(Arm(**{field: 1e-6}, **extra), range(2), 0)
+        assert np.abs(guided - plain).max() > 1e-4, field
+        np.testing.assert_allclose(tiny, plain, atol=1e-5, err_msg=field)
+
+
 def test_average_pixel_arm_blurs_to_the_mean_pixel(tiny_model):
     """sigma -> infinity: the arm's SAG term (the one the sampler uses) takes the engine's mean-pixel blur
     strategy, and the degraded input replaces x0_hat under the mask by each image's mean pixel."""

@@ -4,19 +4,39 @@ arms are all ``Arm`` values; :meth:`Arm.from_method` reads the method names they
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine.degrade import mean_pixel_blur
-from ..engine.guidance import PAG, SAG
+from ..engine.guidance import PAG, SAG, SEG, SLG, TPG
 
 #: Method names: guidance terms joined by "+" ("blur" is SAG with the global mask, the paper's Sec. 5.1).
-METHODS = ("none", "sag", "blur", "pag", "cfg", "cfg+sag", "cfg+pag", "sag+pag")
+METHODS = (
+    "none",
+    "sag",
+    "blur",
+    "pag",
+    "seg",
+    "tpg",
+    "slg",
+    "cfg",
+    "cfg+sag",
+    "cfg+pag",
+    "cfg+seg",
+    "cfg+tpg",
+    "cfg+slg",
+    "sag+pag",
+)
 #: Methods that need a conditional model (CFG).
 CONDITIONAL_METHODS = frozenset(m for m in METHODS if "cfg" in m.split("+"))
 #: The guidance terms that method names join.
-TERMS = ("cfg", "sag", "blur", "pag")
+TERMS = ("cfg", "sag", "blur", "pag", "seg", "tpg", "slg")
+#: The terms whose weak prediction perturbs the model's attention or blocks (they need self-attention).
+ATTENTION_TERMS = frozenset({"sag", "pag", "seg", "tpg", "slg"})
+#: Default scales of the terms beside CFG, SAG and PAG: the engine's (SEG 3, TPG 3, SLG 2.8).
+DEFAULT_WEAK_SCALES = {"seg": SEG.scale, "tpg": TPG.scale, "slg": SLG.scale}
 
 
 def method_terms(method: str) -> frozenset[str]:
@@ -39,7 +59,9 @@ class Arm:
     honours it), e.g. an unguided arm given as many model passes as a guided one (compute-matched).
     ``classifier_scale``: classifier guidance (ADM's ``classifier_scale`` s; 0: none) with the model's
     noise-aware classifier, towards the arm's labels (conditional arms; the evaluation's sampler builds
-    the term, :class:`attnguide.engine.guidance.ClassifierGuidance`).
+    the term, :class:`attnguide.engine.guidance.ClassifierGuidance`). ``seg_scale`` / ``seg_sigma``
+    (None: infinity, the mean query), ``tpg_scale``, ``slg_scale`` / ``slg_window``: the SEG, TPG and SLG
+    terms (scale 0: none) at the engine's default layers.
     """
 
     name: str = field(default="", compare=False)
@@ -55,11 +77,19 @@ class Arm:
     sag_window: tuple[float, float] = (0.0, 1.0)
     pag_scale: float = 0.0
     classifier_scale: float = 0.0
+    seg_scale: float = 0.0
+    seg_sigma: float | None = None
+    tpg_scale: float = 0.0
+    slg_scale: float = 0.0
+    slg_window: tuple[float, float] = SLG.window
 
     def __post_init__(self) -> None:
         m = self.steps_multiplier
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"`steps_multiplier` must be a positive integer, got {m!r}")
+        sigma = self.seg_sigma
+        if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise ValueError(f"`seg_sigma` must be a number > 0 or None (infinity), got {self.seg_sigma!r}")
 
     @classmethod
     def from_method(
@@ -70,9 +100,12 @@ class Arm:
         sag_scale: float,
         pag_scale: float,
         blur_scale: float | None = None,
+        seg_scale: float = DEFAULT_WEAK_SCALES["seg"],
+        tpg_scale: float = DEFAULT_WEAK_SCALES["tpg"],
+        slg_scale: float = DEFAULT_WEAK_SCALES["slg"],
         **options: Any,
     ) -> Arm:
-        """The arm of a method name ("cfg+sag", "blur", ...) with the scales of the terms it names;
+        """The arm of a method name ("cfg+sag", "blur", "seg", ...) with the scales of the terms it names;
         ``blur_scale`` (default ``sag_scale``) is the scale of blur guidance. ``options``: other fields."""
         return cls.from_terms(
             method_terms(method),
@@ -81,6 +114,9 @@ class Arm:
             sag_scale=sag_scale,
             pag_scale=pag_scale,
             blur_scale=blur_scale,
+            seg_scale=seg_scale,
+            tpg_scale=tpg_scale,
+            slg_scale=slg_scale,
             **options,
         )
 
@@ -94,6 +130,9 @@ class Arm:
         sag_scale: float,
         pag_scale: float,
         blur_scale: float | None = None,
+        seg_scale: float = DEFAULT_WEAK_SCALES["seg"],
+        tpg_scale: float = DEFAULT_WEAK_SCALES["tpg"],
+        slg_scale: float = DEFAULT_WEAK_SCALES["slg"],
         **options: Any,
     ) -> Arm:
         """Like :meth:`from_method` for any combination of :data:`TERMS` (e.g. {"cfg", "sag", "pag"}, which
@@ -109,6 +148,9 @@ class Arm:
             sag_scale=sag if terms & {"sag", "blur"} else 0.0,
             sag_mask="global" if blur else "attention",
             pag_scale=pag_scale if "pag" in terms else 0.0,
+            seg_scale=seg_scale if "seg" in terms else 0.0,
+            tpg_scale=tpg_scale if "tpg" in terms else 0.0,
+            slg_scale=slg_scale if "slg" in terms else 0.0,
             **options,
         )
 
@@ -156,9 +198,38 @@ class Arm:
         """The :class:`PAG` term of this arm (None without PAG)."""
         return PAG(scale=self.pag_scale, layers=layers) if self.pag_scale != 0 else None
 
+    def seg_term(self) -> SEG | None:
+        """The :class:`SEG` term of this arm (None without SEG), at the engine's default layers."""
+        if self.seg_scale == 0:
+            return None
+        return SEG(scale=self.seg_scale, sigma=math.inf if self.seg_sigma is None else self.seg_sigma)
+
+    def tpg_term(self) -> TPG | None:
+        """The :class:`TPG` term of this arm (None without TPG), at the engine's default blocks."""
+        return TPG(scale=self.tpg_scale) if self.tpg_scale != 0 else None
+
+    def slg_term(self) -> SLG | None:
+        """The :class:`SLG` term of this arm (None without SLG), at the engine's default blocks."""
+        return SLG(scale=self.slg_scale, window=tuple(self.slg_window)) if self.slg_scale != 0 else None
+
+    @property
+    def terms(self) -> frozenset[str]:
+        """The guidance terms this arm runs (among :data:`TERMS`; "blur" is SAG with the global mask)."""
+        on = {
+            "cfg": self.cfg_scale is not None,
+            "sag": self.uses_sag and self.sag_mask != "global",
+            "blur": self.uses_sag and self.sag_mask == "global",
+            "pag": self.pag_scale != 0,
+            "seg": self.seg_scale != 0,
+            "tpg": self.tpg_scale != 0,
+            "slg": self.slg_scale != 0,
+        }
+        return frozenset(t for t, used in on.items() if used)
+
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """The guidance arguments of attnguide's pipelines (``pipe(**arm.pipeline_kwargs(), ...)``)."""
-        return {
+        """The guidance arguments of attnguide's pipelines (``pipe(**arm.pipeline_kwargs(), ...)``); the SEG,
+        TPG and SLG keywords only where the arm uses the term."""
+        kwargs = {
             "guidance_scale": self.guidance_scale,
             "sag_scale": self.sag_scale,
             "sag_mask": self.sag_mask,
@@ -167,6 +238,14 @@ class Arm:
             "sag_window": tuple(self.sag_window),
             "pag_scale": self.pag_scale,
         }
+        if self.seg_scale != 0:
+            sigma = math.inf if self.seg_sigma is None else self.seg_sigma
+            kwargs.update(seg_scale=self.seg_scale, seg_sigma=sigma)
+        if self.tpg_scale != 0:
+            kwargs["tpg_scale"] = self.tpg_scale
+        if self.slg_scale != 0:
+            kwargs.update(slg_scale=self.slg_scale, slg_window=tuple(self.slg_window))
+        return kwargs
 
     # ------------------------------------------------------------------ identity
     def canonical(self) -> Arm:
@@ -186,6 +265,10 @@ class Arm:
             a = replace(a, sag_fraction=None)
         if a.sag_average:
             a = replace(a, sag_sigma=1.0, sag_kernel=9)
+        if a.seg_scale == 0:
+            a = replace(a, seg_sigma=None)
+        if a.slg_scale == 0:
+            a = replace(a, slg_window=SLG.window)
         return a
 
     @property
@@ -210,6 +293,15 @@ class Arm:
             parts.append(s)
         if a.pag_scale != 0:
             parts.append(f"pag{a.pag_scale:g}")
+        if a.seg_scale != 0:
+            parts.append(f"seg{a.seg_scale:g}" + ("" if a.seg_sigma is None else f"-sigma{a.seg_sigma:g}"))
+        if a.tpg_scale != 0:
+            parts.append(f"tpg{a.tpg_scale:g}")
+        if a.slg_scale != 0:
+            s = f"slg{a.slg_scale:g}"
+            if tuple(a.slg_window) != SLG.window:
+                s += f"-win{a.slg_window[0]:g}-{a.slg_window[1]:g}"
+            parts.append(s)
         if a.classifier_scale != 0:
             parts.append(f"cg{a.classifier_scale:g}")
         if a.steps_multiplier != 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..pipelines.schedulers import SCHEDULER_NAMES
-from .arms import CONDITIONAL_METHODS, METHODS, TERMS, Arm, method_terms
+from .arms import ATTENTION_TERMS, CONDITIONAL_METHODS, METHODS, TERMS, Arm, method_terms
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
@@ -45,13 +45,18 @@ SCALE_LIMITS = {
     "sag_scale": (0.0, 100.0, True),
     "blur_scale": (0.0, 100.0, True),
     "pag_scale": (0.0, 100.0, True),
+    "seg_scale": (0.0, 100.0, True),
+    "tpg_scale": (0.0, 100.0, True),
+    "slg_scale": (0.0, 100.0, True),
     "cfg_scale": (0.0, 100.0, True),
     "blur_sigma": (0.0, 100.0, False),
 }
 MAX_IMAGES = 1024
 OUTPUT_FILES = ("samples.png", "masks.png", "samples.json")
 # the flags whose values shape each guidance term (named when its samples are not finite)
-TERM_FLAGS = {"cfg": "--cfg-scale", "sag": "--sag-scale", "blur": "--blur-scale", "pag": "--pag-scale"}
+TERM_FLAGS = {t: f"--{t}-scale" for t in TERMS}
+#: The default columns of the grid: no guidance, then each term alone, then CFG alone and with SAG.
+DEFAULT_METHODS = "none,sag,blur,pag,seg,tpg,slg,cfg,cfg+sag"
 
 
 def _flag(name: str) -> str:
@@ -134,6 +139,8 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         if not (np.isfinite(v) and (low <= v if low_in else low < v) and v <= high):
             allowed = f"{'[' if low_in else '('}{low:g}, {high:g}]"
             raise _usage_error(_flag(name), f"got {v}; allowed: a finite number in {allowed}")
+    if not args.seg_sigma > 0:  # NaN fails too; inf is SEG's limit (the mean query)
+        raise _usage_error("--seg-sigma", f"got {args.seg_sigma}; allowed: a number > 0, or inf")
     if args.steps < 1:
         raise _usage_error("--steps", f"got {args.steps}; allowed: a positive integer")
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -161,7 +168,7 @@ def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool
     if pixel and pipe.num_classes is None:
         needs.update({m: "a class-conditional model" for m in methods if m in CONDITIONAL_METHODS})
     if not self_attention_layers(pipe.unet):
-        attention = [m for m in methods if method_terms(m) & {"sag", "pag"}]
+        attention = [m for m in methods if method_terms(m) & ATTENTION_TERMS]
         needs.update({m: "a model with self-attention" for m in attention if m not in needs})
     kept = [m for m in methods if m not in needs]
     detail = "; ".join(f"{m} needs {why}" for m, why in needs.items())
@@ -182,6 +189,11 @@ def _column(arm: Arm) -> dict:
         "sag_scale": arm.sag_scale,
         "sag_mask": arm.sag_mask,
         "pag_scale": arm.pag_scale,
+        "seg_scale": arm.seg_scale,
+        "seg_sigma": arm.seg_sigma,  # null: infinity (the mean query)
+        "tpg_scale": arm.tpg_scale,
+        "slg_scale": arm.slg_scale,
+        "slg_window": list(arm.slg_window),
     }
 
 
@@ -254,6 +266,22 @@ def _metadata(args: argparse.Namespace, arms: Sequence[Arm], labels, device: str
     return json.dumps(meta, indent=2, allow_nan=False) + "\n"
 
 
+def _scales(args: argparse.Namespace) -> dict:
+    """The keywords of :meth:`Arm.from_method` given by the flags (scales of every term, SAG's blur sigma,
+    SEG's sigma: None for inf)."""
+    return dict(
+        cfg_scale=args.cfg_scale,
+        sag_scale=args.sag_scale,
+        pag_scale=args.pag_scale,
+        blur_scale=args.blur_scale,
+        seg_scale=args.seg_scale,
+        tpg_scale=args.tpg_scale,
+        slg_scale=args.slg_scale,
+        sag_sigma=args.blur_sigma,
+        seg_sigma=None if args.seg_sigma == float("inf") else args.seg_sigma,
+    )
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample the same seeds with each method; write the grid and the masks."""
     from ..pipelines import DDPMSAGPipeline
@@ -273,10 +301,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pixel = isinstance(pipe, DDPMSAGPipeline)
     methods = _check_model(pipe, args, methods, pixel)
     labels = _parse_labels(args.class_label, args.num_images, pipe.num_classes, args.seed) if pixel else None
-    scales = dict(cfg_scale=args.cfg_scale, sag_scale=args.sag_scale, pag_scale=args.pag_scale)
-    arms = [
-        Arm.from_method(m, **scales, blur_scale=args.blur_scale, sag_sigma=args.blur_sigma) for m in methods
-    ]
+    arms = [Arm.from_method(m, **_scales(args)) for m in methods]
     meta_text = _metadata(args, arms, labels, device, pixel)
     columns, mask_source, masks = _sample_columns(pipe, arms, args, labels)
 
@@ -322,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: outputs); its samples.png, masks.png, samples.json",
     )
     s.add_argument(
-        "--methods", default="none,sag,blur,pag,cfg,cfg+sag", help=f"columns, from {', '.join(METHODS)}"
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"columns (default {DEFAULT_METHODS}), from {', '.join(METHODS)}",
     )
     s.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale s in [0, 100] (default 0.75)")
     s.add_argument(
@@ -332,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--blur-sigma", type=float, default=1.0, help="Gaussian blur sigma in (0, 100] (default 1.0)"
     )
     s.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale in [0, 100] (default 1.0)")
+    s.add_argument(
+        "--seg-scale", type=float, default=3.0, help="SEG scale in [0, 100] (default 3.0, SEG's own)"
+    )
+    s.add_argument(
+        "--seg-sigma",
+        type=float,
+        default=float("inf"),
+        help="SEG's query blur sigma in tokens, > 0 or inf (default inf: the mean query)",
+    )
+    s.add_argument("--tpg-scale", type=float, default=1.0, help="TPG scale in [0, 100] (default 1.0)")
+    s.add_argument(
+        "--slg-scale",
+        type=float,
+        default=1.0,
+        help="skip-layer guidance scale in [0, 100] (default 1.0; SD3.5's step window 1-20 %%)",
+    )
     s.add_argument(
         "--cfg-scale",
         type=float,

@@ -22,6 +22,7 @@ from .experiments import (
     DEFAULT_SAG_SIGMAS,
     DEFAULT_SCALES,
     DEFAULT_SIGMAS,
+    DEFAULT_WEAK_SCALES,
     EXPERIMENTS,
     best_sigma,
 )
@@ -69,6 +70,17 @@ def _best_sigma_of(path: str) -> float:
         raise SystemExit(f"error: --best-sigma-from {path}: {err}") from None
 
 
+def _seg_sigma(text: str) -> float | None:
+    """``--seg-sigma``: a number > 0, or inf (None: the mean query)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; give a number > 0 or inf") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"got {text!r}; give a number > 0 or inf")
+    return None if math.isinf(value) else value
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1000, help="samples per arm (default 1000)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -84,6 +96,20 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--cfg-scale", type=float, default=1.5, help="CFG weight w (default 1.5, as paper Table 4)"
     )
     p.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
+    for term, what in (("seg", "SEG"), ("tpg", "TPG"), ("slg", "SLG (in every step)")):
+        p.add_argument(
+            f"--{term}-scale",
+            type=float,
+            default=DEFAULT_WEAK_SCALES[term],
+            help=f"{what} scale of the cfg experiment's {term.upper()} rows and the cost experiment "
+            f"(default {DEFAULT_WEAK_SCALES[term]:g}, PAG's; 0 leaves them out)",
+        )
+    p.add_argument(
+        "--seg-sigma",
+        type=_seg_sigma,
+        default=None,
+        help="SEG's query blur sigma, in tokens (default inf: the mean query)",
+    )
     p.add_argument(
         "--sag-sigmas",
         type=_sag_sigmas,
@@ -209,7 +235,8 @@ def _check_options(
         )
     if args.num_reference is not None and args.num_reference < 4:
         raise SystemExit("error: --num-reference must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
-    for name in ("sag_scale", "cfg_scale", "pag_scale", "classifier_scale"):
+    scales = ("sag", "cfg", "pag", "seg", "tpg", "slg", "classifier")
+    for name in (f"{term}_scale" for term in scales):
         if not math.isfinite(getattr(args, name)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be finite")
     if args.best_sigma_from is not None:

@@ -98,14 +98,17 @@ def time_batch(sampler: Sampler, arm: Arm, batch: int) -> tuple[float, PeakMemor
 
 
 def run_cost(
-    sampler: Sampler, batch: int, sag: float, cfg_: float, pag: float, log: Callable[[str], None]
+    sampler: Sampler, batch: int, scales: dict[str, float], log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Time (after a one-step warm-up) and peak memory of one batch for each method in COST_METHODS
-    (the CFG methods only on a class-conditional model)."""
+    """Time (after a one-step warm-up) and peak memory of one batch for each method in COST_METHODS at
+    ``scales`` (keys "sag", "cfg", "pag", "seg", "tpg", "slg"; the CFG methods only on a
+    class-conditional model). A method whose scale is 0 is left out."""
     rows = []
     method = ""
     for name, make in COST_METHODS.items():
-        arm = make(sag, cfg_, pag)
+        arm = make(scales)
+        if arm.terms == frozenset() and name != "no guidance":
+            continue
         if (arm.conditional or arm.cfg_scale is not None) and sampler.num_class_embeds is None:
             continue
         seconds, mem = time_batch(sampler, arm, batch)

@@ -16,10 +16,12 @@ __all__ = [
     "DEFAULT_SAG_SIGMAS",
     "DEFAULT_SCALES",
     "DEFAULT_SIGMAS",
+    "DEFAULT_WEAK_SCALES",
     "DEFAULT_WINDOWS",
     "EXPERIMENTS",
     "PASSES_MULTIPLIER",
     "Entry",
+    "WeakScales",
     "best_sigma",
     "blur_kernel_for",
     "build_experiments",
@@ -40,6 +42,12 @@ DEFAULT_SIGMAS = (1.0, 3.0, 9.0, 27.0)
 #: Blur sigmas of the "scale" sweep and the "masking" experiment: 3, the setting of the paper's Table 5
 #: (its SAG row is Table 6's sigma-3 row; the official 128 px scripts use sigma 3). Kernels: blur_kernel_for.
 DEFAULT_SAG_SIGMAS = (3.0,)
+#: Scales of the SEG, TPG and SLG rows of the "cfg" experiment: PAG's evaluation scale (1.0) for each, so
+#: the rows compare the weak predictions at one strength. SEG runs at sigma infinity (the mean query);
+#: SLG in every step (its SD3.5 window, steps 1-20 %, holds one or two of a 10-20 step run).
+DEFAULT_WEAK_SCALES = {"seg": 1.0, "tpg": 1.0, "slg": 1.0}
+#: The SLG window of the evaluation's arms (all steps; see DEFAULT_WEAK_SCALES).
+EVAL_SLG_WINDOW = (0.0, 1.0)
 #: Model passes per step of SAG over those of the unguided sampler (the batched pass and the degraded
 #: one): the unguided compute-matched arm samples with this many times the steps.
 PASSES_MULTIPLIER = 2
@@ -59,6 +67,26 @@ class Entry:
     x: float | None = None
     baseline: str | None = None
     match_sag: Arm | None = None
+
+
+@dataclass(frozen=True)
+class WeakScales:
+    """The scales of the perturbation terms beside PAG in the evaluation's arms (0: the row is left out)
+    and SEG's sigma (None: infinity)."""
+
+    seg: float = DEFAULT_WEAK_SCALES["seg"]
+    tpg: float = DEFAULT_WEAK_SCALES["tpg"]
+    slg: float = DEFAULT_WEAK_SCALES["slg"]
+    seg_sigma: float | None = None
+
+    def arms(self, base: Arm) -> list[tuple[str, Arm]]:
+        """(label, arm) of each term used, added to ``base``: "SEG", "TPG", "SLG"."""
+        rows = [
+            ("SEG", self.seg, replace(base, seg_scale=self.seg, seg_sigma=self.seg_sigma)),
+            ("TPG", self.tpg, replace(base, tpg_scale=self.tpg)),
+            ("SLG", self.slg, replace(base, slg_scale=self.slg, slg_window=EVAL_SLG_WINDOW)),
+        ]
+        return [(label, arm) for label, scale, arm in rows if scale]
 
 
 def blur_kernel_for(sigma: float, size: int) -> int:
@@ -129,12 +157,17 @@ def _sigma_sweep(u_sag: Arm, sigmas: Sequence[float], image_size: int) -> list[E
     return rows
 
 
-def _guidance_methods(u_sag: Arm, cfg_scale: float, pag_scale: float, conditional_model: bool) -> list[Entry]:
+def _guidance_methods(
+    u_sag: Arm, cfg_scale: float, pag_scale: float, weak: WeakScales, conditional_model: bool
+) -> list[Entry]:
+    """SAG beside the rest of the family (PAG, SEG, TPG, SLG) against no guidance, and each added to CFG
+    against CFG alone."""
     rows = [
         Entry("uncond", Arm()),
         Entry("PAG", Arm(pag_scale=pag_scale), baseline="uncond"),
         Entry("SAG", u_sag, baseline="uncond"),
         Entry("SAG + PAG", replace(u_sag, pag_scale=pag_scale), baseline="uncond"),
+        *(Entry(label, arm, baseline="uncond") for label, arm in weak.arms(Arm())),
     ]
     if conditional_model:
         cfg_arm = Arm(conditional=True, cfg_scale=cfg_scale)
@@ -142,6 +175,7 @@ def _guidance_methods(u_sag: Arm, cfg_scale: float, pag_scale: float, conditiona
             Entry("cond", Arm(conditional=True)),
             Entry("CFG", cfg_arm, baseline="cond"),
             Entry("CFG + SAG", replace(cfg_arm, sag_scale=u_sag.sag_scale), baseline="CFG"),
+            *(Entry(f"CFG + {label}", arm, baseline="CFG") for label, arm in weak.arms(cfg_arm)),
         ]
     return rows
 
@@ -209,6 +243,7 @@ def build_experiments(
     conditional_model: bool = True,
     sag_sigmas: Sequence[float] = DEFAULT_SAG_SIGMAS,
     classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
+    weak: WeakScales = WeakScales(),
 ) -> dict[str, list[Entry]]:
     """The entries of each named experiment (``cost`` has none: it samples nothing that is kept).
 
@@ -217,7 +252,8 @@ def build_experiments(
     each with the kernel of :func:`blur_kernel_for`. Without a class-conditional model the conditional
     arms of ``table1`` and ``cfg`` are left out, and ``table3`` (classifier guidance at
     ``classifier_scale``, towards the conditional arms' labels) is skipped. The ``cfg`` experiment's
-    compute-matched CFG arms need their weight measured (:func:`with_matched_cfg`) before sampling."""
+    compute-matched CFG arms need their weight measured (:func:`with_matched_cfg`) before sampling; its
+    SEG, TPG and SLG rows take their scales from ``weak``."""
     sag_sigmas = tuple(dict.fromkeys(float(s) for s in sag_sigmas))
     if not sag_sigmas or not all(math.isfinite(s) and s > 0 for s in sag_sigmas):
         raise ValueError(f"`sag_sigmas` must be one or more positive finite numbers, got {sag_sigmas!r}")
@@ -228,7 +264,7 @@ def build_experiments(
         "masking": lambda: _masking(u_sag, sag_sigmas, image_size),
         "sigma": lambda: _sigma_sweep(u_sag, sigmas, image_size),
         "cfg": lambda: (
-            _guidance_methods(u_sag, cfg_scale, pag_scale, conditional_model)
+            _guidance_methods(u_sag, cfg_scale, pag_scale, weak, conditional_model)
             + _compute_matched(u_sag, cfg_scale, conditional_model)
         ),
         "window": lambda: _step_windows(u_sag),
@@ -305,13 +341,17 @@ def best_sigma(results: dict[str, Any]) -> float:
     return float(min(scored)[1])
 
 
-#: The methods the cost experiment times: name -> arm of (SAG scale s, CFG weight w, PAG scale p).
-COST_METHODS: dict[str, Callable[[float, float, float], Arm]] = {
-    "no guidance": lambda s, w, p: Arm(),
-    "SAG": lambda s, w, p: Arm(sag_scale=s),
-    "blur guidance": lambda s, w, p: Arm(sag_scale=s, sag_mask="global"),
-    "PAG": lambda s, w, p: Arm(pag_scale=p),
-    "SAG + PAG": lambda s, w, p: Arm(sag_scale=s, pag_scale=p),
-    "CFG": lambda s, w, p: Arm(conditional=True, cfg_scale=w),
-    "CFG + SAG": lambda s, w, p: Arm(conditional=True, cfg_scale=w, sag_scale=s),
+#: The methods the cost experiment times: name -> arm of the scales (keys "sag", "cfg", "pag", "seg",
+#: "tpg", "slg"; SLG in every step, as the "cfg" experiment's SLG arms).
+COST_METHODS: dict[str, Callable[[dict[str, float]], Arm]] = {
+    "no guidance": lambda k: Arm(),
+    "SAG": lambda k: Arm(sag_scale=k["sag"]),
+    "blur guidance": lambda k: Arm(sag_scale=k["sag"], sag_mask="global"),
+    "PAG": lambda k: Arm(pag_scale=k["pag"]),
+    "SEG": lambda k: Arm(seg_scale=k["seg"]),
+    "TPG": lambda k: Arm(tpg_scale=k["tpg"]),
+    "SLG": lambda k: Arm(slg_scale=k["slg"], slg_window=EVAL_SLG_WINDOW),
+    "SAG + PAG": lambda k: Arm(sag_scale=k["sag"], pag_scale=k["pag"]),
+    "CFG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"]),
+    "CFG + SAG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"], sag_scale=k["sag"]),
 }

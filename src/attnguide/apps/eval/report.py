@@ -297,6 +297,18 @@ def _statistics_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _weak_scales(config: dict[str, Any]) -> str:
+    """The SEG / TPG / SLG scales of the header line ("" where the run has none)."""
+    if config.get("seg_scale") is None:
+        return ""
+    sigma = config.get("seg_sigma")
+    return (
+        f", SEG = {config['seg_scale']:g} (sigma {'inf' if sigma is None else f'{sigma:g}'}, mid block), "
+        f"TPG = {config['tpg_scale']:g} (mid block), SLG = {config['slg_scale']:g} (mid block skipped, "
+        "every step)"
+    )
+
+
 def _header_lines(results: dict[str, Any]) -> list[str]:
     """The run's description: command, device, samples and seeds, model, scales, features, reference,
     statistics."""
@@ -323,8 +335,9 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
             else "."
         ),
         f"- Scales: SAG s = {cfg_['sag_scale']:g} (diffusers convention; the official ADM code passes "
-        f"1 + s), CFG w = {cfg_['cfg_scale']:g}, PAG = {cfg_['pag_scale']:g} (mid block). SAG: "
-        "mid-block attention map, psi = 1.0, blur kernel 9, sigma 1.0 unless stated.",
+        f"1 + s), CFG w = {cfg_['cfg_scale']:g}, PAG = {cfg_['pag_scale']:g} (mid block)"
+        f"{_weak_scales(cfg_)}. "
+        "SAG: mid-block attention map, psi = 1.0, blur kernel 9, sigma 1.0 unless stated.",
         f"- Features: {results['extractor']['name']} ({results['extractor']['description']})"
         + (f"; second extractor `{second['identity']}` (ranking check below)." if second else "."),
         *_reference_lines(results),

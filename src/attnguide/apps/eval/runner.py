@@ -19,7 +19,14 @@ from ..files import write_json_atomic
 from .config import check_config, config_digest, eval_config
 from .cost import run_cost
 from .distributed import Dist
-from .experiments import Entry, build_experiments, matched_sag_arms, unique_arms, with_matched_cfg
+from .experiments import (
+    Entry,
+    WeakScales,
+    build_experiments,
+    matched_sag_arms,
+    unique_arms,
+    with_matched_cfg,
+)
 from .features import FeatureExtractor
 from .matching import measure_matched_weights
 from .metrics import gaussian_stats
@@ -118,6 +125,7 @@ class Evaluation:
             sigmas=self.sigmas,
             sag_sigmas=a.sag_sigmas,
             classifier_scale=a.classifier_scale,
+            weak=WeakScales(seg=a.seg_scale, tpg=a.tpg_scale, slg=a.slg_scale, seg_sigma=a.seg_sigma),
             image_size=self.image_size,
             conditional_model=self.num_class_embeds is not None,
         )
@@ -257,7 +265,15 @@ class Evaluation:
         if cost is not None:
             return cost
         a = self.args
-        cost = run_cost(self.sampler, a.cost_batch, a.sag_scale, a.cfg_scale, a.pag_scale, self.log)
+        scales = {
+            "sag": a.sag_scale,
+            "cfg": a.cfg_scale,
+            "pag": a.pag_scale,
+            "seg": a.seg_scale,
+            "tpg": a.tpg_scale,
+            "slg": a.slg_scale,
+        }
+        cost = run_cost(self.sampler, a.cost_batch, scales, self.log)
         cost["device"] = self.device
         write_json_atomic(path, {"kind": "cost", "config_digest": self.store.config_digest, "cost": cost})
         return cost
