@@ -17,11 +17,19 @@ from attnguide.tiny_models import tiny_sd_components
 def test_tiny_bench_writes_every_requested_section(tmp_path):
     out = tmp_path / "b.json"
     args = ["--preset", "tiny", "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0"]
-    args += ["--arms", "none,cfg+sag,pag", "--map-memory", "--profile-dir", str(tmp_path / "prof")]
+    args += ["--arms", "none,cfg+sag,pag,seg,cfg+tpg", "--map-memory"]
+    args += ["--profile-dir", str(tmp_path / "prof")]
     assert bench.main(args) == 0
     data = json.loads(out.read_text())
-    assert set(data["arms"]) == {"none", "cfg+sag", "pag"}
-    for row in data["arms"].values():
+    assert set(data["arms"]) == {"none", "cfg+sag", "pag", "seg", "cfg+tpg"}
+    # model passes, counted: SAG's input differs (a second call), PAG / SEG / TPG are row blocks of one
+    expected = {"none": (1, 1), "cfg+sag": (2, 3), "pag": (1, 2), "seg": (1, 2), "cfg+tpg": (1, 3)}
+    passes = data["passes"]
+    assert {k: (v["calls_per_step"], v["batches_per_step"]) for k, v in passes.items()} == expected
+    assert passes["none"]["time_vs_none"] == 1 and passes["seg"]["time_vs_none"] > 0
+    for name in ("seg", "cfg+tpg"):  # no diffusers pipeline to time against
+        assert data["arms"][name]["diffusers_s"] is None and data["arms"][name]["ratio"] is None
+    for row in (data["arms"][k] for k in ("none", "cfg+sag", "pag")):
         assert row["diffusers_s"] > 0 and row["attnguide_s"] > 0
         assert row["ratio"] == pytest.approx(row["attnguide_s"] / row["diffusers_s"], rel=1e-2)
     assert data["steps"] == 2 and data["preset"] == "tiny" and data["compile"] is None
@@ -98,11 +106,13 @@ def test_sd3_tiny_bench_writes_the_sd_json_shape(tmp_path):
     attnguide alone (no diffusers time, no ratio), and SAG's cost in denoiser passes."""
     out = tmp_path / "sd3.json"
     args = ["--preset", "sd3-tiny", "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0"]
-    assert bench.main([*args, "--arms", "none,cfg,cfg+sag,pag,cfg+pag"]) == 0
+    assert bench.main([*args, "--arms", "none,cfg,cfg+sag,pag,cfg+pag,slg"]) == 0
     data = json.loads(out.read_text())
     assert data["preset"] == "sd3-tiny" and data["steps"] == 2 and data["resolution"] == 32
     assert data["device"].startswith("cpu") and data["compile"] is None
-    assert set(data["arms"]) == {"none", "cfg", "cfg+sag", "pag", "cfg+pag"}
+    assert set(data["arms"]) == {"none", "cfg", "cfg+sag", "pag", "cfg+pag", "slg"}
+    assert (data["passes"]["slg"]["calls_per_step"], data["passes"]["slg"]["batches_per_step"]) == (1, 2)
+    assert data["passes"]["cfg+sag"]["batches_per_step"] == 3
     keys = {"diffusers_s", "attnguide_s", "ratio", "diffusers_peak_mib", "attnguide_peak_mib"}
     for name, row in data["arms"].items():
         assert set(row) == keys and row["attnguide_s"] > 0

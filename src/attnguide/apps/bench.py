@@ -1,8 +1,14 @@
 """``attnguide bench``: attnguide against diffusers' own pipelines, same UNet, same process.
 
-Arms: no guidance, CFG, SAG, CFG+SAG, PAG, CFG+PAG. The reference for the first four is diffusers'
-``StableDiffusionSAGPipeline`` (sag_scale 0 for the unguided arms), for the PAG arms diffusers'
-``StableDiffusionPAGPipeline``; attnguide runs all six with ``attnguide.StableDiffusionSAGPipeline``.
+Arms: no guidance, CFG, SAG, CFG+SAG, PAG, CFG+PAG, and SEG, TPG, SLG alone and with CFG. The reference
+for the first four is diffusers' ``StableDiffusionSAGPipeline`` (sag_scale 0 for the unguided arms), for
+the PAG arms diffusers' ``StableDiffusionPAGPipeline``; attnguide runs all with
+``attnguide.StableDiffusionSAGPipeline``. SEG, TPG and SLG have no diffusers pipeline to time against
+(diffusers offers SEG only as a modular-pipeline guider): their rows have attnguide's time alone.
+
+Every arm's cost is also reported in model passes (``passes``): the denoiser calls per step and the
+latent rows they process per step in units of the batch (counted by a forward pre-hook on one eager run:
+CFG + SAG makes 2 calls and 3 batches of rows a step), and the timed cost t[arm] / t[none].
 Each arm gets warm-up runs of both implementations, then the median of ``--repeats`` timed runs each,
 the two implementations' runs interleaved; on CUDA also the peak allocated memory. Weights are random:
 timing does not depend on them.
@@ -30,11 +36,20 @@ import torch
 from .arms import Arm
 from .files import write_json_atomic, write_text_atomic
 
-#: The arms, by name: CFG at 7.5, SAG at 0.75, PAG at 3.0 (the SD1.5 scales of the two papers).
+#: The arms, by name: CFG at 7.5, SAG at 0.75, PAG at 3.0 (the SD1.5 scales of the two papers); SEG, TPG
+#: and SLG at their own defaults (3.0, 3.0, 2.8), SLG in every step so that its rows cost what it costs
+#: where it is on (its SD3.5 window, steps 1-20 %, would hide it in the mean).
 ARMS = {
-    name: Arm.from_method(name, cfg_scale=7.5, sag_scale=0.75, pag_scale=3.0)
-    for name in ("none", "cfg", "sag", "cfg+sag", "pag", "cfg+pag")
+    name: Arm.from_method(name, cfg_scale=7.5, sag_scale=0.75, pag_scale=3.0, slg_window=(0.0, 1.0))
+    for name in (
+        *("none", "cfg", "sag", "cfg+sag", "pag", "cfg+pag"),
+        *("seg", "tpg", "slg", "cfg+seg", "cfg+tpg", "cfg+slg"),
+    )
 }
+#: The denoisers' first layer on the latents, by module path (UNets, SD3): one call per model pass.
+INPUT_LAYERS = ("conv_in", "pos_embed", "x_embedder")
+#: The arms that diffusers has a pipeline for (the others are timed for attnguide alone).
+REFERENCE_TERMS = frozenset({"cfg", "sag", "pag"})
 PRESETS = {
     # preset: (default resolution in pixels, default steps)
     "tiny": (32, 10),
@@ -293,15 +308,21 @@ class Pipelines:
         """diffusers' run of ``arm``: its PAG pipeline for the PAG arms, its SAG pipeline otherwise (None
         where there is none)."""
         kw = dict(self._inputs(), guidance_scale=arm.guidance_scale)
+        if not arm.terms <= REFERENCE_TERMS:
+            return None
         if arm.pag_scale > 0:
             return lambda: self.ref_pag(pag_scale=arm.pag_scale, **kw)
         if self.ref_sag is None:
             return None
         return lambda: self.ref_sag(sag_scale=arm.sag_scale, **kw)
 
+    def pipeline_for(self, arm: Arm) -> Any:
+        """attnguide's pipeline that runs ``arm``."""
+        return self.ours_pag if arm.pag_scale > 0 and self.ours_pag is not None else self.ours
+
     def attnguide(self, arm: Arm, **extra) -> Run:
         """attnguide's run of ``arm`` (``extra``: further pipeline arguments)."""
-        pipe = self.ours_pag if arm.pag_scale > 0 and self.ours_pag is not None else self.ours
+        pipe = self.pipeline_for(arm)
         kw = dict(self._inputs(), **arm.pipeline_kwargs(), **extra)
         return lambda: pipe(**kw)
 
@@ -421,6 +442,53 @@ def build_sd3_pipelines(
     ours = StableDiffusion3SAGPipeline(**comps).to(device)
     _quiet(ref_pag, ours_pag, ours)
     return Pipelines(None, ref_pag, ours, embeds, resolution, steps, ours_pag=ours_pag)
+
+
+def count_passes(pipes: Pipelines, arm: Arm) -> dict[str, float]:
+    """The denoiser calls per step of one eager run of ``arm`` and the latent rows they process per step
+    in units of the batch (``batches_per_step``: 1 unguided, 2 CFG, 3 CFG + SAG), counted by a forward
+    pre-hook on the denoiser's input layer (:data:`INPUT_LAYERS`: every pass, the pipeline's and the
+    guidance's, goes through it) with CUDA graphs off for the run (a replayed graph calls no forward)."""
+    pipe, modules = pipes.pipeline_for(arm), dict(pipes.denoiser.named_modules())
+    layer = next((modules[n] for n in INPUT_LAYERS if n in modules), None)
+    if layer is None:
+        raise ValueError(f"the denoiser has none of the input layers {INPUT_LAYERS} to count passes at")
+    batch = pipes.embeds["prompt_embeds"].shape[0]
+    calls, rows = [0], [0]
+
+    def hook(_module, args):
+        calls[0] += 1
+        rows[0] += args[0].shape[0]
+
+    graphs = getattr(pipe, "cuda_graphs", False)
+    pipe.cuda_graphs = False
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        pipes.attnguide(arm)()
+    finally:
+        handle.remove()
+        pipe.cuda_graphs = graphs
+    return {
+        "calls_per_step": round(calls[0] / pipes.steps, 4),
+        "batches_per_step": round(rows[0] / (pipes.steps * batch), 4),
+    }
+
+
+def term_costs(results: dict[str, dict], pipes: Pipelines, log: Callable[[str], None]) -> dict[str, dict]:
+    """Each timed arm's cost in model passes: :func:`count_passes` and, where the unguided arm was timed,
+    ``time_vs_none`` = t[arm] / t[none] (attnguide's times; 1 + the extra passes' share of the time)."""
+    out = {}
+    base = results.get("none", {}).get("attnguide_s")
+    for name, row in results.items():
+        counted = count_passes(pipes, ARMS[name])
+        counted["time_vs_none"] = None if not base else round(row["attnguide_s"] / base, 4)
+        out[name] = counted
+        timed = "" if counted["time_vs_none"] is None else f", time x{counted['time_vs_none']:.3f} of none"
+        log(
+            f"{name:8s} {counted['calls_per_step']:.2f} calls/step, "
+            f"{counted['batches_per_step']:.2f} batches of rows/step{timed}"
+        )
+    return out
 
 
 def _arm_row(ref: tuple[float, float | None] | None, ours: tuple[float, float | None]) -> dict:
@@ -607,6 +675,7 @@ def run_benchmark(
         "compile": compile_info,
         "attnguide_cuda_graphs": cuda_graphs and device.startswith("cuda"),
         "arms": results,
+        "passes": term_costs(results, pipes, log),
         **sag_cost(results, pipes, device, repeats, log),
         **extra,
     }
