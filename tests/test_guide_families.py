@@ -91,6 +91,8 @@ def test_guided_family(name, cfg):
         torch.testing.assert_close(tiny, unguided, rtol=0, atol=1e-4, msg=f"{term} at scale 1e-6")
         assert _processors(den) == before and "forward" not in den.__dict__
         assert "encode_prompt" not in pipe.__dict__
+    zero = {name: make(0.0)[name] for name, make in TERMS.items() if name != "sag"}  # scale 0: the identity
+    torch.testing.assert_close(_guided(pipe, spec, cfg, **zero), unguided, rtol=0, atol=0, msg="scale 0")
     torch.testing.assert_close(_call(pipe, spec, cfg), unguided, rtol=0, atol=0)  # nothing left behind
 
 
