@@ -11,7 +11,8 @@ the arms are paired:
   samples of the SAG arm (the paper's "40 %").
 - ``sigma``   [Table 6]: blur sigma of SAG in {1, 3, 9, 27} and the extremes: sigma -> 0 is the baseline,
   sigma -> infinity replaces x0_hat under the mask by each image's mean pixel.
-- ``cfg``     [Table 4]: CFG vs CFG + SAG (class-conditional), and PAG vs SAG vs SAG + PAG (unconditional).
+- ``cfg``     [Table 4]: CFG vs CFG + SAG (class-conditional), PAG vs SAG vs SAG + PAG (unconditional), the
+  rest of the family (SEG, TPG, SLG alone vs unguided, each with CFG vs CFG) and SAG's compute-matched rivals.
 - ``window``  [not in the paper]: SAG only inside a window of the sampling steps.
 - ``cost``    [Table 7]: time and peak memory of each guidance method for one batch.
 

@@ -45,8 +45,8 @@ PAPER_NOTES = {
     "worst of the masks (5.82), baseline 5.98.",
     "sigma": "Paper Table 6 (ADM ImageNet 128, 10k): FID 5.98 (sigma->0), 5.58 (1), 5.47 (3), 5.70 (9), "
     "5.80 (27), 5.84 (avg pixel).",
-    "cfg": "Paper Table 4 (DiT-XL/2, 50k): CFG 2.27 -> CFG + SAG 2.16 FID. PAG vs SAG vs SAG + PAG is not "
-    "in the SAG paper.",
+    "cfg": "Paper Table 4 (DiT-XL/2, 50k): CFG 2.27 -> CFG + SAG 2.16 FID. PAG vs SAG vs SAG + PAG and the "
+    "SEG, TPG and SLG rows (alone vs uncond, with CFG vs CFG) are not in the SAG paper.",
     "window": "Not in the paper: SAG only inside a window of the sampling steps (fractions of the run, "
     "0 = the noisiest step); outside it the degraded pass is skipped, so s/sample falls with the window.",
 }
