@@ -13,6 +13,7 @@ of the quick ones.
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import socket
@@ -223,6 +224,12 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
     assert "SAG scale must be a number from 0.0 to 10.0, got -2" in status
 
     _set(page, "sag_scale", "0.75")
+    _set(page, "seg_sigma", "abc")  # a Textbox (a gr.Number cannot hold SEG's default, inf)
+    page.click("#generate")
+    status = _wait_status(page, "SEG sigma")
+    assert "SEG sigma must be a number > 0, or inf (every query is the mean query), got 'abc'." in status
+
+    _set(page, "seg_sigma", "inf")
     layer = page.locator("#layer input")
     layer.fill("no_such_block.attentions.7")
     layer.press("Enter")
@@ -241,6 +248,12 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
     page.click("#generate")
     _wait_status(page, "Done in")
     assert _image(page, "guided").size > 0
+
+    page.locator("#methods").get_by_text("Methods", exact=True).click()  # the accordion opens
+    table = page.locator("#methods table")
+    table.wait_for(timeout=10_000)
+    rows = table.locator("tbody tr").all_inner_texts()
+    assert [r.split()[0] for r in rows] == ["SAG", "blur", "PAG", "SEG", "TPG", "SLG", "CFG"]
     assert outside == [], f"the page made requests outside the app: {outside}"
     page.close()
 
@@ -264,6 +277,10 @@ def _form(model, **change):
         pag_scale=1.0,
         cfg_scale=3.0,
         blur_sigma=1.0,
+        seg_scale=3.0,
+        seg_sigma="inf",
+        tpg_scale=1.0,
+        slg_scale=1.0,
         layer=model.default_layer,
         steps=2,
         scheduler="ddim",
@@ -286,6 +303,22 @@ def _form(model, **change):
         ({"pag_scale": float("nan")}, "PAG scale must be a number"),
         ({"cfg_scale": 1e9}, "CFG scale must be a number from 1.0 to 30.0"),
         ({"blur_sigma": 0}, "Blur sigma must be a number"),
+        ({"seg_scale": -1}, "SEG scale must be a number from 0.0 to 10.0, got -1."),
+        ({"seg_sigma": 0}, "SEG sigma must be a number > 0, or inf (every query is the mean query), got 0."),
+        (
+            {"seg_sigma": -1},
+            "SEG sigma must be a number > 0, or inf (every query is the mean query), got -1.",
+        ),
+        ({"seg_sigma": "-inf"}, "SEG sigma must be a number > 0, or inf"),
+        ({"seg_sigma": "nan"}, "SEG sigma must be a number > 0, or inf"),
+        (
+            {"seg_sigma": "abc"},
+            "SEG sigma must be a number > 0, or inf (every query is the mean query), got 'abc'.",
+        ),
+        ({"seg_sigma": " "}, "SEG sigma is empty: enter a number > 0, or inf"),
+        ({"tpg_scale": 11}, "TPG scale must be a number from 0.0 to 10.0, got 11."),
+        ({"slg_scale": "x"}, "SLG scale must be a number from 0.0 to 10.0, got 'x'."),
+        ({"method": "CFG+SEG", "label": "unconditional (null label)"}, "CFG needs a class label"),
         ({"layer": "mid_block.attentions.9"}, "Unknown self-attention layer 'mid_block.attentions.9'"),
         ({"scheduler": "magic"}, "Unknown scheduler 'magic'"),
         ({"method": "XYZ"}, "Unknown method 'XYZ'"),
@@ -316,3 +349,106 @@ def test_generate_in_process(tiny_model):
     # blur guidance: no attention mask, and says so
     _, _, mask, status = generate(tiny_model, *_form(tiny_model, method="blur"))
     assert mask is None and "blur guidance blurs the whole image" in status
+
+
+@pytest.mark.parametrize(
+    ("text", "sigma"),
+    [("inf", math.inf), (" INF ", math.inf), ("Infinity", math.inf), ("2.5", 2.5), (4, 4.0)],
+)
+def test_seg_sigma_accepts_inf_and_positive_numbers(tiny_model, text, sigma):
+    from attnguide.apps.demo import validate
+
+    s = validate(tiny_model, *_form(tiny_model, seg_sigma=text, seg_scale=2.0, tpg_scale=0.5, slg_scale=4))
+    assert (s.seg_sigma, s.seg_scale, s.tpg_scale, s.slg_scale) == (sigma, 2.0, 0.5, 4.0)
+
+
+def test_arms_of_the_new_methods_carry_the_form_scales(tiny_model):
+    from attnguide.apps.arms import Arm
+    from attnguide.apps.demo import validate
+
+    form = dict(cfg_scale=2.0, sag_scale=0.5, pag_scale=1.5, seg_scale=2.5, tpg_scale=0.7, slg_scale=1.2)
+    s = validate(tiny_model, *_form(tiny_model, method="CFG+SEG", seg_sigma="4", **form))
+    arm = s.arm("CFG+SEG")
+    assert arm == Arm(cfg_scale=2.0, seg_scale=2.5, seg_sigma=4.0)  # nothing of SAG, PAG, TPG, SLG
+    assert arm.terms == {"cfg", "seg"}
+    kwargs = arm.pipeline_kwargs()
+    assert (kwargs["guidance_scale"], kwargs["seg_scale"], kwargs["seg_sigma"]) == (2.0, 2.5, 4.0)
+    assert kwargs["sag_scale"] == kwargs["pag_scale"] == 0 and "tpg_scale" not in kwargs
+    s = validate(tiny_model, *_form(tiny_model, method="CFG+SEG", **form))  # seg_sigma "inf"
+    assert s.arm("CFG+SEG").seg_sigma is None and s.arm("CFG+SEG").pipeline_kwargs()["seg_sigma"] == math.inf
+    assert s.arm("CFG+TPG") == Arm(cfg_scale=2.0, tpg_scale=0.7)
+    assert s.arm("CFG+SLG") == Arm(cfg_scale=2.0, slg_scale=1.2)  # SLG's default window (0.01, 0.2)
+    assert s.arm("CFG+SLG").slg_window == (0.01, 0.2)
+    assert s.arm("SEG").cfg_scale is None and s.arm("SEG").terms == {"seg"}
+
+
+@pytest.mark.parametrize(
+    ("method", "steps", "caption"),
+    [
+        ("SEG", 2, "Guided: SEG (SEG 3 with sigma inf)."),
+        ("TPG", 2, "Guided: TPG (TPG 1)."),
+        ("SLG", 6, "Guided: SLG (SLG 1 on step 2 of 6)."),  # window [0.01, 0.2): only step i = 1 (1/6)
+        ("CFG+SEG", 2, "Guided: CFG+SEG (CFG 3, SEG 3 with sigma inf)."),
+    ],
+)
+def test_generate_new_methods_in_process(tiny_model, method, steps, caption):
+    from attnguide.apps.demo import generate
+
+    base, guided, mask, status = generate(tiny_model, *_form(tiny_model, method=method, steps=steps))
+    assert status.startswith("Done in") and caption in status, status
+    assert mask is None and "No attention mask: the method has no SAG term." in status
+    assert base.size == guided.size
+    assert np.asarray(base).tobytes() != np.asarray(guided).tobytes(), f"{method} changed nothing"
+
+
+def test_slg_outside_its_step_window_says_so(tiny_model):
+    from attnguide.apps.demo import generate
+
+    # 2 steps: 0/2 and 1/2 fall outside [0.01, 0.2), so SLG never runs and guided == unguided
+    base, guided, _, status = generate(tiny_model, *_form(tiny_model, method="SLG", steps=2))
+    assert np.asarray(base).tobytes() == np.asarray(guided).tobytes()
+    assert "Guided: SLG (SLG 1)." in status
+    # the first step count whose window holds a step: 1/6 < 0.2 (1/5 is not)
+    assert "SLG's step window (1%-20% of the steps) holds none of the 2 steps" in status
+    assert "take 6 steps or more." in status
+
+
+def test_sag_at_scale_0_says_why_there_is_no_mask(tiny_model):
+    from attnguide.apps.demo import generate
+
+    base, guided, mask, status = generate(tiny_model, *_form(tiny_model, sag_scale=0, steps=1))
+    assert mask is None and "No attention mask: SAG scale is 0." in status
+    assert np.asarray(base).tobytes() == np.asarray(guided).tobytes()  # SAG off: the unguided run
+
+
+def test_caption_names_only_the_method_terms(tiny_model):
+    from attnguide.apps.demo import guided_caption, validate
+
+    s = validate(tiny_model, *_form(tiny_model, method="CFG+SAG+PAG", seg_sigma="2"))
+    text = guided_caption(s, s.arm(s.method), 25)
+    layer = tiny_model.default_layer
+    assert text == f"Guided: CFG+SAG+PAG (CFG 3, SAG 0.75 with blur sigma 1, PAG 1, layer `{layer}`)."
+    s = validate(tiny_model, *_form(tiny_model, method="CFG+SLG", slg_scale=2.8))
+    assert guided_caption(s, s.arm(s.method), 25) == "Guided: CFG+SLG (CFG 3, SLG 2.8 on steps 2-5 of 25)."
+    s = validate(tiny_model, *_form(tiny_model, method="none"))
+    assert guided_caption(s, s.arm(s.method), 25) == "Guided: none (no guidance term, as the unguided run)."
+
+
+def test_methods_table_lists_every_dropdown_term():
+    from attnguide.apps.arms import TERMS
+    from attnguide.apps.demo import METHODS, METHODS_TABLE, dropdown_terms
+
+    rows = [line for line in METHODS_TABLE.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]  # rows[0]: the header
+    assert all(len(c) == 4 for c in cells), "a row of the table lost a cell"
+    names = [c[0].split()[0].lower() for c in cells]
+    assert names == ["sag", "blur", "pag", "seg", "tpg", "slg", "cfg"]
+    offered = set().union(*(dropdown_terms(m) for m in METHODS))
+    assert offered == set(names) == set(TERMS)
+    passes = dict(zip(names, (c[2] for c in cells), strict=True))
+    assert passes["sag"].startswith("+1 model call") and passes["blur"].startswith("+1 model call")
+    assert all(passes[t].startswith("+1 row block") for t in ("pag", "seg", "tpg", "slg", "cfg"))
+    # the defaults of the form (and of `attnguide sample`)
+    defaults = dict(zip(names, (c[3] for c in cells), strict=True))
+    assert "SEG scale 3.0, SEG sigma inf" in defaults["seg"] and "TPG scale 1.0" in defaults["tpg"]
+    assert "SLG scale 1.0" in defaults["slg"] and "window 1-20 % of the steps" in defaults["slg"]

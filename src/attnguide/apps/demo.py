@@ -1,9 +1,11 @@
 """``attnguide demo``: an interactive, offline Gradio app to compare sampling with and without guidance.
 
-Pick a method (SAG, blur guidance, PAG, CFG and their combinations), the scales, the SAG layer, the
-scheduler, the number of steps, the seed and a class label (class-conditional models) or a prompt (text
-models); Generate samples the same seeds without and with the guidance and shows both side by side, with
-the self-attention masks SAG used.
+Pick a method (SAG, blur guidance, PAG, SEG, TPG, SLG, CFG and combinations such as CFG+SEG), the
+scales, the blur sigma, SEG's query blur sigma, the SAG / PAG layer, the scheduler, the number of steps,
+the seed and a class label (class-conditional models) or a prompt (text models); Generate samples the
+same seeds without and with the guidance and shows both side by side, with the self-attention masks SAG
+used. A "Methods" table in the page (:data:`METHODS_TABLE`) says what each term's weak prediction is, what
+it costs per step and its defaults.
 
 The app is served on 127.0.0.1 only, without share links or analytics, with gradio's bundled fonts: it
 starts and runs with no network. Needs the ``demo`` extra: ``pip install -e ".[demo]"``.
@@ -25,16 +27,36 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..engine.guidance import in_window
 from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
 from .arms import Arm
 from .images import overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
 
 # The method dropdown: guidance terms (attnguide.apps.arms.TERMS, in capitals but "blur") joined by "+".
-METHODS = ("SAG", "blur", "PAG", "CFG", "CFG+SAG", "CFG+PAG", "SAG+PAG", "CFG+SAG+PAG", "none")
-LIMITS = {  # name -> (minimum, maximum), inclusive
+METHODS = (
+    "SAG",
+    "blur",
+    "PAG",
+    "CFG",
+    "CFG+SAG",
+    "CFG+PAG",
+    "SAG+PAG",
+    "CFG+SAG+PAG",
+    "SEG",
+    "TPG",
+    "SLG",
+    "CFG+SEG",
+    "CFG+TPG",
+    "CFG+SLG",
+    "none",
+)
+LIMITS = {  # name -> (minimum, maximum), inclusive; "SEG sigma" is any number > 0 or inf (_seg_sigma)
     "SAG scale": (0.0, 10.0),
     "PAG scale": (0.0, 10.0),
+    "SEG scale": (0.0, 10.0),
+    "TPG scale": (0.0, 10.0),
+    "SLG scale": (0.0, 10.0),
     "CFG scale": (1.0, 30.0),
     "Blur sigma": (0.1, 10.0),
     "Steps": (1, 500),
@@ -44,6 +66,35 @@ LIMITS = {  # name -> (minimum, maximum), inclusive
 UNCONDITIONAL = "unconditional (null label)"
 CYCLE = "cycle (one label per image)"
 TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 digits are visible
+# The "Methods" accordion of the page: one row per term of the dropdown (README's table of the family,
+# with the demo's own defaults, which follow `attnguide sample`'s).
+METHODS_TABLE = """\
+Each term pushes the prediction away from a weaker one: out += s (ref - weak) at its scale s, where ref is
+the conditional prediction c (SAG and blur guidance with CFG: the unconditional u, as diffusers); CFG is
+out = u + w (c - u). Combined methods add their terms. A *row block* is more rows in the one batched model
+call of a step (a bigger batch, no extra call); SAG and blur guidance need a call of their own, because
+their input differs. SEG, TPG and SLG act on the model's default layers, not on the layer field.
+
+| method | the weak prediction | model passes per step | defaults here |
+|---|---|---|---|
+| SAG (arXiv 2210.00939) | the model on x_t with its x0 estimate blurred where the self-attention map \
+of the layer field is high, re-noised | +1 model call (its input differs) | SAG scale 0.75, blur sigma 1, \
+kernel 9, the layer field (default: the mid block's) |
+| blur guidance (SAG's Sec. 5.1) | as SAG, with the whole x0 estimate blurred (no mask) | +1 model call \
+(its input differs) | SAG / blur scale 0.75, blur sigma 1 |
+| PAG (arXiv 2403.17377) | identity self-attention (output V) in the layer field's layer | +1 row block \
+| PAG scale 1.0 (the library's `PAG`: 3.0) |
+| SEG (arXiv 2408.00760) | the queries of PAG's default layers (UNets: the mid block) blurred over the \
+token grid with a Gaussian of SEG sigma tokens (inf: every query is the mean query) | +1 row block | \
+SEG scale 3.0, SEG sigma inf |
+| TPG (arXiv 2506.10036) | the tokens entering the blocks of PAG's default layers shuffled by one random \
+permutation (norm-preserving) | +1 row block | TPG scale 1.0 (the library's `TPG`: 3.0) |
+| SLG (skip-layer guidance, SD3.5) | blocks 7, 8, 9 where the model has them (else the mid block's) \
+skipped: output = input | +1 row block, in its step window only | SLG scale 1.0 (the library's `SLG`: \
+2.8), window 1-20 % of the steps |
+| CFG | the unconditional prediction (the null label; text models: the empty prompt) | +1 row block | \
+CFG scale 1.5 (the CLI's: w = 3 distorts the bundled model's digits) |
+"""
 
 
 class InputError(ValueError):
@@ -59,6 +110,10 @@ class Settings:
     pag_scale: float
     cfg_scale: float
     blur_sigma: float
+    seg_scale: float
+    seg_sigma: float  # math.inf: SEG's limit, every query is the mean query
+    tpg_scale: float
+    slg_scale: float
     layer: str
     steps: int
     scheduler: str
@@ -68,14 +123,18 @@ class Settings:
     num_images: int
 
     def arm(self, method: str) -> Arm:
-        """The arm of a method of the dropdown, with the form's scales and blur sigma."""
+        """The arm of a method of the dropdown, with the form's scales, blur sigma and SEG sigma."""
         return Arm.from_terms(
             dropdown_terms(method),
             name=method,
             cfg_scale=self.cfg_scale,
             sag_scale=self.sag_scale,
             pag_scale=self.pag_scale,
+            seg_scale=self.seg_scale,
+            tpg_scale=self.tpg_scale,
+            slg_scale=self.slg_scale,
             sag_sigma=self.blur_sigma,
+            seg_sigma=None if math.isinf(self.seg_sigma) else self.seg_sigma,
         )
 
 
@@ -100,6 +159,22 @@ def _number(name: str, value: Any, *, integer: bool = False) -> float | int:
     return int(v) if integer else v
 
 
+def _seg_sigma(value: Any) -> float:
+    """SEG sigma from the form's text: a number > 0, or "inf" (math.inf, SEG's default: the mean query)."""
+    name, allowed = "SEG sigma", "a number > 0, or inf (every query is the mean query)"
+    text = "" if value is None else str(value).strip()
+    if text == "":
+        raise InputError(f"{name} is empty: enter {allowed}.")
+    try:
+        v = float(text)
+    except ValueError:
+        raise InputError(f"{name} must be {allowed}, got {value!r}.") from None
+    if not v > 0:  # NaN fails too
+        shown = int(v) if math.isfinite(v) and v == int(v) else text
+        raise InputError(f"{name} must be {allowed}, got {shown}.")
+    return v
+
+
 def validate(
     model: DemoModel,
     method: str,
@@ -107,6 +182,10 @@ def validate(
     pag_scale: Any,
     cfg_scale: Any,
     blur_sigma: Any,
+    seg_scale: Any,
+    seg_sigma: Any,
+    tpg_scale: Any,
+    slg_scale: Any,
     layer: Any,
     steps: Any,
     scheduler: Any,
@@ -130,6 +209,10 @@ def validate(
         pag_scale=_number("PAG scale", pag_scale),
         cfg_scale=_number("CFG scale", cfg_scale),
         blur_sigma=_number("Blur sigma", blur_sigma),
+        seg_scale=_number("SEG scale", seg_scale),
+        seg_sigma=_seg_sigma(seg_sigma),
+        tpg_scale=_number("TPG scale", tpg_scale),
+        slg_scale=_number("SLG scale", slg_scale),
         layer=layer,
         steps=_number("Steps", steps, integer=True),
         scheduler=scheduler,
@@ -240,6 +323,7 @@ def generate(model: DemoModel, *form: Any, progress: Callable | None = None):
         base, _ = model.sample(s, s.arm("none"), False, reporter(0, "unguided"))
         guided, masks = model.sample(s, arm, arm.uses_attention_mask, reporter(s.steps, s.method))
         dt = time.perf_counter() - t0
+        model_steps = len(model.pipe.scheduler.timesteps)  # the guidance windows' steps (Heun: 2N - 1)
     except ValueError as err:  # the form (InputError) or the pipeline's own argument checks
         return None, None, None, f"**Error:** {err}"
     except Exception as err:  # never a stack trace in the page; the server's console gets it
@@ -253,17 +337,57 @@ def generate(model: DemoModel, *form: Any, progress: Callable | None = None):
     )
     status = (
         f"Done in {dt:.1f} s: {s.num_images} images per run, seed {s.seed}, {s.steps} {s.scheduler} steps, "
-        f"{what}. Guided: {s.method} (cfg {arm.guidance_scale:g}, sag {arm.sag_scale:g}"
-        f"{' blur' if arm.sag_mask == 'global' else ''}, pag {arm.pag_scale:g}, layer `{s.layer}`)."
+        f"{what}. {guided_caption(s, arm, model_steps)}"
     )
     if masks is None:
-        why = (
-            "blur guidance blurs the whole image"
-            if arm.sag_mask == "global"
-            else "the method has no SAG term"
-        )
+        terms = dropdown_terms(s.method)
+        if "blur" in terms:
+            why = "blur guidance blurs the whole image"
+        elif "sag" in terms:
+            why = "SAG scale is 0"
+        else:
+            why = "the method has no SAG term"
         status += f" No attention mask: {why}."
     return tile(base), tile(guided), mask_img, status
+
+
+def _on_steps(steps: list[int], num_steps: int) -> str:
+    """The caption's ' on steps 2-5 of 25' for the 0-based steps [1, 2, 3, 4] of 25 (a window's steps are
+    contiguous)."""
+    if not steps:
+        return ""
+    first, last = steps[0] + 1, steps[-1] + 1
+    return f" on step {first} of {num_steps}" if first == last else f" on steps {first}-{last} of {num_steps}"
+
+
+def guided_caption(s: Settings, arm: Arm, model_steps: int) -> str:
+    """What the guided run used: the scales of the method's own terms only (in the method's order), the
+    layer where SAG or PAG use it, and SLG's steps, with a note when its step window holds none of them
+    (SLG then changes nothing, which would otherwise look like a bug)."""
+    terms = s.method.lower().split("+") if s.method != "none" else []
+    slg_steps = [i for i in range(model_steps) if in_window(arm.slg_window, i, model_steps)]
+    parts = {
+        "cfg": f"CFG {arm.guidance_scale:g}",
+        "sag": f"SAG {arm.sag_scale:g} with blur sigma {arm.sag_sigma:g}",
+        "blur": f"blur {arm.sag_scale:g} with sigma {arm.sag_sigma:g}",
+        "pag": f"PAG {arm.pag_scale:g}",
+        "seg": f"SEG {arm.seg_scale:g} with sigma {s.seg_sigma:g}",
+        "tpg": f"TPG {arm.tpg_scale:g}",
+        "slg": f"SLG {arm.slg_scale:g}{_on_steps(slg_steps, model_steps)}",
+    }
+    used = ", ".join(parts[t] for t in terms) or "no guidance term, as the unguided run"
+    if {"sag", "pag"} & set(terms):
+        used += f", layer `{s.layer}`"
+    caption = f"Guided: {s.method} ({used})."
+    if "slg" in terms and not slg_steps:
+        lo, hi = arm.slg_window
+        steps = range(1, LIMITS["Steps"][1] + 1)
+        enough = next(n for n in steps if any(in_window(arm.slg_window, i, n) for i in range(n)))
+        caption += (
+            f" SLG's step window ({lo:.0%}-{hi:.0%} of the steps) holds none of the {model_steps} steps, so"
+            f" SLG changed nothing: take {enough} steps or more."
+        )
+    return caption
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -285,8 +409,21 @@ def build_app(model: DemoModel):
                     sag = gr.Number(value=0.75, label="SAG / blur scale", elem_id="sag_scale")
                     pag = gr.Number(value=1.0, label="PAG scale", elem_id="pag_scale")
                 with gr.Row():
-                    cfg = gr.Number(value=3.0, label="CFG scale", elem_id="cfg_scale")
+                    cfg = gr.Number(value=1.5, label="CFG scale", elem_id="cfg_scale")
                     sigma = gr.Number(value=1.0, label="Blur sigma", elem_id="blur_sigma")
+                with gr.Row():
+                    seg = gr.Number(value=3.0, label="SEG scale", elem_id="seg_scale")
+                    # a Textbox: a gr.Number cannot hold inf, SEG's default (every query is the mean query)
+                    seg_sigma = gr.Textbox(
+                        value="inf",
+                        label="SEG sigma (tokens > 0, or inf)",
+                        lines=1,
+                        max_lines=1,
+                        elem_id="seg_sigma",
+                    )
+                with gr.Row():
+                    tpg = gr.Number(value=1.0, label="TPG scale", elem_id="tpg_scale")
+                    slg = gr.Number(value=1.0, label="SLG scale", elem_id="slg_scale")
                 layer = gr.Dropdown(
                     model.layers,
                     value=model.default_layer,
@@ -322,13 +459,16 @@ def build_app(model: DemoModel):
                     out_base = gr.Image(label="Unguided", elem_id="unguided", **images)
                     out_guided = gr.Image(label="Guided", elem_id="guided", **images)
                     out_mask = gr.Image(label="SAG mask", elem_id="mask", **images)
+                with gr.Accordion("Methods", open=False, elem_id="methods"):
+                    gr.Markdown(METHODS_TABLE)
 
         def run(*form, progress=gr.Progress()):  # noqa: B008 (gradio's idiom for progress)
             return generate(model, *form, progress=progress)
 
+        guidance = [sag, pag, cfg, sigma, seg, seg_sigma, tpg, slg]  # in the order of validate()'s arguments
         button.click(
             run,
-            inputs=[method, sag, pag, cfg, sigma, layer, steps, sched, seed, label, prompt, count],
+            inputs=[method, *guidance, layer, steps, sched, seed, label, prompt, count],
             outputs=[out_base, out_guided, out_mask, status],
             concurrency_limit=1,
         )
