@@ -354,25 +354,14 @@ def test_seg_tpg_slg_arms_rows_and_sampler(tiny_model):
     sampler's terms: each changes the samples at scale 1 and reproduces them at scale 1e-6."""
     from attnguide.apps.eval.experiments import WeakScales
 
-    exps = build_experiments(
-        ["cfg"], sag_scale=0.5, cfg_scale=2.0, pag_scale=1.0, scales=(), sigmas=(), image_size=28
-    )
-    rows = {e.label: e for e in exps["cfg"]}
+    opts = dict(sag_scale=0.5, cfg_scale=2.0, pag_scale=1.0, scales=(), sigmas=(), image_size=28)
+    rows = {e.label: e for e in build_experiments(["cfg"], **opts)["cfg"]}
     assert rows["SEG"].baseline == "uncond" and rows["CFG + TPG"].baseline == "CFG"
     assert rows["SEG"].arm.key == "u-seg1" and rows["CFG + SLG"].arm.key == "c-cfg2-slg1-win0-1"
     assert rows["TPG"].arm.terms == {"tpg"} and rows["CFG + SEG"].arm.terms == {"cfg", "seg"}
     assert Arm(seg_scale=2.0, seg_sigma=3.0).key == "u-seg2-sigma3"
     assert Arm(seg_scale=0.0, seg_sigma=3.0, slg_window=(0.0, 1.0)).key == "u"  # unused options reset
-    none = build_experiments(
-        ["cfg"],
-        sag_scale=0.5,
-        cfg_scale=2.0,
-        pag_scale=1.0,
-        scales=(),
-        sigmas=(),
-        image_size=28,
-        weak=WeakScales(seg=0.0, tpg=0.0, slg=0.0),
-    )
+    none = build_experiments(["cfg"], **opts, weak=WeakScales(seg=0.0, tpg=0.0, slg=0.0))
     assert not {"SEG", "TPG", "SLG", "CFG + SEG"} & {e.label for e in none["cfg"]}
     with pytest.raises(ValueError, match="seg_sigma"):
         Arm(seg_scale=1.0, seg_sigma=0.0)
