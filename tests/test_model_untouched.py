@@ -110,6 +110,33 @@ def _plain_sd():
 JOBS = [(seed, prompt) for seed in (0, 1, 2) for prompt in ("a cat", "a red dog")]
 
 
+def test_encode_prompt_calls_take_turns_inside_a_guide_block():
+    """Inside a guide() block the pipeline's encode_prompt calls of two threads never overlap:
+    transformers' tokenizers hold their padding settings while a call runs, and overlapping calls of one
+    pipeline returned unpadded prompts (6 tokens instead of 77) about one run in three under load."""
+    from attnguide import SAG, guide
+
+    pipe = _plain_sd()
+    original, inside, overlaps = pipe.encode_prompt, [0], []
+    entered = threading.Barrier(2, timeout=5)
+
+    def encode_prompt(*args, **kwargs):  # an instance attribute of this test's own pipeline
+        inside[0] += 1
+        overlaps.append(inside[0] > 1)
+        try:
+            entered.wait(timeout=0.3)  # a second thread would arrive here while the first is inside
+        except threading.BrokenBarrierError:
+            entered.reset()
+        inside[0] -= 1
+        return original(*args, **kwargs)
+
+    pipe.encode_prompt = encode_prompt
+    with guide(pipe, sag=SAG(scale=0.75)):
+        in_threads(lambda p: pipe.encode_prompt(p, "cpu", 1, True), [[("a cat",)], [("a red dog",)]])
+    assert len(overlaps) == 2 and not any(overlaps)
+    assert pipe.__dict__["encode_prompt"] is encode_prompt  # the block put the test's own one back
+
+
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
 def test_two_threads_three_calls_in_one_guide_block(cfg):
     """Inside one guide() block, two threads each make three calls of one plain diffusers pipeline: every

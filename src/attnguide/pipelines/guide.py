@@ -178,12 +178,18 @@ class _Pending:
 class CFGRecorder:
     """Put on a pipeline's ``encode_prompt`` for a ``guide`` block: records, per thread, the
     ``do_classifier_free_guidance`` each call passes (diffusers' text pipelines all do), which says
-    whether this call's denoiser batch is [uncond, cond] or unbatched."""
+    whether this call's denoiser batch is [uncond, cond] or unbatched.
+
+    The calls take turns (a lock): transformers' tokenizers keep their padding and truncation settings on
+    the tokenizer while a call runs, so two threads encoding at once can get each other's settings
+    (diffusers' ``encode_prompt`` tokenizes with ``padding="max_length"`` and then ``"longest"``; a
+    prompt came back unpadded, 6 tokens instead of 77, about one run in three under load)."""
 
     def __init__(self, original):
         self.original = original
         self.signature = inspect.signature(original)
         self._local = threading.local()
+        self._lock = threading.RLock()
 
     def __call__(self, *args, **kwargs):
         try:
@@ -195,7 +201,8 @@ class CFGRecorder:
         if flag is not None:
             self._local.flag = bool(flag)
         self._local.calls = getattr(self._local, "calls", 0) + 1
-        return self.original(*args, **kwargs)
+        with self._lock:
+            return self.original(*args, **kwargs)
 
     def flag(self) -> bool | None:
         """This thread's last recorded flag (None: none recorded)."""
