@@ -450,5 +450,5 @@ def test_methods_table_lists_every_dropdown_term():
     assert all(passes[t].startswith("+1 row block") for t in ("pag", "seg", "tpg", "slg", "cfg"))
     # the defaults of the form (and of `attnguide sample`)
     defaults = dict(zip(names, (c[3] for c in cells), strict=True))
-    assert "SEG scale 3.0, SEG sigma inf" in defaults["seg"] and "TPG scale 1.0" in defaults["tpg"]
+    assert "SEG scale 3.0, SEG sigma inf" in defaults["seg"] and "TPG scale 0.2" in defaults["tpg"]
     assert "SLG scale 1.0" in defaults["slg"] and "window 1-20 % of the steps" in defaults["slg"]

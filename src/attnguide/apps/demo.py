@@ -88,7 +88,8 @@ kernel 9, the layer field (default: the mid block's) |
 token grid with a Gaussian of SEG sigma tokens (inf: every query is the mean query) | +1 row block | \
 SEG scale 3.0, SEG sigma inf |
 | TPG (arXiv 2506.10036) | the tokens entering the blocks of PAG's default layers shuffled by one random \
-permutation (norm-preserving) | +1 row block | TPG scale 1.0 (the library's `TPG`: 3.0) |
+permutation (norm-preserving) | +1 row block | TPG scale 0.2 (the library's `TPG`: 3.0; on the bundled \
+model 0.5 already breaks the strokes at 50 steps) |
 | SLG (skip-layer guidance, SD3.5) | blocks 7, 8, 9 where the model has them (else the mid block's) \
 skipped: output = input | +1 row block, in its step window only | SLG scale 1.0 (the library's `SLG`: \
 2.8), window 1-20 % of the steps |
@@ -422,7 +423,7 @@ def build_app(model: DemoModel):
                         elem_id="seg_sigma",
                     )
                 with gr.Row():
-                    tpg = gr.Number(value=1.0, label="TPG scale", elem_id="tpg_scale")
+                    tpg = gr.Number(value=0.2, label="TPG scale", elem_id="tpg_scale")
                     slg = gr.Number(value=1.0, label="SLG scale", elem_id="slg_scale")
                 layer = gr.Dropdown(
                     model.layers,
