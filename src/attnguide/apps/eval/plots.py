@@ -66,15 +66,19 @@ def _sweep_figure(name: str, rows: list[dict[str, Any]], num_samples: int) -> An
 def _bar_figure(
     labels: Sequence[str], panels: Sequence[tuple[Sequence[Any], str]], figsize: tuple[float, float]
 ) -> Any:
-    """One bar chart per (values, title) panel, the bars labelled ``labels``."""
+    """One bar chart per (values, title) panel, the bars labelled ``labels``. Beyond 10 bars the figure
+    widens with them and the labels stand upright, so long experiments (cfg: 22 rows) stay readable."""
     from matplotlib.figure import Figure
 
+    many = len(labels) > 10
+    if many:
+        figsize = (max(figsize[0], 0.3 * len(labels) * len(panels)), figsize[1] + 2.0)
     fig = Figure(figsize=figsize)
     axes = fig.subplots(1, len(panels))
     for ax, (vals, title) in zip(axes, panels, strict=True):
         ax.bar(range(len(labels)), _nan_for_none(vals), color="tab:blue")
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+        ax.set_xticklabels(labels, rotation=90 if many else 35, ha="center" if many else "right", fontsize=8)
         ax.set_title(title)
     return fig
 
