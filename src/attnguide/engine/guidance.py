@@ -298,6 +298,11 @@ def rescale_cfg(guided: Tensor, out_cond: Tensor, guidance_rescale: float) -> Te
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
+def sag_update(sag_ref: Tensor, out_degraded: Tensor, sag_scale: float) -> Tensor:
+    """SAG's term (Eq. 16): s_sag (ref - degraded), what SAG adds to the prediction."""
+    return sag_scale * (sag_ref - out_degraded)
+
+
 def combine(
     out_cond: Tensor,
     *,
@@ -317,7 +322,7 @@ def combine(
     in the prediction's type); each term only where its weak prediction (or shift) is given."""
     out = cfg(out_cond, out_uncond, guidance_scale)
     if out_degraded is not None:
-        out = out + sag_scale * (sag_ref - out_degraded)
+        out = out + sag_update(sag_ref, out_degraded, sag_scale)
     if out_perturbed is not None:
         out = out + pag_scale * (out_cond - out_perturbed)
     for weak_out, scale in (weak or {}).values():

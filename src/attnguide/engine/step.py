@@ -104,6 +104,26 @@ class StepOutputs:
     #: classifier guidance's addition to the guided prediction (engine.guidance.classifier_shift)
     classifier_shift: Tensor | None = None
 
+    def combined(self, guidance_scale: float | None) -> Tensor:
+        """:func:`combine` of these outputs: CFG at ``guidance_scale`` with the unconditional output
+        (None: no CFG, the conditional prediction plus the terms), then every term whose output is here."""
+        return combine(
+            self.out_cond,
+            out_uncond=None if guidance_scale is None else self.out_uncond,
+            guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+            sag_ref=self.sag_ref,
+            out_degraded=self.out_degraded,
+            sag_scale=self.sag_scale,
+            out_perturbed=self.out_perturbed,
+            pag_scale=self.pag_scale,
+            classifier_shift=self.classifier_shift,
+            weak=self.weak,
+        )
+
+    def terms_delta(self) -> Tensor:
+        """What the guidance terms here (not CFG) add to the conditional prediction."""
+        return self.combined(None) - self.out_cond
+
 
 class Guider:
     """Guidance for one sampling run: validates and installs the attention processors (as a context
@@ -440,19 +460,12 @@ class Guider:
         """
         scale = getattr(self.scheduler, "scale_model_input", None)  # flow-matching schedulers have none
         x_in = scale(sample, t) if scale is not None else sample
-        r = self.passes(model_fn, x_in, t, step=step, num_steps=num_steps)
-        guided = combine(
-            r.out_cond,
-            out_uncond=r.out_uncond,
-            guidance_scale=self.guidance_scale if self.do_cfg else 1.0,
-            sag_ref=r.sag_ref,
-            out_degraded=r.out_degraded,
-            sag_scale=r.sag_scale,
-            out_perturbed=r.out_perturbed,
-            pag_scale=r.pag_scale,
-            classifier_shift=r.classifier_shift,
-            weak=r.weak,
-        )
+        return self.guided_output(self.passes(model_fn, x_in, t, step=step, num_steps=num_steps))
+
+    def guided_output(self, r: StepOutputs) -> Tensor:
+        """The guided model output of one step's passes ``r``: the terms combined with this run's CFG
+        weight and rescale, the conditional pass's variance channels appended where the model has them."""
+        guided = r.combined(self.guidance_scale if self.do_cfg else 1.0)
         if self.do_cfg and self.guidance_rescale > 0.0:
             guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
         return guided if r.variance is None else torch.cat([guided, r.variance], dim=1)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
-from ..engine.guidance import PAG, SAG, SEG, SLG, TPG, ClassifierGuidance, combine
+from ..engine.guidance import PAG, SAG, SEG, SLG, TPG, ClassifierGuidance
 from ..engine.layout import LatentLayout, pack_2x2, position_grid, unpack_2x2
 from ..engine.parameterization import scheduler_takes_variance
 from ..engine.step import Guider, StepOutputs
@@ -323,16 +323,14 @@ class GuidedForward:
             r = passes(cfg=False, terms=frozenset({"pag", "seg", "tpg", "slg"}))
             delta = None
             if r.out_perturbed is not None or r.weak:
-                delta = combine(r.out_cond, out_perturbed=r.out_perturbed, pag_scale=r.pag_scale, weak=r.weak)
-                delta = delta - r.out_cond
+                delta = r.terms_delta()  # PAG and the other perturbation terms: this call's only
             returned = pack(_with_variance(r.out_cond if delta is None else r.out_cond + delta, r.variance))
             pos.pending = _Pending(sample, t0, returned, delta)
             return returned
         r = passes(cfg=False, terms=frozenset({"sag"}))
         delta = pending.delta
         if r.out_degraded is not None:
-            d_sag = combine(r.out_cond, sag_ref=r.sag_ref, out_degraded=r.out_degraded, sag_scale=r.sag_scale)
-            d_sag = d_sag - r.out_cond
+            d_sag = r.terms_delta()  # SAG: this call's only term
             zeros = None if r.variance is None else torch.zeros_like(r.variance)
             pending.returned.add_(pack(_with_variance(d_sag, zeros)))
             delta = d_sag if delta is None else delta + d_sag
@@ -391,16 +389,7 @@ class GuidedForward:
     def _assemble(self, r: StepOutputs, rows: dict[str, slice], total: int) -> Tensor:
         """The outputs for the pipeline's batch: each branch shifted so that its CFG gives the guided
         prediction (see the module docstring); a learned variance is the conditional pass's."""
-        guided = combine(
-            r.out_cond,
-            sag_ref=r.sag_ref,
-            out_degraded=r.out_degraded,
-            sag_scale=r.sag_scale,
-            out_perturbed=r.out_perturbed,
-            pag_scale=r.pag_scale,
-            classifier_shift=r.classifier_shift,
-            weak=r.weak,
-        )
+        guided = r.combined(None)  # the terms on the conditional prediction; the pipeline applies CFG
         parts = {"cond": guided}
         if "uncond" in rows:
             uncond_first = rows["uncond"].start == 0  # diffusers' text pipelines, whose w we can read

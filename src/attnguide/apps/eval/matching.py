@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...engine.guidance import combine
+from ...engine.guidance import sag_update
 from ...engine.layout import LatentLayout
 from ...engine.parameterization import output_for_scheduler, scheduler_takes_variance
 from ...engine.step import scheduler_step_kwargs
@@ -111,18 +111,9 @@ def measure_update_norms(
                 else layout.split_output(model_fn(x_in, t, ["uncond"]))[0]
             )
             cfg_norms.append(update_norms(r.out_cond - u))
-            d = r.sag_scale * (r.sag_ref - r.out_degraded) if r.out_degraded is not None else 0 * u
+            d = sag_update(r.sag_ref, r.out_degraded, r.sag_scale) if r.out_degraded is not None else 0 * u
             sag_norms.append(update_norms(d))
-            guided = combine(
-                r.out_cond,
-                out_uncond=r.out_uncond,
-                guidance_scale=guider.guidance_scale if guider.do_cfg else 1.0,
-                sag_ref=r.sag_ref,
-                out_degraded=r.out_degraded,
-                sag_scale=r.sag_scale,
-            )
-            out = guided if r.variance is None else torch.cat([guided, r.variance], dim=1)
-            out = output_for_scheduler(out, latents.shape[1], sched)
+            out = output_for_scheduler(guider.guided_output(r), latents.shape[1], sched)
             latents = sched.step(out, t, latents, **step_kw, return_dict=False)[0]
     return np.stack(sag_norms, axis=1), np.stack(cfg_norms, axis=1)
 
