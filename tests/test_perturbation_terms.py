@@ -152,12 +152,9 @@ def test_block_hooks_shuffle_and_skip_only_their_rows():
     assert not model.blocks[1]._forward_hooks
 
 
-def test_slg_equals_diffusers_sd3_skip_guidance_layers():
-    """guide(StableDiffusion3Pipeline, slg=SLG(...)) equals diffusers' own skip_guidance_layers (CFG on,
-    4 steps, window (0.01, 0.6): steps 1 and 2 in both conventions)."""
-    spec, pipe = _family("sd3")
-    call = dict(spec["call"], num_inference_steps=4, guidance_scale=5.0)
-    want = pipe(
+def _diffusers_sd3_slg(pipe, call: dict) -> torch.Tensor:
+    """diffusers' own SD3 skip-layer guidance: block 1 skipped, scale 2.8, window (0.01, 0.6), seed 0."""
+    return pipe(
         generator=torch.Generator().manual_seed(0),
         skip_guidance_layers=[1],
         skip_layer_guidance_scale=2.8,
@@ -165,6 +162,14 @@ def test_slg_equals_diffusers_sd3_skip_guidance_layers():
         skip_layer_guidance_stop=0.6,
         **call,
     ).images
+
+
+def test_slg_equals_diffusers_sd3_skip_guidance_layers():
+    """guide(StableDiffusion3Pipeline, slg=SLG(...)) equals diffusers' own skip_guidance_layers (CFG on,
+    4 steps, window (0.01, 0.6): steps 1 and 2 in both conventions)."""
+    spec, pipe = _family("sd3")
+    call = dict(spec["call"], num_inference_steps=4, guidance_scale=5.0)
+    want = _diffusers_sd3_slg(pipe, call)
     with attnguide.guide(pipe, slg=SLG(scale=2.8, layers=[1], window=(0.01, 0.6))):
         got = pipe(generator=torch.Generator().manual_seed(0), **call).images
     plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
@@ -249,13 +254,7 @@ def test_drop_in_pipelines_take_the_new_terms_by_keyword():
     ours = StableDiffusion3SAGPipeline(**spec["components"])
     ours.set_progress_bar_config(disable=True)
     call = dict(spec["call"], num_inference_steps=4, guidance_scale=5.0)
-    want = plain(
-        generator=torch.Generator().manual_seed(0),
-        skip_guidance_layers=[1],
-        skip_layer_guidance_start=0.01,
-        skip_layer_guidance_stop=0.6,
-        **call,
-    ).images
+    want = _diffusers_sd3_slg(plain, call)
     got = ours(
         generator=torch.Generator().manual_seed(0),
         sag_scale=0.0,

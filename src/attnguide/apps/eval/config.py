@@ -85,6 +85,7 @@ def eval_config(
     experiments not run are None) and the metric options (bootstrap, seed blocks, reference, second
     extractor: not sample keys, so a finished run's shards can be scored again with other statistics)."""
     model = Path(args.model)
+    weak = bool({"cfg", "cost"} & set(names))  # the experiments with SEG / TPG / SLG arms
     return {
         "schema": SCHEMA,
         "experiments": list(names),
@@ -98,10 +99,10 @@ def eval_config(
         "sag_scale": args.sag_scale,
         "cfg_scale": args.cfg_scale,
         "pag_scale": args.pag_scale,
-        "seg_scale": args.seg_scale if {"cfg", "cost"} & set(names) else None,
-        "seg_sigma": args.seg_sigma if {"cfg", "cost"} & set(names) else None,
-        "tpg_scale": args.tpg_scale if {"cfg", "cost"} & set(names) else None,
-        "slg_scale": args.slg_scale if {"cfg", "cost"} & set(names) else None,
+        "seg_scale": args.seg_scale if weak else None,
+        "seg_sigma": args.seg_sigma if weak else None,
+        "tpg_scale": args.tpg_scale if weak else None,
+        "slg_scale": args.slg_scale if weak else None,
         "scales": list(scales) if "scale" in names else None,
         "sigmas": list(sigmas) if "sigma" in names else None,
         "calibration_samples": args.calibration_samples if {"masking", "cfg"} & set(names) else None,
