@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnguide.apps.train import CHECKPOINT_NAME, diffusion
+from attnguide.apps.train import CHECKPOINT_NAME, datasets, diffusion
 
 TINY_UNET = {"block_out_channels": (8, 16, 16), "attention_head_dim": 8, "norm_num_groups": 4}
 
@@ -75,7 +75,7 @@ def _unet_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(diffusion, "load_mnist", _data)
+    monkeypatch.setattr(datasets, "load_mnist", _data)
     straight = tmp_path / "straight"
     _train(straight)
 

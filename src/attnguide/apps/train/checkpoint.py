@@ -71,7 +71,12 @@ class TrainingState:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], state: TrainingState, *, unet_kwargs: dict[str, Any], seed: int
+    path: str | os.PathLike[str],
+    state: TrainingState,
+    *,
+    unet_kwargs: dict[str, Any],
+    seed: int,
+    dataset: str = "mnist",
 ) -> None:
     """Write ``state`` to ``path`` atomically (an interruption mid-write leaves the old checkpoint)."""
     payload = {
@@ -85,6 +90,7 @@ def save_checkpoint(
         "elapsed_s": state.elapsed_s(),
         "unet_kwargs": unet_kwargs,
         "seed": seed,
+        "dataset": dataset,
     }
     write_atomic(path, lambda p: torch.save(payload, p))
 
@@ -130,10 +136,15 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_checkpoint(
-    path: str | os.PathLike[str], *, seed: int | None = None, unet_kwargs: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    *,
+    seed: int | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any] | None:
     """The checkpoint at ``path`` (None if there is none), checked by :func:`read_checkpoint` and, when
-    given, against this run's ``seed`` and ``unet_kwargs``; SystemExit if it cannot be resumed."""
+    given, against this run's ``seed``, ``unet_kwargs`` and ``dataset`` (checkpoints without one are
+    MNIST's); SystemExit if it cannot be resumed."""
     path = Path(path)
     if not path.exists():
         return None
@@ -142,6 +153,8 @@ def check_checkpoint(
         raise _unusable(path, f"it was written by a run with --seed {ckpt['seed']}, not {seed}")
     if unet_kwargs is not None and not _same(ckpt["unet_kwargs"], unet_kwargs):
         raise _unusable(path, f"its model options {ckpt['unet_kwargs']} differ from this run's {unet_kwargs}")
+    if dataset is not None and ckpt.get("dataset", "mnist") != dataset:
+        raise _unusable(path, f"it was trained on --dataset {ckpt.get('dataset', 'mnist')}, not {dataset}")
     return ckpt
 
 
@@ -152,11 +165,12 @@ def resume_from_checkpoint(
     *,
     seed: int | None = None,
     unet_kwargs: dict[str, Any] | None = None,
+    dataset: str | None = None,
 ) -> bool:
     """Load the checkpoint at ``path`` into ``state`` if there is one (checked as in
     :func:`check_checkpoint`); returns whether there was. Tensors are read on the CPU and moved to the
     model's device by ``load_state_dict`` (``device`` is accepted for compatibility)."""
-    ckpt = check_checkpoint(path, seed=seed, unet_kwargs=unet_kwargs)
+    ckpt = check_checkpoint(path, seed=seed, unet_kwargs=unet_kwargs, dataset=dataset)
     if ckpt is None:
         return False
     try:

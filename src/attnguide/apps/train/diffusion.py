@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..files import save_pretrained_atomic, write_json_atomic
 from .checkpoint import CHECKPOINT_NAME, TrainingState, resume_from_checkpoint, save_checkpoint
-from .data import DATASET_DESCRIPTION, load_mnist, random_shift, training_digits
+from .data import random_shift
+from .datasets import dataset_description, training_images
 from .environment import command_line, device_name, library_versions, pick_device
 from .models import NULL_LABEL, make_mnist_scheduler, make_mnist_unet
 
@@ -115,17 +116,21 @@ def _start_or_resume(
     ckpt_path: Path,
     *,
     num_images: int,
+    dataset: str,
 ) -> tuple[TrainingState, Any]:
     """The state to train from (fresh, or the checkpoint's when there is one) and the noise schedule."""
     state, scheduler = _initial_state(settings, unet_kwargs, device)
-    if resume_from_checkpoint(ckpt_path, state, device, seed=settings.seed, unet_kwargs=unet_kwargs):
+    resumed = resume_from_checkpoint(
+        ckpt_path, state, device, seed=settings.seed, unet_kwargs=unet_kwargs, dataset=dataset
+    )
+    if resumed:
         print(
             f"resuming from {ckpt_path} at step {state.step} ({state.elapsed_before_s / 60:.1f} min already)",
             flush=True,
         )
     n_params = sum(p.numel() for p in state.model.parameters())
     print(
-        f"training MNIST DDPM: {n_params / 1e6:.2f} M parameters, {num_images} digits, device {device}, "
+        f"training {dataset} DDPM: {n_params / 1e6:.2f} M parameters, {num_images} images, device {device}, "
         f"{torch.get_num_threads()} threads, steps {state.step}->{settings.steps}, "
         f"batch {settings.batch_size}, lr {settings.lr}",
         flush=True,
@@ -236,6 +241,15 @@ def _save_model_folder(out: Path, ema: nn.Module, scheduler: Any) -> None:
     write_json_atomic(out / "model_index.json", model_index)
 
 
+def _loss_curve(losses: list[float], points: int = 100) -> list[list[float]]:
+    """The loss history in at most ``points`` bins: ``[last step of the bin, mean loss of the bin]``."""
+    width = max(1, -(-len(losses) // points))
+    return [
+        [min(i + width, len(losses)), round(sum(losses[i : i + width]) / len(losses[i : i + width]), 5)]
+        for i in range(0, len(losses), width)
+    ]
+
+
 def _training_record(
     settings: DiffusionSettings,
     state: TrainingState,
@@ -247,6 +261,7 @@ def _training_record(
     unet_kwargs: dict[str, Any],
     num_images: int,
     data_split: dict[str, Any],
+    dataset: str,
 ) -> dict[str, Any]:
     """The ``training.json`` record: the settings, the outcome and the environment of a run, and the
     digits it trained on (``data_split``: the split record, which the evaluation compares with its
@@ -279,12 +294,15 @@ def _training_record(
         "unet_kwargs": unet_kwargs,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "final_loss_definition": "mean epsilon-MSE of the last 200 training steps",
+        "loss_curve": _loss_curve(state.losses),
+        "loss_curve_definition": "[step, mean epsilon-MSE of the steps since the previous point]",
         "wall_time_s": round(wall_s, 1),
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
-        "dataset": DATASET_DESCRIPTION,
+        "dataset": dataset_description(dataset),
+        "dataset_name": dataset,
         "num_images": num_images,
         "data_split": data_split,
         "weights": "EMA",
@@ -311,6 +329,8 @@ def train_diffusion(
     command: str | None = None,
     unet_kwargs: dict[str, Any] | None = None,
     data: str = "train",
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train the class-conditional MNIST DDPM (epsilon-MSE) and save its EMA weights in diffusers layout.
 
@@ -332,7 +352,9 @@ def train_diffusion(
     is the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`. ``data`` chooses the
     digits (:func:`attnguide.apps.train.data.training_digits`): the train part of the digit split
     (default: the held-out part stays unseen, the evaluation's FID reference) or ``"all"``; the split
-    record goes into ``training.json`` as ``data_split``.
+    record goes into ``training.json`` as ``data_split``. ``dataset`` is "mnist" or "fashion-mnist"
+    (:mod:`.datasets`; ``data_dir`` the folder of its IDX files), recorded in the checkpoint: a run does
+    not resume from another data set's checkpoint.
 
     Returns:
         The record written to ``training.json``.
@@ -355,12 +377,14 @@ def train_diffusion(
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
     )
-    images, labels, data_split = training_digits(*load_mnist(), data)
+    images, labels, data_split = training_images(dataset, data, data_dir)
     ckpt_path = out / CHECKPOINT_NAME
-    state, scheduler = _start_or_resume(settings, unet_kwargs, dev, ckpt_path, num_images=len(images))
+    state, scheduler = _start_or_resume(
+        settings, unet_kwargs, dev, ckpt_path, num_images=len(images), dataset=dataset
+    )
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, state, unet_kwargs=unet_kwargs, seed=seed)
+        save_checkpoint(ckpt_path, state, unet_kwargs=unet_kwargs, seed=seed, dataset=dataset)
 
     stopped_early = _train_loop(settings, state, (images, labels), scheduler, dev, checkpoint)
     checkpoint()
@@ -377,6 +401,7 @@ def train_diffusion(
         unet_kwargs=unet_kwargs,
         num_images=len(images),
         data_split=data_split,
+        dataset=dataset,
     )
     write_json_atomic(out / "training.json", record)
     if not keep_checkpoint:
