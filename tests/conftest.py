@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Callable
+
+# Passive OpenMP waits, set before torch starts its thread pool: threads that spin while the machine's
+# other core is busy (a background job, a second test process) make tiny models many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
@@ -12,7 +17,8 @@ import torch
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-torch.set_num_threads(2)
+# One thread: the tiny models of the tests gain nothing from a second one, and lose much when it waits.
+torch.set_num_threads(int(os.environ.get("ATTNGUIDE_TEST_THREADS", "1")))
 
 
 def quiet(pipe):

@@ -143,8 +143,11 @@ class InceptionExtractor:
 
     @staticmethod
     def to_uint8_rgb299(images: Tensor) -> Tensor:
-        """[0, 1] float (N, C, H, W) -> uint8 (N, 3, 299, 299): grey repeated to RGB, bilinear resize."""
-        x = images.float()
+        """[0, 1] float (N, C, H, W) -> uint8 (N, 3, 299, 299): the 8-bit image (as a saved PNG would hold
+        it), grey repeated to RGB, bilinear resize. Quantising first keeps the result independent of the
+        resize's float rounding (which varies with the thread count): a level sits on an integer, never
+        on a rounding boundary."""
+        x = (images.float() * 255.0).round().clamp(0, 255) / 255.0
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         elif x.shape[1] != 3:
