@@ -271,12 +271,15 @@ def tiny_model():
 
 
 def _form(model, **change):
+    """The form's values in the order the demo takes them (``FORM_FIELDS``), with ``change``."""
+    from attnguide.apps.demo import FORM_FIELDS
+
     form = dict(
         method="SAG",
         sag_scale=0.75,
         pag_scale=1.0,
         cfg_scale=3.0,
-        blur_sigma=1.0,
+        sag_sigma=1.0,
         seg_scale=3.0,
         seg_sigma="inf",
         tpg_scale=1.0,
@@ -290,7 +293,7 @@ def _form(model, **change):
         num_images=2,
     )
     form.update(change)
-    return list(form.values())
+    return [form[name] for name in FORM_FIELDS]
 
 
 @pytest.mark.parametrize(
@@ -302,7 +305,7 @@ def _form(model, **change):
         ({"sag_scale": -1}, "SAG scale must be a number from 0.0 to 10.0, got -1."),
         ({"pag_scale": float("nan")}, "PAG scale must be a number"),
         ({"cfg_scale": 1e9}, "CFG scale must be a number from 1.0 to 30.0"),
-        ({"blur_sigma": 0}, "Blur sigma must be a number"),
+        ({"sag_sigma": 0}, "Blur sigma must be a number"),
         ({"seg_scale": -1}, "SEG scale must be a number from 0.0 to 10.0, got -1."),
         ({"seg_sigma": 0}, "SEG sigma must be a number > 0, or inf (every query is the mean query), got 0."),
         (

@@ -277,9 +277,9 @@ def test_recorded_attention_masks_and_multi_layer_sag():
     pipe(generator=gen(0), record_masks=True, **SMALL)
     m = pipe.last_guider.last_mask
     assert m.shape == (2, 1, 16, 20) and set(m.unique().tolist()) <= {0.0, 1.0}
-    assert pipe.last_guider.sag_layers == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert pipe.last_guider.capture["sag"] == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
     out = pipe(generator=gen(0), sag_layers=["mid", "up_blocks.0"], **SMALL).images
-    assert len(pipe.last_guider.sag_layers) == 3
+    assert len(pipe.last_guider.capture["sag"]) == 3
     assert torch.isfinite(out).all()
 
 
@@ -307,7 +307,7 @@ def test_torch_compile_wrapper_is_looked_through():
     eager = pipe(generator=gen(0), **SMALL).images
     pipe.unet = torch.compile(pipe.unet, backend="eager")
     out = pipe(generator=gen(0), **SMALL).images
-    assert pipe.last_guider.sag_layers == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert pipe.last_guider.capture["sag"] == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 

@@ -352,7 +352,7 @@ def test_arm_keys_and_kernels():
 def test_seg_tpg_slg_arms_rows_and_sampler(tiny_model):
     """The cfg experiment's SEG / TPG / SLG rows (alone vs uncond, with CFG vs CFG), their keys, and the
     sampler's terms: each changes the samples at scale 1 and reproduces them at scale 1e-6."""
-    from attnguide.apps.eval.experiments import WeakScales
+    from attnguide.apps.eval.experiments import TermRows
 
     opts = dict(sag_scale=0.5, cfg_scale=2.0, pag_scale=1.0, scales=(), sigmas=(), image_size=28)
     rows = {e.label: e for e in build_experiments(["cfg"], **opts)["cfg"]}
@@ -361,7 +361,7 @@ def test_seg_tpg_slg_arms_rows_and_sampler(tiny_model):
     assert rows["TPG"].arm.terms == {"tpg"} and rows["CFG + SEG"].arm.terms == {"cfg", "seg"}
     assert Arm(seg_scale=2.0, seg_sigma=3.0).key == "u-seg2-sigma3"
     assert Arm(seg_scale=0.0, seg_sigma=3.0, slg_window=(0.0, 1.0)).key == "u"  # unused options reset
-    none = build_experiments(["cfg"], **opts, weak=WeakScales(seg=0.0, tpg=0.0, slg=0.0))
+    none = build_experiments(["cfg"], **opts, weak=TermRows(scales={"seg": 0.0, "tpg": 0.0, "slg": 0.0}))
     assert not {"SEG", "TPG", "SLG", "CFG + SEG"} & {e.label for e in none["cfg"]}
     with pytest.raises(ValueError, match="seg_sigma"):
         Arm(seg_scale=1.0, seg_sigma=0.0)
@@ -385,10 +385,10 @@ def test_average_pixel_arm_blurs_to_the_mean_pixel(tiny_model):
     from attnguide.engine.parameterization import NoiseLevel
 
     arm = Arm(sag_scale=0.75, sag_average=True)
-    assert arm.sag_term().blur is mean_pixel_blur
-    assert Arm(sag_scale=0.75).sag_term().blur is None
+    assert arm.term("sag").blur is mean_pixel_blur
+    assert Arm(sag_scale=0.75).term("sag").blur is None
     unet, cfg = load_model(str(tiny_model), "cpu")
-    sag = Sampler(unet, cfg, "ddim", 2, 0, "cpu", 11).guider(arm, 0).sag
+    sag = Sampler(unet, cfg, "ddim", 2, 0, "cpu", 11).guider(arm, 0).terms["sag"]
     assert sag.blur is mean_pixel_blur
 
     g = torch.Generator().manual_seed(0)

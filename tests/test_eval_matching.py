@@ -320,7 +320,7 @@ def _token_masks(unet, scheduler, seed: int) -> torch.Tensor:
         return unet(x, t, class_labels=labels).sample
 
     sample_loop(guider, model_fn, x, callback=lambda i, t, lat: seen.append(guider.last_mask.clone()))
-    assert guider.sag_layers == ["mid_block.attentions.0"]
+    assert guider.capture["sag"] == ["mid_block.attentions.0"]
     return torch.stack(seen)
 
 

@@ -213,8 +213,8 @@ def test_dit_family(gs):
         a = run([1, 2], [0, 1], **guided)
         singles = torch.cat([run([1], [0], **guided), run([2], [1], **guided)])
         assert (singles - a).abs().max() <= 1e-5
-    assert pipe.last_guider.sag_layers == ["transformer_blocks.1.attn1"]
-    assert pipe.last_guider.pag_layers == ["transformer_blocks.1.attn1"]
+    assert pipe.last_guider.capture["sag"] == ["transformer_blocks.1.attn1"]
+    assert pipe.last_guider.layers["pag"] == ["transformer_blocks.1.attn1"]
 
 
 def test_dit_sag_map_is_on_the_patch_grid():

@@ -229,7 +229,8 @@ def test_flux_joint_attention_map_and_identity_by_hand():
     A single-stream block ([text, image] in one sequence) gives the same map for the same tokens."""
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
-    from attnguide.engine.attention import GuidanceState, guided_attention, identity_attention
+    from attnguide.engine.attention import GuidanceState, guided_attention
+    from attnguide.engine.terms.pag import identity_attention
 
     torch.manual_seed(0)
     attn = FluxAttention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, out_dim=16).eval()

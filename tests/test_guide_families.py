@@ -39,7 +39,7 @@ def _denoiser(pipe) -> torch.nn.Module:
 
 
 def _processors(module: torch.nn.Module) -> dict[str, int]:
-    from attnguide.engine.attention import self_attention_layers
+    from attnguide.engine.layers import self_attention_layers
 
     return {name: id(m.processor) for name, m in module.named_modules() if hasattr(m, "processor")} | {
         "n_self": len(self_attention_layers(module))

@@ -30,7 +30,7 @@ from attnguide import (
     StableDiffusionPAGPipeline,
     StableDiffusionSAGPipeline,
 )
-from attnguide.engine.attention import resolve_layers
+from attnguide.engine.layers import resolve_layers
 from attnguide.pipelines.options import GuidanceOptions
 from attnguide.tiny_models import offline_clip_tokenizer, tiny_sd_components
 

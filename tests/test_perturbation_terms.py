@@ -13,10 +13,12 @@ import torch
 from tiny_families import FAMILIES, instantiate
 
 import attnguide
-from attnguide.engine.attention import blur_queries, seg_kernel_size
-from attnguide.engine.blocks import BlockHooks, resolve_blocks, transformer_blocks
-from attnguide.engine.guidance import PAG, SEG, SLG, TPG, combine
+from attnguide.engine.blocks import BlockHooks
+from attnguide.engine.guidance import PAG, SEG, SLG, TPG
+from attnguide.engine.layers import resolve_blocks, transformer_blocks
 from attnguide.engine.step import Guider
+from attnguide.engine.terms import StepContext, StepOutputs
+from attnguide.engine.terms.seg import blur_queries, seg_kernel_size
 
 
 @functools.cache
@@ -28,14 +30,14 @@ def _family(name: str):
 def test_combine_adds_each_perturbation_term_once():
     g = torch.Generator().manual_seed(0)
     c, u, p, w1, w2 = (torch.randn(2, 3, generator=g) for _ in range(5))
-    got = combine(
-        c,
-        out_uncond=u,
-        guidance_scale=4.0,
-        out_perturbed=p,
-        pag_scale=2.0,
-        weak={"seg": (w1, 3.0), "slg": (w2, -1.5)},
-    )
+    outputs = StepOutputs(c, u, weak={"pag": p, "seg": w1, "slg": w2})
+    ctx = StepContext(
+        x_in=c, t=torch.tensor(500), outputs=outputs, cfg=True, layout=None, prediction_type="epsilon",
+        level=None, call=None, maps={}, capture_layers=lambda name: [], generator=None,
+        record_mask=lambda mask: None,
+    )  # fmt: skip
+    outputs.deltas = {t.name: t.delta(ctx) for t in (PAG(scale=2.0), SEG(scale=3.0), SLG(scale=-1.5))}
+    got = outputs.combined(4.0)
     want = u + 4.0 * (c - u) + 2.0 * (c - p) + 3.0 * (c - w1) - 1.5 * (c - w2)
     torch.testing.assert_close(got, want)
 
@@ -93,7 +95,7 @@ def test_seg_infinite_sigma_equals_diffusers_seg_hook_on_a_unet():
 
     layer = "mid_block.attentions.0.transformer_blocks.0.attn1"
     with Guider(unet, pipe.scheduler, seg=SEG(scale=1.0, layers=layer)) as guider:
-        weak = guider.passes(model_fn, x, t).weak["seg"][0]
+        weak = guider.passes(model_fn, x, t).weak["seg"]
     config = SmoothedEnergyGuidanceConfig(indices=[0], fqn="mid_block.attentions.0.transformer_blocks")
     _apply_smoothed_energy_guidance_hook(unet, config, blur_sigma=1.0, name="seg_test")
     try:
@@ -138,7 +140,7 @@ def test_block_hooks_shuffle_and_skip_only_their_rows():
     state = GuidanceState(groups={"tpg": (1, 2), "slg": (2, 3)}, batch_rows=3)
     gen = torch.Generator().manual_seed(7)
     with BlockHooks(model, state, gen) as hooks:
-        hooks.install(["blocks.0"], ["blocks.1"])
+        hooks.install({"tpg": (TPG(), ["blocks.0"]), "slg": (SLG(), ["blocks.1"])})
         out0 = model.blocks[0](hidden_states=x)
         out1 = model.blocks[1](out0)
     perm = torch.randperm(5, generator=torch.Generator().manual_seed(7))

@@ -235,7 +235,7 @@ def test_xl_sag_is_finite_deterministic_and_active(sched):
         assert a.shape == (2, 4, 16, 24) and torch.isfinite(a).all()
         mask = pipe.last_guider.last_mask
         assert mask.shape == (2, 1, 16, 24) and 0 < mask.mean() < 1
-        assert pipe.last_guider.sag_layers == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+        assert pipe.last_guider.capture["sag"] == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
         assert torch.equal(a, pipe(guidance_scale=gs, generator=gen(0), **kw).images)
         plain = pipe(guidance_scale=gs, sag_scale=0.0, generator=gen(0), **kw).images
         assert _max_diff(a, plain) > 1e-3

@@ -21,10 +21,7 @@ from attnguide.engine.attention import (
     MapLimits,
     ProcessorSwap,
     aggregated_map_chunked,
-    default_pag_layers,
-    default_sag_layer,
     guided_attention,
-    resolve_layers,
 )
 from attnguide.engine.degrade import (
     attention_mask,
@@ -44,6 +41,7 @@ from attnguide.engine.guidance import (
     rescale_cfg,
     sag_degraded_input,
 )
+from attnguide.engine.layers import default_pag_layers, default_sag_layer, resolve_layers
 from attnguide.engine.layout import LatentLayout, as_images, from_images
 from attnguide.engine.parameterization import (
     PREDICTION_TYPES,
@@ -54,6 +52,7 @@ from attnguide.engine.parameterization import (
     renoise,
     uses_sigma_schedule,
 )
+from attnguide.engine.terms import StepContext, StepOutputs
 
 
 def _vp(abar) -> NoiseLevel:
@@ -66,7 +65,12 @@ def _capture(name: str, state: GuidanceState, limits: MapLimits | None = None) -
 
 
 def _identity(inner, state: GuidanceState, name: str = "layer") -> GuidedAttention:
-    return guided_attention(inner, name, state, perturb=True)
+    return guided_attention(inner, name, state, terms={"pag": PAG()})
+
+
+def _pag_rows(n: int, total: int) -> GuidanceState:
+    """A state whose last ``n`` of ``total`` rows are PAG's branch."""
+    return GuidanceState(groups={"pag": (total - n, total)} if n else {}, batch_rows=total)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -354,7 +358,7 @@ def test_identity_perturbation_3d(n):
     attn = _attn_3d()
     x = _randn(3, 10, 16, seed=3)
     keep = 3 - n
-    state = GuidanceState(perturbed_rows=n)
+    state = _pag_rows(n, 3)
     attn.set_processor(_identity(AttnProcessor2_0(), state))
     out = attn(x)
     assert out.shape == x.shape
@@ -371,7 +375,7 @@ def test_identity_perturbation_zero_rows_is_pass_through():
     attn = _attn_3d()
     x = _randn(2, 10, 16, seed=4)
     ref = AttnProcessor2_0()(attn, x)
-    state = GuidanceState(perturbed_rows=0)
+    state = _pag_rows(0, 2)
     attn.set_processor(_identity(AttnProcessor2_0(), state))
     torch.testing.assert_close(attn(x), ref, atol=1e-6, rtol=0)
 
@@ -380,7 +384,7 @@ def test_identity_perturbation_zero_rows_is_pass_through():
 def test_identity_perturbation_4d():
     attn = _attn_4d()
     x = _randn(3, 32, 4, 6, seed=5)
-    state = GuidanceState(perturbed_rows=1)
+    state = _pag_rows(1, 3)
     attn.set_processor(_identity(AttnProcessor2_0(), state))
     out = attn(x)
     assert out.shape == x.shape
@@ -741,38 +745,36 @@ def outs():
     return {name: _randn(2, 4, 6, 6, seed=i) for i, name in enumerate(["c", "u", "d", "p"])}
 
 
+def _delta(term, c, weak, u=None):
+    """A term's share of the guided prediction (its ``delta``) for conditional output ``c``, its weak
+    prediction ``weak`` and, with CFG, the unconditional output ``u``."""
+    outputs = StepOutputs(c, u, weak={term.name: weak})
+    ctx = StepContext(
+        x_in=c, t=torch.tensor(999), outputs=outputs, cfg=u is not None, layout=None,
+        prediction_type="epsilon", level=None, call=None, maps={}, capture_layers=lambda name: [],
+        generator=None, record_mask=lambda mask: None,
+    )  # fmt: skip
+    return term.delta(ctx)
+
+
 def test_combine_formulas(outs):
     c, u, d, p = outs["c"], outs["u"], outs["d"], outs["p"]
     w, s, sp = 7.5, 0.75, 3.0
     close = torch.testing.assert_close
+    sag, pag = SAG(scale=s), PAG(scale=sp)
 
     assert combine(c) is c
-    close(combine(c, out_uncond=u, guidance_scale=w), u + w * (c - u))
-    close(combine(c, sag_ref=c, out_degraded=d, sag_scale=s), c + s * (c - d))
+    close(combine(c, u, w), u + w * (c - u))
+    close(combine(c, deltas=[_delta(sag, c, d)]), c + s * (c - d))
+    close(combine(c, u, w, [_delta(sag, c, d, u)]), u + w * (c - u) + s * (u - d))
+    close(combine(c, u, w, [_delta(pag, c, p, u)]), u + w * (c - u) + sp * (c - p))
+    close(combine(c, deltas=[_delta(pag, c, p)]), c + sp * (c - p))
     close(
-        combine(c, out_uncond=u, guidance_scale=w, sag_ref=u, out_degraded=d, sag_scale=s),
-        u + w * (c - u) + s * (u - d),
-    )
-    close(
-        combine(c, out_uncond=u, guidance_scale=w, out_perturbed=p, pag_scale=sp),
-        u + w * (c - u) + sp * (c - p),
-    )
-    close(combine(c, out_perturbed=p, pag_scale=sp), c + sp * (c - p))
-    close(
-        combine(
-            c,
-            out_uncond=u,
-            guidance_scale=w,
-            sag_ref=u,
-            out_degraded=d,
-            sag_scale=s,
-            out_perturbed=p,
-            pag_scale=sp,
-        ),
+        combine(c, u, w, [_delta(sag, c, d, u), _delta(pag, c, p, u)]),
         u + w * (c - u) + s * (u - d) + sp * (c - p),
     )
     # Guidance scale 1 with CFG is the conditional prediction.
-    close(combine(c, out_uncond=u, guidance_scale=1.0), c)
+    close(combine(c, u, 1.0), c)
 
 
 @pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])

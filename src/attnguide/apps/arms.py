@@ -1,158 +1,123 @@
 """One ``Arm`` type for every application: a sampling configuration, that is, which guidance terms run
 at which scales. The CLI's grid columns, the demo's methods, the evaluation's arms and the benchmark's
-arms are all ``Arm`` values; :meth:`Arm.from_method` reads the method names they share."""
+arms are all ``Arm`` values; :meth:`Arm.from_method` reads the method names they share.
+
+Everything here is generated from the term registry (:data:`attnguide.engine.terms.REGISTRY`): each
+term's :class:`~attnguide.engine.terms.AppParam` settings are ``Arm`` fields named ``<term>_<setting>``
+(``sag_scale``, ``sag_sigma``, ``seg_sigma``, ``slg_window``, ...), each of its method names
+(``sag``, ``blur``, ``pag``, ...) is a method of the applications, and its key part names the arm's
+files. A new term needs no change here.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
-from ..engine.degrade import mean_pixel_blur
-from ..engine.guidance import PAG, SAG, SEG, SLG, TPG
+from ..engine.terms import REGISTRY, Term
+from ..pipelines.options import KEYWORD_TERMS
 
-#: Method names: guidance terms joined by "+" ("blur" is SAG with the global mask, the paper's Sec. 5.1).
-METHODS = (
-    "none",
-    "sag",
-    "blur",
-    "pag",
-    "seg",
-    "tpg",
-    "slg",
-    "cfg",
-    "cfg+sag",
-    "cfg+pag",
-    "cfg+seg",
-    "cfg+tpg",
-    "cfg+slg",
-    "sag+pag",
-)
+__all__ = [
+    "ATTENTION_TERMS",
+    "CONDITIONAL_METHODS",
+    "METHODS",
+    "METHOD_TERMS",
+    "TERMS",
+    "Arm",
+    "method_scale",
+    "method_terms",
+]
+
+#: Each method name of the applications -> (the term class, the settings it fixes): "blur" is SAG with
+#: the global mask (the paper's Sec. 5.1).
+METHOD_TERMS: dict[str, tuple[type[Term], dict[str, Any]]] = {
+    method: (cls, fields) for cls in REGISTRY for method, fields in cls.methods().items()
+}
+#: The guidance terms that method names join: CFG and every method of the registry.
+TERMS = ("cfg", *METHOD_TERMS)
+#: The terms whose weak prediction acts on the model's attention or blocks (they need self-attention).
+ATTENTION_TERMS = frozenset(METHOD_TERMS)
+#: The methods the applications list: none, each term alone, CFG alone and with each, and SAG + PAG
+#: (any "+"-joined set of :data:`TERMS` is a method too).
+METHODS = ("none", *METHOD_TERMS, "cfg", *(f"cfg+{m}" for m in METHOD_TERMS), "sag+pag")
 #: Methods that need a conditional model (CFG).
 CONDITIONAL_METHODS = frozenset(m for m in METHODS if "cfg" in m.split("+"))
-#: The guidance terms that method names join.
-TERMS = ("cfg", "sag", "blur", "pag", "seg", "tpg", "slg")
-#: The terms whose weak prediction perturbs the model's attention or blocks (they need self-attention).
-ATTENTION_TERMS = frozenset({"sag", "pag", "seg", "tpg", "slg"})
-#: Default scales of the terms beside CFG, SAG and PAG: the engine's (SEG 3, TPG 3, SLG 2.8).
-DEFAULT_WEAK_SCALES = {"seg": SEG.scale, "tpg": TPG.scale, "slg": SLG.scale}
 
 
 def method_terms(method: str) -> frozenset[str]:
-    """The terms of a method name ("cfg+sag" -> {"cfg", "sag"}); ValueError for an unknown name."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return frozenset() if method == "none" else frozenset(method.split("+"))
+    """The terms of a method name ("cfg+sag" -> {"cfg", "sag"}); ValueError for an unknown name (a term
+    not in :data:`TERMS`, one named twice, or two methods of the same term)."""
+    parts = [] if method == "none" else method.split("+") if isinstance(method, str) else [None]
+    owners = [METHOD_TERMS[p][0] for p in parts if p in METHOD_TERMS]
+    if (not parts and method != "none") or any(p not in TERMS for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(
+            f"method must be one of {', '.join(METHODS)} (or terms joined by '+'), got {method!r}"
+        )
+    if len(set(owners)) < len(owners):
+        raise ValueError(f"method {method!r} names one term twice ({', '.join(parts)})")
+    return frozenset(parts)
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One sampling configuration.
+def method_scale(method: str) -> float:
+    """The scale a method runs at in the applications by default (its term's scale setting's
+    ``app_default``; for the library's default see the term class)."""
+    cls, _ = METHOD_TERMS[method]
+    return cls.app.params[0].app_default
 
-    ``name``: a display name (not part of equality). ``conditional``: sample class labels (evaluation:
-    ``i mod 10``; else the null label). ``cfg_scale``: CFG weight w (None: no CFG). ``sag_*``: the SAG
-    term (scale 0: none): mask kind, blur sigma and kernel, the masked fraction of the random / square /
-    high-frequency masks (None: calibrated to the attention mask's), ``sag_average``: the blur becomes
-    the per-image mean pixel (sigma -> infinity), the step window. ``pag_scale``: PAG (0: none).
-    ``steps_multiplier``: sample with that many times the sampling steps (the evaluation's sampler
-    honours it), e.g. an unguided arm given as many model passes as a guided one (compute-matched).
-    ``classifier_scale``: classifier guidance (ADM's ``classifier_scale`` s; 0: none) with the model's
-    noise-aware classifier, towards the arm's labels (conditional arms; the evaluation's sampler builds
-    the term, :class:`attnguide.engine.guidance.ClassifierGuidance`). ``seg_scale`` / ``seg_sigma``
-    (None: infinity, the mean query), ``tpg_scale``, ``slg_scale`` / ``slg_window``: the SEG, TPG and SLG
-    terms (scale 0: none) at the engine's default layers.
-    """
 
-    name: str = field(default="", compare=False)
-    conditional: bool = False
-    steps_multiplier: int = 1
-    cfg_scale: float | None = None
-    sag_scale: float = 0.0
-    sag_mask: str = "attention"
-    sag_sigma: float = 1.0
-    sag_kernel: int = 9
-    sag_fraction: float | None = None
-    sag_average: bool = False
-    sag_window: tuple[float, float] = (0.0, 1.0)
-    pag_scale: float = 0.0
-    classifier_scale: float = 0.0
-    seg_scale: float = 0.0
-    seg_sigma: float | None = None
-    tpg_scale: float = 0.0
-    slg_scale: float = 0.0
-    slg_window: tuple[float, float] = SLG.window
+def _values(arm: Any, cls: type[Term]) -> dict[str, Any]:
+    """An arm's settings of term ``cls``, by setting name."""
+    return {p.name: getattr(arm, f"{cls.name}_{p.name}") for p in cls.app.params}
+
+
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _ArmMethods:
+    """The methods of :class:`Arm`."""
 
     def __post_init__(self) -> None:
         m = self.steps_multiplier
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"`steps_multiplier` must be a positive integer, got {m!r}")
-        sigma = self.seg_sigma
-        if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise ValueError(f"`seg_sigma` must be a number > 0 or None (infinity), got {self.seg_sigma!r}")
+        for cls in REGISTRY:
+            for p in cls.app.params:
+                value = getattr(self, f"{cls.name}_{p.name}")
+                if (
+                    p.inf_allowed
+                    and value is not None
+                    and not (isinstance(value, (int, float)) and value > 0)
+                ):
+                    raise ValueError(
+                        f"`{cls.name}_{p.name}` must be a number > 0 or None (infinity), got {value!r}"
+                    )
 
     @classmethod
-    def from_method(
-        cls,
-        method: str,
-        *,
-        cfg_scale: float,
-        sag_scale: float,
-        pag_scale: float,
-        blur_scale: float | None = None,
-        seg_scale: float = DEFAULT_WEAK_SCALES["seg"],
-        tpg_scale: float = DEFAULT_WEAK_SCALES["tpg"],
-        slg_scale: float = DEFAULT_WEAK_SCALES["slg"],
-        **options: Any,
-    ) -> Arm:
-        """The arm of a method name ("cfg+sag", "blur", "seg", ...) with the scales of the terms it names;
-        ``blur_scale`` (default ``sag_scale``) is the scale of blur guidance. ``options``: other fields."""
-        return cls.from_terms(
-            method_terms(method),
-            name=method,
-            cfg_scale=cfg_scale,
-            sag_scale=sag_scale,
-            pag_scale=pag_scale,
-            blur_scale=blur_scale,
-            seg_scale=seg_scale,
-            tpg_scale=tpg_scale,
-            slg_scale=slg_scale,
-            **options,
-        )
+    def from_method(cls, method: str, *, cfg_scale: float, **options: Any) -> Arm:
+        """The arm of a method name ("cfg+sag", "blur", "seg", ...). ``options``: ``<method>_scale`` for the
+        scale of each method it names (default: the term's library scale; "blur" defaults to
+        ``sag_scale`` where given), and other ``Arm`` fields."""
+        return cls.from_terms(method_terms(method), name=method, cfg_scale=cfg_scale, **options)
 
     @classmethod
-    def from_terms(
-        cls,
-        terms: Iterable[str],
-        *,
-        name: str = "",
-        cfg_scale: float,
-        sag_scale: float,
-        pag_scale: float,
-        blur_scale: float | None = None,
-        seg_scale: float = DEFAULT_WEAK_SCALES["seg"],
-        tpg_scale: float = DEFAULT_WEAK_SCALES["tpg"],
-        slg_scale: float = DEFAULT_WEAK_SCALES["slg"],
-        **options: Any,
-    ) -> Arm:
-        """Like :meth:`from_method` for any combination of :data:`TERMS` (e.g. {"cfg", "sag", "pag"}, which
-        no method name lists); ValueError for an unknown term."""
+    def from_terms(cls, terms: Iterable[str], *, name: str = "", cfg_scale: float, **options: Any) -> Arm:
+        """Like :meth:`from_method` for any set of :data:`TERMS` (e.g. {"cfg", "sag", "pag"}); ValueError
+        for an unknown term."""
         terms = frozenset(terms)
         if not terms <= set(TERMS):
             raise ValueError(f"terms must be among {', '.join(TERMS)}, got {sorted(terms - set(TERMS))}")
-        blur = "blur" in terms
-        sag = (blur_scale if blur_scale is not None else sag_scale) if blur else sag_scale
-        return cls(
-            name=name,
-            cfg_scale=cfg_scale if "cfg" in terms else None,
-            sag_scale=sag if terms & {"sag", "blur"} else 0.0,
-            sag_mask="global" if blur else "attention",
-            pag_scale=pag_scale if "pag" in terms else 0.0,
-            seg_scale=seg_scale if "seg" in terms else 0.0,
-            tpg_scale=tpg_scale if "tpg" in terms else 0.0,
-            slg_scale=slg_scale if "slg" in terms else 0.0,
-            **options,
-        )
+        scales = {m: options.pop(f"{m}_scale") for m in METHOD_TERMS if f"{m}_scale" in options}
+        fields: dict[str, Any] = {}
+        for cls_, _ in METHOD_TERMS.values():  # every term off unless a method names it
+            fields[f"{cls_.name}_scale"] = 0.0
+        for method in sorted(terms - {"cfg"}, key=list(METHOD_TERMS).index):
+            term, fixed = METHOD_TERMS[method]
+            scale = scales.get(method, scales.get(term.name))
+            fields[f"{term.name}_scale"] = scale if scale is not None else _library_scale(term)
+            fields.update({f"{term.name}_{k}": v for k, v in fixed.items()})
+        return cls(name=name, cfg_scale=cfg_scale if "cfg" in terms else None, **{**options, **fields})
 
     # ------------------------------------------------------------------ what the arm runs
     @property
@@ -176,100 +141,57 @@ class Arm:
 
     @property
     def needs_calibration(self) -> bool:
+        """Whether SAG runs an ablation mask whose fraction is to be calibrated to the attention mask's."""
         ablation = self.sag_mask in ("random", "random_tokens", "square", "highfreq")
         return self.uses_sag and ablation and self.sag_fraction is None
 
-    def sag_term(self, layers: str | Sequence[str] | None = None) -> SAG | None:
-        """The :class:`SAG` term of this arm (None without SAG)."""
-        if not self.uses_sag:
-            return None
-        return SAG(
-            scale=self.sag_scale,
-            layers=layers,
-            blur_kernel_size=self.sag_kernel,
-            blur_sigma=self.sag_sigma,
-            mask=self.sag_mask,
-            mask_fraction=self.sag_fraction if self.sag_fraction is not None else 0.4,
-            window=tuple(self.sag_window),
-            blur=mean_pixel_blur if self.sag_average else None,
-        )
+    def engine_terms(self) -> dict[str, Term]:
+        """The engine terms this arm runs, by name (at each term's default layers; classifier guidance is
+        built by the evaluation's sampler, with the model's classifier)."""
+        built = {cls.name: cls.from_app(_values(self, cls)) for cls in REGISTRY}
+        return {name: term for name, term in built.items() if term is not None}
 
-    def pag_term(self, layers: str | Sequence[str] = "mid") -> PAG | None:
-        """The :class:`PAG` term of this arm (None without PAG)."""
-        return PAG(scale=self.pag_scale, layers=layers) if self.pag_scale != 0 else None
-
-    def seg_term(self) -> SEG | None:
-        """The :class:`SEG` term of this arm (None without SEG), at the engine's default layers."""
-        if self.seg_scale == 0:
-            return None
-        return SEG(scale=self.seg_scale, sigma=math.inf if self.seg_sigma is None else self.seg_sigma)
-
-    def tpg_term(self) -> TPG | None:
-        """The :class:`TPG` term of this arm (None without TPG), at the engine's default blocks."""
-        return TPG(scale=self.tpg_scale) if self.tpg_scale != 0 else None
-
-    def slg_term(self) -> SLG | None:
-        """The :class:`SLG` term of this arm (None without SLG), at the engine's default blocks."""
-        return SLG(scale=self.slg_scale, window=tuple(self.slg_window)) if self.slg_scale != 0 else None
+    def term(self, name: str) -> Term | None:
+        """The engine term ``name`` of this arm (None when off)."""
+        return self.engine_terms().get(name)
 
     @property
     def terms(self) -> frozenset[str]:
-        """The guidance terms this arm runs (among :data:`TERMS`; "blur" is SAG with the global mask)."""
-        on = {
-            "cfg": self.cfg_scale is not None,
-            "sag": self.uses_sag and self.sag_mask != "global",
-            "blur": self.uses_sag and self.sag_mask == "global",
-            "pag": self.pag_scale != 0,
-            "seg": self.seg_scale != 0,
-            "tpg": self.tpg_scale != 0,
-            "slg": self.slg_scale != 0,
-        }
-        return frozenset(t for t, used in on.items() if used)
+        """The method terms this arm runs (among :data:`TERMS`; "blur" is SAG with the global mask)."""
+        on = {"cfg"} if self.cfg_scale is not None else set()
+        for cls in REGISTRY:
+            values = _values(self, cls)
+            if values["scale"] == 0 or not cls.app.method:
+                continue
+            methods = {m: fixed for m, fixed in cls.methods().items() if m != cls.name}
+            named = [m for m, fixed in methods.items() if all(values[k] == v for k, v in fixed.items())]
+            on.add(named[0] if named else cls.name)
+        return frozenset(on)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """The guidance arguments of attnguide's pipelines (``pipe(**arm.pipeline_kwargs(), ...)``); the SEG,
-        TPG and SLG keywords only where the arm uses the term."""
-        kwargs = {
-            "guidance_scale": self.guidance_scale,
-            "sag_scale": self.sag_scale,
-            "sag_mask": self.sag_mask,
-            "sag_blur_sigma": self.sag_sigma,
-            "sag_blur_kernel_size": self.sag_kernel,
-            "sag_window": tuple(self.sag_window),
-            "pag_scale": self.pag_scale,
-        }
-        if self.seg_scale != 0:
-            sigma = math.inf if self.seg_sigma is None else self.seg_sigma
-            kwargs.update(seg_scale=self.seg_scale, seg_sigma=sigma)
-        if self.tpg_scale != 0:
-            kwargs["tpg_scale"] = self.tpg_scale
-        if self.slg_scale != 0:
-            kwargs.update(slg_scale=self.slg_scale, slg_window=tuple(self.slg_window))
+        """The guidance arguments of attnguide's pipelines (``pipe(**arm.pipeline_kwargs(), ...)``): each
+        term the arm runs with the keywords its settings give, and 0 for the scale of each term that a
+        pipeline may run by default (SAG's pipelines, the PAG drop-ins) when the arm does not."""
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
+        terms = self.engine_terms()
+        for cls in KEYWORD_TERMS:
+            term = terms.get(cls.name)
+            if term is None:
+                if cls.default_on_in_pipelines:
+                    kwargs[f"{cls.name}_scale"] = 0.0
+                continue
+            params = {p.field for p in cls.app.params if p.field is not None}
+            kwargs.update({k: getattr(term, f.name) for k, f in cls.keywords().items() if f.name in params})
         return kwargs
 
     # ------------------------------------------------------------------ identity
     def canonical(self) -> Arm:
         """The same arm with unused options reset, so equal samplers get equal keys."""
-        a = self
-        if a.sag_scale == 0:
-            a = replace(
-                a,
-                sag_mask="attention",
-                sag_sigma=1.0,
-                sag_kernel=9,
-                sag_fraction=None,
-                sag_average=False,
-                sag_window=(0.0, 1.0),
-            )
-        elif a.sag_mask in ("attention", "global"):
-            a = replace(a, sag_fraction=None)
-        if a.sag_average:
-            a = replace(a, sag_sigma=1.0, sag_kernel=9)
-        if a.seg_scale == 0:
-            a = replace(a, seg_sigma=None)
-        if a.slg_scale == 0:
-            a = replace(a, slg_window=SLG.window)
-        return a
+        changes = {}
+        for cls in REGISTRY:
+            values = cls.app_canonical(_values(self, cls))
+            changes.update({f"{cls.name}_{k}": v for k, v in values.items()})
+        return dataclasses.replace(self, **changes)
 
     @property
     def key(self) -> str:
@@ -278,32 +200,56 @@ class Arm:
         parts = ["c" if a.conditional else "u"]
         if a.cfg_scale is not None:
             parts.append(f"cfg{a.cfg_scale:g}")
-        if a.sag_scale != 0:
-            s = f"sag{a.sag_scale:g}"
-            if a.sag_mask != "attention":
-                s += f"-{a.sag_mask}"
-            if a.sag_fraction is not None:
-                s += f"{a.sag_fraction:.6g}"
-            if a.sag_average:
-                s += "-avgpixel"
-            elif (a.sag_sigma, a.sag_kernel) != (1.0, 9):
-                s += f"-sigma{a.sag_sigma:g}-k{a.sag_kernel}"
-            if tuple(a.sag_window) != (0.0, 1.0):
-                s += f"-win{a.sag_window[0]:g}-{a.sag_window[1]:g}"
-            parts.append(s)
-        if a.pag_scale != 0:
-            parts.append(f"pag{a.pag_scale:g}")
-        if a.seg_scale != 0:
-            parts.append(f"seg{a.seg_scale:g}" + ("" if a.seg_sigma is None else f"-sigma{a.seg_sigma:g}"))
-        if a.tpg_scale != 0:
-            parts.append(f"tpg{a.tpg_scale:g}")
-        if a.slg_scale != 0:
-            s = f"slg{a.slg_scale:g}"
-            if tuple(a.slg_window) != SLG.window:
-                s += f"-win{a.slg_window[0]:g}-{a.slg_window[1]:g}"
-            parts.append(s)
-        if a.classifier_scale != 0:
-            parts.append(f"cg{a.classifier_scale:g}")
+        parts += [p for p in (cls.app_key(_values(a, cls)) for cls in REGISTRY) if p]
         if a.steps_multiplier != 1:
             parts.append(f"{a.steps_multiplier}xsteps")
         return "-".join(parts)
+
+    def settings(self) -> dict[str, Any]:
+        """The arm's fields as JSON values (tuples as lists; ``name`` left out)."""
+        return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "name"}
+
+
+def _library_scale(cls: type[Term]) -> float:
+    """The scale a term class defaults to in the library (its dataclass field's default)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == "scale")
+
+
+def _arm_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    base = [
+        ("name", str, dataclasses.field(default="", compare=False)),
+        ("conditional", bool, dataclasses.field(default=False)),
+        ("steps_multiplier", int, dataclasses.field(default=1)),
+        ("cfg_scale", "float | None", dataclasses.field(default=None)),
+    ]
+    terms = [
+        (f"{cls.name}_{p.name}", Any, dataclasses.field(default=p.default))
+        for cls in REGISTRY
+        for p in cls.app.params
+    ]
+    return base + terms
+
+
+def _arm_doc() -> str:
+    lines = [
+        "One sampling configuration.",
+        "",
+        "``name``: a display name (not part of equality). ``conditional``: sample class labels (evaluation: "
+        "``i mod 10``; else the null label). ``cfg_scale``: CFG weight w (None: no CFG). "
+        "``steps_multiplier``: sample with that many times the sampling steps (the evaluation's sampler "
+        "honours it), e.g. an unguided arm given as many model passes as a guided one (compute-matched). "
+        "Then each term's settings (scale 0: the term is off), generated from the registry:",
+    ]
+    for cls in REGISTRY:
+        names = ", ".join(f"``{cls.name}_{p.name}``" for p in cls.app.params)
+        lines.append(f"{cls.title} ({cls.__name__}): {names}.")
+    return "\n".join(lines)
+
+
+Arm = dataclasses.make_dataclass(
+    "Arm",
+    _arm_fields(),
+    bases=(_ArmMethods,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": _arm_doc()},
+)

@@ -33,17 +33,30 @@ from typing import Any
 
 import torch
 
-from .arms import Arm
+from ..engine.terms import REGISTRY
+from .arms import METHOD_TERMS, Arm
 from .files import write_json_atomic, write_text_atomic
 
-#: The arms, by name: CFG at 7.5, SAG at 0.75, PAG at 3.0 (the SD1.5 scales of the two papers); SEG, TPG
-#: and SLG at their own defaults (3.0, 3.0, 2.8), SLG in every step so that its rows cost what it costs
-#: where it is on (its SD3.5 window, steps 1-20 %, would hide it in the mean).
+#: The arms, by name: CFG at 7.5, SAG at 0.75, PAG at 3.0 (the SD1.5 scales of the two papers), every other
+#: term of the registry at its library default (SEG 3.0, TPG 3.0, SLG 2.8) and in every step, so that
+#: its rows cost what it costs where it is on (SLG's SD3.5 window, steps 1-20 %, would hide it in the mean).
 ARMS = {
-    name: Arm.from_method(name, cfg_scale=7.5, sag_scale=0.75, pag_scale=3.0, slg_window=(0.0, 1.0))
+    name: Arm.from_method(
+        name,
+        cfg_scale=7.5,
+        sag_scale=0.75,
+        pag_scale=3.0,
+        **{f"{cls.name}_window": (0.0, 1.0) for cls in REGISTRY if hasattr(Arm, f"{cls.name}_window")},
+    )
     for name in (
-        *("none", "cfg", "sag", "cfg+sag", "pag", "cfg+pag"),
-        *("seg", "tpg", "slg", "cfg+seg", "cfg+tpg", "cfg+slg"),
+        "none",
+        "cfg",
+        *(
+            f"{cfg}{m}"
+            for m, (cls, _) in METHOD_TERMS.items()
+            if cls.app.bench and m == cls.name
+            for cfg in ("", "cfg+")
+        ),
     )
 }
 #: The denoisers' first layer on the latents, by module path (UNets, SD3): one call per model pass.
@@ -144,7 +157,7 @@ def measure_map_memory(
     and from that layer with the exact N x N map forced: seconds and peak memory of each (one warm-up,
     median of two). Shows what the memory-flat map costs against the mid-block map. ``call(**kwargs)``:
     a run of CFG+SAG on ``pipe`` with these further pipeline arguments."""
-    from ..engine.attention import default_sag_layer, self_attention_layers
+    from ..engine.layers import default_sag_layer, self_attention_layers
 
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     mid = default_sag_layer(unet)

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import notices  # noqa: F401  (its filters go in before diffusers' pipelines import)
+from ..engine.terms import REGISTRY, AppParam
 from ..pipelines.schedulers import SCHEDULER_NAMES
-from .arms import ATTENTION_TERMS, CONDITIONAL_METHODS, METHODS, TERMS, Arm, method_terms
+from .arms import ATTENTION_TERMS, CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
@@ -40,23 +42,31 @@ SUBCOMMANDS = {
 
 
 # ---------------------------------------------------------------------------------------------- sample
-# the numeric flags of ``sample``: attribute -> (low, high, low included); every value must be finite
-SCALE_LIMITS = {
-    "sag_scale": (0.0, 100.0, True),
-    "blur_scale": (0.0, 100.0, True),
-    "pag_scale": (0.0, 100.0, True),
-    "seg_scale": (0.0, 100.0, True),
-    "tpg_scale": (0.0, 100.0, True),
-    "slg_scale": (0.0, 100.0, True),
-    "cfg_scale": (0.0, 100.0, True),
-    "blur_sigma": (0.0, 100.0, False),
-}
+def term_flags() -> list[tuple[str, str, AppParam, str | None]]:
+    """``(flag, dest, setting, Arm field)`` of every registered setting that ``attnguide sample`` offers:
+    a scale per method (``--sag-scale``, ``--blur-scale``, ``--pag-scale``, ...; its Arm field is the
+    method's, None here) and each term's other flagged settings (``--blur-sigma``, ``--seg-sigma``)."""
+    out = []
+    for method, (cls, _) in METHOD_TERMS.items():
+        scale = cls.app.params[0]
+        if scale.flag:
+            out.append((f"--{method}-scale", f"{method}_scale", scale, None))
+    for cls in REGISTRY:
+        for p in cls.app.params[1:]:
+            if p.flag:
+                out.append((p.flag, p.flag[2:].replace("-", "_"), p, f"{cls.name}_{p.name}"))
+    return out
+
+
 MAX_IMAGES = 1024
 OUTPUT_FILES = ("samples.png", "masks.png", "samples.json")
 # the flags whose values shape each guidance term (named when its samples are not finite)
 TERM_FLAGS = {t: f"--{t}-scale" for t in TERMS}
-#: The default columns of the grid: no guidance, then each term alone, then CFG alone and with SAG.
-DEFAULT_METHODS = "none,sag,blur,pag,seg,tpg,slg,cfg,cfg+sag"
+#: The default columns of the grid: no guidance, then each term's methods alone, then CFG alone and with SAG.
+DEFAULT_METHODS = ",".join(["none", *METHOD_TERMS, "cfg", "cfg+sag"])
+#: The CFG weight of the cfg columns: (low, high) offered, and the default (w = 3 distorts the bundled
+#: model's digits).
+CFG_RANGE, CFG_DEFAULT = (0.0, 100.0), 1.5
 
 
 def _flag(name: str) -> str:
@@ -134,13 +144,15 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise _usage_error("--methods", f"{', '.join(twice)} listed more than once")
-    for name, (low, high, low_in) in SCALE_LIMITS.items():
-        v = getattr(args, name)
-        if not (np.isfinite(v) and (low <= v if low_in else low < v) and v <= high):
-            allowed = f"{'[' if low_in else '('}{low:g}, {high:g}]"
-            raise _usage_error(_flag(name), f"got {v}; allowed: a finite number in {allowed}")
-    if not args.seg_sigma > 0:  # NaN fails too; inf is SEG's limit (the mean query)
-        raise _usage_error("--seg-sigma", f"got {args.seg_sigma}; allowed: a number > 0, or inf")
+    for flag, dest, setting, _field in term_flags():
+        v = getattr(args, dest)
+        if not setting.accepts(v):
+            raise _usage_error(flag, f"got {v}; allowed: {setting.allowed()}")
+    if not (np.isfinite(args.cfg_scale) and CFG_RANGE[0] <= args.cfg_scale <= CFG_RANGE[1]):
+        low, high = CFG_RANGE
+        raise _usage_error(
+            "--cfg-scale", f"got {args.cfg_scale}; allowed: a finite number in [{low:g}, {high:g}]"
+        )
     if args.steps < 1:
         raise _usage_error("--steps", f"got {args.steps}; allowed: a positive integer")
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -155,7 +167,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
 
 def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool) -> list[str]:
     """The methods this model can run and a check of ``--steps``; SystemExit naming the flag otherwise."""
-    from ..engine.attention import self_attention_layers
+    from ..engine.layers import self_attention_layers
 
     limit = pipe.scheduler.config.num_train_timesteps
     if args.steps > limit:
@@ -182,19 +194,9 @@ def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool
 
 
 def _column(arm: Arm) -> dict:
-    """An arm as a column of ``samples.json``."""
-    return {
-        "name": arm.name,
-        "guidance_scale": arm.guidance_scale,
-        "sag_scale": arm.sag_scale,
-        "sag_mask": arm.sag_mask,
-        "pag_scale": arm.pag_scale,
-        "seg_scale": arm.seg_scale,
-        "seg_sigma": arm.seg_sigma,  # null: infinity (the mean query)
-        "tpg_scale": arm.tpg_scale,
-        "slg_scale": arm.slg_scale,
-        "slg_window": list(arm.slg_window),
-    }
+    """An arm as a column of ``samples.json``: its name, the pipelines' ``guidance_scale`` and every setting
+    (SEG's sigma inf is null)."""
+    return {"name": arm.name, "guidance_scale": arm.guidance_scale, **arm.settings()}
 
 
 def _sample_columns(
@@ -267,19 +269,13 @@ def _metadata(args: argparse.Namespace, arms: Sequence[Arm], labels, device: str
 
 
 def _scales(args: argparse.Namespace) -> dict:
-    """The keywords of :meth:`Arm.from_method` given by the flags (scales of every term, SAG's blur sigma,
-    SEG's sigma: None for inf)."""
-    return dict(
-        cfg_scale=args.cfg_scale,
-        sag_scale=args.sag_scale,
-        pag_scale=args.pag_scale,
-        blur_scale=args.blur_scale,
-        seg_scale=args.seg_scale,
-        tpg_scale=args.tpg_scale,
-        slg_scale=args.slg_scale,
-        sag_sigma=args.blur_sigma,
-        seg_sigma=None if args.seg_sigma == float("inf") else args.seg_sigma,
-    )
+    """The keywords of :meth:`Arm.from_method` given by the flags: CFG's weight, each method's scale and the
+    terms' other settings (inf as None where a setting takes inf)."""
+    out: dict = {"cfg_scale": args.cfg_scale}
+    for _, dest, setting, field in term_flags():
+        value = getattr(args, dest)
+        out[field or dest] = None if (setting.inf_allowed and value == float("inf")) else value
+    return out
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -324,6 +320,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _help(flag: str, setting: AppParam) -> str:
+    """A flag's help: what it sets, the range, the default and why it differs from the library's."""
+    method = flag[2:].removesuffix("-scale")
+    if flag.endswith("-scale") and method in METHOD_TERMS:
+        cls = METHOD_TERMS[method][0]
+        what = f"{cls.method_title(method)} scale"
+    else:
+        what = setting.help
+    why = f"; {setting.why}" if setting.why else ""
+    return f"{what}, {setting.allowed()} (default {setting.app_default:g}{why})".replace("%", "%%")
+
+
 # ---------------------------------------------------------------------------------------------- main
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line: ``error: <flag>: <message>``, exit status 2."""
@@ -351,40 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METHODS,
         help=f"columns (default {DEFAULT_METHODS}), from {', '.join(METHODS)}",
     )
-    s.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale s in [0, 100] (default 0.75)")
-    s.add_argument(
-        "--blur-scale", type=float, default=0.75, help="blur guidance scale in [0, 100] (default 0.75)"
-    )
-    s.add_argument(
-        "--blur-sigma", type=float, default=1.0, help="Gaussian blur sigma in (0, 100] (default 1.0)"
-    )
-    s.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale in [0, 100] (default 1.0)")
-    s.add_argument(
-        "--seg-scale", type=float, default=3.0, help="SEG scale in [0, 100] (default 3.0, SEG's own)"
-    )
-    s.add_argument(
-        "--seg-sigma",
-        type=float,
-        default=float("inf"),
-        help="SEG's query blur sigma in tokens, > 0 or inf (default inf: the mean query)",
-    )
-    s.add_argument(
-        "--tpg-scale",
-        type=float,
-        default=0.2,
-        help="TPG scale in [0, 100] (default 0.2: on the bundled model at 50 steps, 0.5 breaks strokes)",
-    )
-    s.add_argument(
-        "--slg-scale",
-        type=float,
-        default=1.0,
-        help="skip-layer guidance scale in [0, 100] (default 1.0; SD3.5's step window 1-20 %%)",
-    )
+    for flag, dest, setting, _field in term_flags():
+        s.add_argument(flag, dest=dest, type=float, default=setting.app_default, help=_help(flag, setting))
     s.add_argument(
         "--cfg-scale",
         type=float,
-        default=1.5,
-        help="CFG scale w in [0, 100] for the cfg columns (default 1.5)",
+        default=CFG_DEFAULT,
+        help=f"CFG scale w in [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] for the cfg columns (default "
+        f"{CFG_DEFAULT})",
     )
     s.add_argument(
         "--steps",

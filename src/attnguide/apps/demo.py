@@ -14,129 +14,158 @@ starts and runs with no network. Needs the ``demo`` extra: ``pip install -e ".[d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..engine.guidance import in_window
+from ..engine.terms import REGISTRY, AppParam, Term, in_window
 from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
-from .arms import Arm
+from .arms import METHOD_TERMS, Arm
 from .images import overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
 
-# The method dropdown: guidance terms (attnguide.apps.arms.TERMS, in capitals but "blur") joined by "+".
+
+# The method dropdown: each method of the registry alone (its term's title in capitals, "blur" as it is),
+# CFG alone and with each, SAG + PAG with and without CFG, and none.
+def _display(method: str) -> str:
+    return method.upper() if method == METHOD_TERMS[method][0].name else method
+
+
 METHODS = (
-    "SAG",
-    "blur",
-    "PAG",
+    *(_display(m) for m in METHOD_TERMS),
     "CFG",
-    "CFG+SAG",
-    "CFG+PAG",
+    *(f"CFG+{_display(m)}" for m in METHOD_TERMS),
     "SAG+PAG",
     "CFG+SAG+PAG",
-    "SEG",
-    "TPG",
-    "SLG",
-    "CFG+SEG",
-    "CFG+TPG",
-    "CFG+SLG",
     "none",
 )
-LIMITS = {  # name -> (minimum, maximum), inclusive; "SEG sigma" is any number > 0 or inf (_seg_sigma)
-    "SAG scale": (0.0, 10.0),
-    "PAG scale": (0.0, 10.0),
-    "SEG scale": (0.0, 10.0),
-    "TPG scale": (0.0, 10.0),
-    "SLG scale": (0.0, 10.0),
+#: The form's fields of the terms' settings (the registry's settings with a demo range or that take inf),
+#: in registry order: (Settings field, the term class, the setting).
+TERM_FIELDS: tuple[tuple[str, type[Term], AppParam], ...] = tuple(
+    (f"{cls.name}_{p.name}", cls, p)
+    for cls in REGISTRY
+    for p in cls.app.params
+    if p.label and (p.demo is not None or p.inf_allowed)
+)
+LIMITS = {  # name -> (minimum, maximum), inclusive; a setting that takes inf is any number > low, or inf
+    **{p.label: p.demo for _, _, p in TERM_FIELDS if p.demo is not None},
     "CFG scale": (1.0, 30.0),
-    "Blur sigma": (0.1, 10.0),
     "Steps": (1, 500),
     "Seed": (0, 2**32 - 1),
     "Images": (1, 16),
 }
+#: The form, in the order of :func:`validate`'s arguments after the model (gradio passes them so).
+FORM_FIELDS = (
+    "method",
+    "cfg_scale",
+    *(name for name, _, _ in TERM_FIELDS),
+    "layer",
+    "steps",
+    "scheduler",
+    "seed",
+    "label",
+    "prompt",
+    "num_images",
+)
 UNCONDITIONAL = "unconditional (null label)"
 CYCLE = "cycle (one label per image)"
 TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 digits are visible
-# The "Methods" accordion of the page: one row per term of the dropdown (README's table of the family,
-# with the demo's own defaults, which follow `attnguide sample`'s).
-METHODS_TABLE = """\
-Each term pushes the prediction away from a weaker one: out += s (ref - weak) at its scale s, where ref is
-the conditional prediction c (SAG and blur guidance with CFG: the unconditional u, as diffusers); CFG is
-out = u + w (c - u). Combined methods add their terms. A *row block* is more rows in the one batched model
-call of a step (a bigger batch, no extra call); SAG and blur guidance need a call of their own, because
-their input differs. SEG, TPG and SLG act on the model's default layers, not on the layer field.
+CFG_DEFAULT = 1.5  # the CLI's: w = 3 distorts the bundled model's digits
 
-| method | the weak prediction | model passes per step | defaults here |
-|---|---|---|---|
-| SAG (arXiv 2210.00939) | the model on x_t with its x0 estimate blurred where the self-attention map \
-of the layer field is high, re-noised | +1 model call (its input differs) | SAG scale 0.75, blur sigma 1, \
-kernel 9, the layer field (default: the mid block's) |
-| blur guidance (SAG's Sec. 5.1) | as SAG, with the whole x0 estimate blurred (no mask) | +1 model call \
-(its input differs) | SAG / blur scale 0.75, blur sigma 1 |
-| PAG (arXiv 2403.17377) | identity self-attention (output V) in the layer field's layer | +1 row block \
-| PAG scale 1.0 (the library's `PAG`: 3.0) |
-| SEG (arXiv 2408.00760) | the queries of PAG's default layers (UNets: the mid block) blurred over the \
-token grid with a Gaussian of SEG sigma tokens (inf: every query is the mean query) | +1 row block | \
-SEG scale 3.0, SEG sigma inf |
-| TPG (arXiv 2506.10036) | the tokens entering the blocks of PAG's default layers shuffled by one random \
-permutation (norm-preserving) | +1 row block | TPG scale 0.2 (the library's `TPG`: 3.0; on the bundled \
-model 0.5 already breaks the strokes at 50 steps) |
-| SLG (skip-layer guidance, SD3.5) | blocks 7, 8, 9 where the model has them (else the mid block's) \
-skipped: output = input | +1 row block, in its step window only | SLG scale 1.0 (the library's `SLG`: \
-2.8), window 1-20 % of the steps |
-| CFG | the unconditional prediction (the null label; text models: the empty prompt) | +1 row block | \
-CFG scale 1.5 (the CLI's: w = 3 distorts the bundled model's digits) |
-"""
+
+def _defaults_cell(cls: type[Term]) -> str:
+    """The "defaults here" cell of a term: its form fields' defaults, why they differ from the library's,
+    and its step window where it has one of its own."""
+    parts = []
+    for _, owner, p in TERM_FIELDS:
+        if owner is cls:
+            value = "inf" if p.app_default == math.inf else str(float(p.app_default))
+            parts.append(f"{p.label} {value}" + (f" ({p.why})" if p.why else ""))
+    window = next((p.default for p in cls.app.params if p.name == "window"), (0.0, 1.0))
+    if tuple(window) != (0.0, 1.0):
+        parts.append(f"window {window[0] * 100:g}-{window[1] * 100:g} % of the steps")
+    return ", ".join(parts)
+
+
+def _methods_table() -> str:
+    """The "Methods" accordion: one row per method of the dropdown (generated from the registry)."""
+    rows = []
+    for method, (cls, _) in METHOD_TERMS.items():
+        spec = cls.app.methods.get(method)
+        title, where = (cls.title, cls.paper) if spec is None else (spec.title, spec.cite)
+        weak = cls.app.weak if spec is None else spec.weak
+        rows.append(f"| {title} ({where}) | {weak} | {cls.app.passes} | {_defaults_cell(cls)} |")
+    cfg = (
+        "| CFG | the unconditional prediction (the null label; text models: the empty prompt) | +1 row block "
+        f"| CFG scale {CFG_DEFAULT} (the CLI's: w = 3 distorts the bundled model's digits) |"
+    )
+    return "\n".join([*rows, cfg])
+
+
+# The "Methods" accordion of the page: one row per term of the dropdown, with the demo's own defaults,
+# which follow `attnguide sample`'s.
+METHODS_TABLE = (
+    "Each term pushes the prediction away from a weaker one: out += s (ref - weak) at its scale s, where ref "
+    "is the conditional prediction c (SAG and blur guidance with CFG: the unconditional u, as diffusers); "
+    "CFG is out = u + w (c - u). Combined methods add their terms. A *row block* is more rows in the one "
+    "batched model call of a step (a bigger batch, no extra call); SAG and blur guidance need a call of "
+    "their own, because their input differs. The terms other than SAG and PAG act on the model's default "
+    "layers, not on the layer field.\n\n"
+    "| method | the weak prediction | model passes per step | defaults here |\n"
+    "|---|---|---|---|\n" + _methods_table() + "\n"
+)
 
 
 class InputError(ValueError):
     """A form value that cannot be used; its message is shown in the page."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The validated form."""
-
-    method: str
-    sag_scale: float
-    pag_scale: float
-    cfg_scale: float
-    blur_sigma: float
-    seg_scale: float
-    seg_sigma: float  # math.inf: SEG's limit, every query is the mean query
-    tpg_scale: float
-    slg_scale: float
-    layer: str
-    steps: int
-    scheduler: str
-    seed: int
-    label: str
-    prompt: str
-    num_images: int
+class _SettingsMethods:
+    """The methods of :class:`Settings`."""
 
     def arm(self, method: str) -> Arm:
-        """The arm of a method of the dropdown, with the form's scales, blur sigma and SEG sigma."""
-        return Arm.from_terms(
-            dropdown_terms(method),
-            name=method,
-            cfg_scale=self.cfg_scale,
-            sag_scale=self.sag_scale,
-            pag_scale=self.pag_scale,
-            seg_scale=self.seg_scale,
-            tpg_scale=self.tpg_scale,
-            slg_scale=self.slg_scale,
-            sag_sigma=self.blur_sigma,
-            seg_sigma=None if math.isinf(self.seg_sigma) else self.seg_sigma,
-        )
+        """The arm of a method of the dropdown, with the form's scales and the terms' other settings (a
+        method's scale is its term's scale field: "blur" runs at the SAG scale)."""
+        options: dict[str, Any] = {}
+        for name, cls, p in TERM_FIELDS:
+            value = getattr(self, name)
+            if p.name == "scale":
+                options.update({f"{m}_scale": value for m in cls.methods()})
+            else:
+                options[name] = None if (p.inf_allowed and math.isinf(value)) else value
+        return Arm.from_terms(dropdown_terms(method), name=method, cfg_scale=self.cfg_scale, **options)
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [
+        ("method", str),
+        ("cfg_scale", float),
+        *((name, float) for name, _, _ in TERM_FIELDS),
+        ("layer", str),
+        ("steps", int),
+        ("scheduler", str),
+        ("seed", int),
+        ("label", str),
+        ("prompt", str),
+        ("num_images", int),
+    ],
+    bases=(_SettingsMethods,),
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "The validated form (settings of infinite value: math.inf).",
+    },
+)
 
 
 def dropdown_terms(method: str) -> frozenset[str]:
@@ -160,9 +189,9 @@ def _number(name: str, value: Any, *, integer: bool = False) -> float | int:
     return int(v) if integer else v
 
 
-def _seg_sigma(value: Any) -> float:
-    """SEG sigma from the form's text: a number > 0, or "inf" (math.inf, SEG's default: the mean query)."""
-    name, allowed = "SEG sigma", "a number > 0, or inf (every query is the mean query)"
+def _number_or_inf(p: AppParam, value: Any) -> float:
+    """A setting that takes inf, from the form's text: a number in its range, or "inf" (math.inf)."""
+    name, allowed = p.label, p.allowed()
     text = "" if value is None else str(value).strip()
     if text == "":
         raise InputError(f"{name} is empty: enter {allowed}.")
@@ -170,57 +199,42 @@ def _seg_sigma(value: Any) -> float:
         v = float(text)
     except ValueError:
         raise InputError(f"{name} must be {allowed}, got {value!r}.") from None
-    if not v > 0:  # NaN fails too
+    if not p.accepts(v):  # NaN fails too
         shown = int(v) if math.isfinite(v) and v == int(v) else text
         raise InputError(f"{name} must be {allowed}, got {shown}.")
     return v
 
 
-def validate(
-    model: DemoModel,
-    method: str,
-    sag_scale: Any,
-    pag_scale: Any,
-    cfg_scale: Any,
-    blur_sigma: Any,
-    seg_scale: Any,
-    seg_sigma: Any,
-    tpg_scale: Any,
-    slg_scale: Any,
-    layer: Any,
-    steps: Any,
-    scheduler: Any,
-    seed: Any,
-    label: Any,
-    prompt: Any,
-    num_images: Any,
-) -> Settings:
-    """The form as :class:`Settings`, or :class:`InputError` with a message for the page."""
+def validate(model: DemoModel, *form: Any) -> Settings:
+    """The form (its values in :data:`FORM_FIELDS` order) as :class:`Settings`, or :class:`InputError`
+    with a message for the page."""
+    if len(form) != len(FORM_FIELDS):
+        raise InputError(f"The form has {len(form)} values, not {len(FORM_FIELDS)}.")
+    f = dict(zip(FORM_FIELDS, form, strict=True))
+    method, scheduler = f["method"], f["scheduler"]
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
     if scheduler not in SCHEDULER_NAMES:
         raise InputError(f"Unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_NAMES)}.")
-    layer = (layer or "").strip() if isinstance(layer, str) else ""
+    layer = f["layer"].strip() if isinstance(f["layer"], str) else ""
     if layer not in model.layers:
         shown = ", ".join(model.layers)
         raise InputError(f"Unknown self-attention layer {layer!r}: this model has {shown}.")
+    terms = {
+        name: _number_or_inf(p, f[name]) if p.inf_allowed else _number(p.label, f[name])
+        for name, _, p in TERM_FIELDS
+    }
     settings = Settings(
         method=method,
-        sag_scale=_number("SAG scale", sag_scale),
-        pag_scale=_number("PAG scale", pag_scale),
-        cfg_scale=_number("CFG scale", cfg_scale),
-        blur_sigma=_number("Blur sigma", blur_sigma),
-        seg_scale=_number("SEG scale", seg_scale),
-        seg_sigma=_seg_sigma(seg_sigma),
-        tpg_scale=_number("TPG scale", tpg_scale),
-        slg_scale=_number("SLG scale", slg_scale),
+        cfg_scale=_number("CFG scale", f["cfg_scale"]),
+        **terms,
         layer=layer,
-        steps=_number("Steps", steps, integer=True),
+        steps=_number("Steps", f["steps"], integer=True),
         scheduler=scheduler,
-        seed=_number("Seed", seed, integer=True),
-        label=str(label) if label is not None else "",
-        prompt=str(prompt or ""),
-        num_images=_number("Images", num_images, integer=True),
+        seed=_number("Seed", f["seed"], integer=True),
+        label=str(f["label"]) if f["label"] is not None else "",
+        prompt=str(f["prompt"] or ""),
+        num_images=_number("Images", f["num_images"], integer=True),
     )
     # Text models take any prompt (the empty one samples unconditionally); pixel models a class label.
     cfg = "cfg" in dropdown_terms(method)
@@ -239,7 +253,7 @@ class DemoModel:
     """The pipeline, loaded once, and what the form offers for it."""
 
     def __init__(self, pipe):
-        from ..engine.attention import default_sag_layer, self_attention_layers
+        from ..engine.layers import default_sag_layer, self_attention_layers
         from ..pipelines import DDPMSAGPipeline
 
         self.pipe = pipe
@@ -361,37 +375,67 @@ def _on_steps(steps: list[int], num_steps: int) -> str:
     return f" on step {first} of {num_steps}" if first == last else f" on steps {first}-{last} of {num_steps}"
 
 
+def _window_steps(window: tuple[float, float], model_steps: int) -> list[int]:
+    return [i for i in range(model_steps) if in_window(tuple(window), i, model_steps)]
+
+
+def _term_caption(s: Settings, arm: Arm, method: str, model_steps: int) -> tuple[str, str]:
+    """A method's part of the caption ("SAG 0.75 with blur sigma 1", "SLG 1 on step 2 of 6") and, where
+    its own step window holds none of the run's steps, a note saying so (else "")."""
+    cls, _ = METHOD_TERMS[method]
+    text = f"{cls.title if method == cls.name else method} {getattr(arm, f'{cls.name}_scale'):g}"
+    for name, owner, p in TERM_FIELDS:
+        if owner is cls and p.name != "scale":
+            text += f" with {p.caption.removeprefix(method + ' ')} {getattr(s, name):g}"
+    window = getattr(arm, f"{cls.name}_window", (0.0, 1.0))
+    if tuple(window) == (0.0, 1.0):
+        return text, ""
+    steps = _window_steps(window, model_steps)
+    if steps:
+        return text + _on_steps(steps, model_steps), ""
+    lo, hi = window
+    enough = next(n for n in range(1, LIMITS["Steps"][1] + 1) if _window_steps(window, n))
+    note = (
+        f" {cls.title}'s step window ({lo:.0%}-{hi:.0%} of the steps) holds none of the {model_steps} steps, "
+        f"so {cls.title} changed nothing: take {enough} steps or more."
+    )
+    return text, note
+
+
 def guided_caption(s: Settings, arm: Arm, model_steps: int) -> str:
     """What the guided run used: the scales of the method's own terms only (in the method's order), the
-    layer where SAG or PAG use it, and SLG's steps, with a note when its step window holds none of them
-    (SLG then changes nothing, which would otherwise look like a bug)."""
+    layer where SAG or PAG use it, and the steps of a term with a step window of its own, with a note when
+    its window holds none of them (the term then changes nothing, which would otherwise look like a bug)."""
     terms = s.method.lower().split("+") if s.method != "none" else []
-    slg_steps = [i for i in range(model_steps) if in_window(arm.slg_window, i, model_steps)]
-    parts = {
-        "cfg": f"CFG {arm.guidance_scale:g}",
-        "sag": f"SAG {arm.sag_scale:g} with blur sigma {arm.sag_sigma:g}",
-        "blur": f"blur {arm.sag_scale:g} with sigma {arm.sag_sigma:g}",
-        "pag": f"PAG {arm.pag_scale:g}",
-        "seg": f"SEG {arm.seg_scale:g} with sigma {s.seg_sigma:g}",
-        "tpg": f"TPG {arm.tpg_scale:g}",
-        "slg": f"SLG {arm.slg_scale:g}{_on_steps(slg_steps, model_steps)}",
-    }
-    used = ", ".join(parts[t] for t in terms) or "no guidance term, as the unguided run"
+    parts, notes = [], []
+    for t in terms:
+        if t == "cfg":
+            parts.append(f"CFG {arm.guidance_scale:g}")
+            continue
+        text, note = _term_caption(s, arm, t, model_steps)
+        parts.append(text)
+        notes.append(note)
+    used = ", ".join(parts) or "no guidance term, as the unguided run"
     if {"sag", "pag"} & set(terms):
         used += f", layer `{s.layer}`"
-    caption = f"Guided: {s.method} ({used})."
-    if "slg" in terms and not slg_steps:
-        lo, hi = arm.slg_window
-        steps = range(1, LIMITS["Steps"][1] + 1)
-        enough = next(n for n in steps if any(in_window(arm.slg_window, i, n) for i in range(n)))
-        caption += (
-            f" SLG's step window ({lo:.0%}-{hi:.0%} of the steps) holds none of the {model_steps} steps, so"
-            f" SLG changed nothing: take {enough} steps or more."
-        )
-    return caption
+    return f"Guided: {s.method} ({used})." + "".join(notes)
 
 
 # ---------------------------------------------------------------------------------------------- app
+def _field(gr: Any, cls: type[Term], p: AppParam) -> Any:
+    """The form field of a term's setting: a number, or a one-line text box for a setting that takes inf
+    (a gr.Number cannot hold it); a scale's label names every method that runs at it ("SAG / blur")."""
+    elem_id = f"{cls.name}_{p.name}"
+    if p.inf_allowed:
+        default = "inf" if p.app_default == math.inf else str(p.app_default)
+        label = f"{p.label} ({'>' if p.low_open else '>='} {p.low:g}, or inf)"
+        return gr.Textbox(value=default, label=label, lines=1, max_lines=1, elem_id=elem_id)
+    label = p.label
+    if p.name == "scale" and len(cls.methods()) > 1:
+        label = " / ".join([cls.title, *(m for m in cls.methods() if m != cls.name)]) + " scale"
+    return gr.Number(value=p.app_default, label=label, elem_id=elem_id)
+
+
 def build_app(model: DemoModel):
     """The gradio Blocks app for ``model`` (gradio is imported here, after analytics are switched off)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -406,25 +450,8 @@ def build_app(model: DemoModel):
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 method = gr.Dropdown(list(METHODS), value="SAG", label="Method", elem_id="method")
-                with gr.Row():
-                    sag = gr.Number(value=0.75, label="SAG / blur scale", elem_id="sag_scale")
-                    pag = gr.Number(value=1.0, label="PAG scale", elem_id="pag_scale")
-                with gr.Row():
-                    cfg = gr.Number(value=1.5, label="CFG scale", elem_id="cfg_scale")
-                    sigma = gr.Number(value=1.0, label="Blur sigma", elem_id="blur_sigma")
-                with gr.Row():
-                    seg = gr.Number(value=3.0, label="SEG scale", elem_id="seg_scale")
-                    # a Textbox: a gr.Number cannot hold inf, SEG's default (every query is the mean query)
-                    seg_sigma = gr.Textbox(
-                        value="inf",
-                        label="SEG sigma (tokens > 0, or inf)",
-                        lines=1,
-                        max_lines=1,
-                        elem_id="seg_sigma",
-                    )
-                with gr.Row():
-                    tpg = gr.Number(value=0.2, label="TPG scale", elem_id="tpg_scale")
-                    slg = gr.Number(value=1.0, label="SLG scale", elem_id="slg_scale")
+                cfg = gr.Number(value=CFG_DEFAULT, label="CFG scale", elem_id="cfg_scale")
+                fields = [_field(gr, cls, p) for _, cls, p in TERM_FIELDS]
                 layer = gr.Dropdown(
                     model.layers,
                     value=model.default_layer,
@@ -466,10 +493,9 @@ def build_app(model: DemoModel):
         def run(*form, progress=gr.Progress()):  # noqa: B008 (gradio's idiom for progress)
             return generate(model, *form, progress=progress)
 
-        guidance = [sag, pag, cfg, sigma, seg, seg_sigma, tpg, slg]  # in the order of validate()'s arguments
         button.click(
             run,
-            inputs=[method, *guidance, layer, steps, sched, seed, label, prompt, count],
+            inputs=[method, cfg, *fields, layer, steps, sched, seed, label, prompt, count],  # FORM_FIELDS
             outputs=[out_base, out_guided, out_mask, status],
             concurrency_limit=1,
         )

@@ -1,30 +1,25 @@
-"""Attention processors and layer selection.
+"""Attention interception: the processor attnguide wraps around the one installed on a layer.
 
 * :class:`GuidedAttention` wraps the processor installed on a self-attention layer and, during a guided
   model call only, intercepts its ``scaled_dot_product_attention``: to record the layer's aggregated map
-  (mean over heads, sum over queries: SAG paper, arXiv:2210.00939, Eq. 13 before reshaping) and to give
-  the perturbed rows of the batch identity attention (PAG, arXiv:2403.17377: the output is V). Every
+  (mean over heads, sum over queries: SAG paper, arXiv:2210.00939, Eq. 13 before reshaping) for the terms
+  that read maps, and to hand each term that acts in the layer its own rows of the batch (the term's
+  :meth:`attnguide.engine.terms.Term.attend`: PAG's identity attention, SEG's blurred queries). Every
   argument reaches the wrapped processor, so the model is never changed beyond the guidance.
-* :func:`resolve_layers` chooses layers by exact module path or by a pattern that matches on number
-  boundaries ("blocks.1" matches "blocks.1.attn1", not "blocks.10.attn1"); :func:`default_sag_layer` and
-  :func:`default_pag_layers` are the per-family defaults (spatial layers only).
 * :class:`ProcessorSwap` installs processors and always restores the originals; :func:`model_lock`
-  serialises guided runs on one model.
+  serialises guided runs on one model. Which layers: :mod:`attnguide.engine.layers`.
 """
 
 from __future__ import annotations
 
-import math
-import re
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import (
     Attention,
     AttnProcessor,
@@ -35,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .degrade import infer_grid
+from .terms.base import AttentionCall, Term
 
 
 @dataclass(frozen=True)
@@ -58,157 +54,23 @@ class MapLimits:
 DEFAULT_MAP_LIMITS = MapLimits()
 
 
-def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
-    """Every self-attention (or joint text + image attention) module of ``model`` by its module path, in
-    model order: diffusers' ``Attention`` and the newer per-family attention classes (``FluxAttention``
-    ...), which share ``AttentionModuleMixin``; cross-attention layers are left out."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, (Attention, AttentionModuleMixin)) and not getattr(m, "is_cross_attention", False)
-    }
-
-
-def _literal_dots(pattern: str) -> str:
-    """Escape each bare "." that is not quantified: in module paths a dot means a dot ("blocks.1." must
-    not match "blocks.10"), while ".*", ".+" and ".?" keep their regex meaning."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            out.append(pattern[i : i + 2])
-            i += 2
-            continue
-        if ch == "[":
-            in_class = True
-        elif ch == "]":
-            in_class = False
-        elif ch == "." and not in_class and pattern[i + 1 : i + 2] not in ("*", "+", "?", "{"):
-            ch = "\\."
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-def bounded_pattern(pattern: str) -> re.Pattern:
-    """``pattern`` compiled for module paths (see :func:`resolve_layers`)."""
-    # A number at either end of a match must not continue in the name: "blocks.1" must not match inside
-    # "blocks.10". The assertion "(?!(?<=\d)\d)" fails only between two digits.
-    return re.compile(r"(?!(?<=\d)\d)(?:" + _literal_dots(pattern) + r")(?!(?<=\d)\d)")
-
-
-def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument: str = "layers") -> list[str]:
-    """Module paths of the self-attention layers chosen by ``patterns``.
-
-    Each pattern is an exact module path, a parent path ("mid_block.attentions.0"), or a regular
-    expression searched in the module paths (diffusers' PAG convention: "mid", "down", "up",
-    "blocks.1", "blocks.(1|2)"), with two differences that only remove spurious matches: a number in the
-    pattern never matches the start of a longer number, and a bare "." means a literal dot (".*",
-    ".+", ".?" stay wildcards). A pattern that matches nothing raises ValueError listing the layers there are.
-    """
-    layers = self_attention_layers(model)
-    if not layers:
-        raise ValueError(
-            f"`{argument}`: {type(model).__name__} has no self-attention layer, so it cannot be guided "
-            "by SAG or PAG"
-        )
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if len(patterns) == 0:
-        raise ValueError(f"`{argument}` is empty; name at least one self-attention layer")
-    chosen: set[str] = set()
-    for pattern in patterns:
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"`{argument}` must hold non-empty strings, got {pattern!r}")
-        if pattern in layers:
-            chosen.add(pattern)
-            continue
-        try:
-            rx = bounded_pattern(pattern)
-        except re.error as err:
-            raise ValueError(f"`{argument}`: {pattern!r} is not a valid pattern ({err})") from None
-        hits = [name for name in layers if name.startswith(pattern + ".") or rx.search(name)]
-        if not hits:
-            listing = "\n  ".join(layers)
-            raise ValueError(
-                f"`{argument}`: {pattern!r} matches no self-attention layer of {type(model).__name__}. "
-                f"Available self-attention layers:\n  {listing}"
-            )
-        chosen.update(hits)
-    return [name for name in layers if name in chosen]
-
-
-#: Layers that attend across frames (video motion modules, spatio-temporal blocks): selectable by name,
-#: never chosen by default.
-TEMPORAL_LAYER = re.compile(r"motion_modules|temporal|temp_attention")
-
-
-def spatial_layers(model: nn.Module) -> list[str]:
-    """The self-attention layers of ``model`` that attend over image positions (not over frames)."""
-    layers = self_attention_layers(model)
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no self-attention layer, so it cannot be guided by SAG or PAG"
-        )
-    return [name for name in layers if not TEMPORAL_LAYER.search(name)] or list(layers)
-
-
-def default_sag_layer(model: nn.Module) -> str:
-    """The SAG layer used when none is named: the first spatial self-attention of the mid block
-    (diffusers' choice for Stable Diffusion), else the middle spatial self-attention layer of the model
-    (a transformer's middle block)."""
-    layers = spatial_layers(model)
-    for name in layers:
-        if name.startswith("mid_block."):
-            return name
-    return layers[len(layers) // 2]
-
-
-#: Where diffusers' PAG pipeline of a model family chooses other default layers than the rules below, and
-#: Flux (no diffusers PAG): SD3's choice, the second double-stream block ("blocks.1" alone would also
-#: pick single_transformer_blocks.1).
-PAG_DEFAULTS_BY_MODEL = {
-    "SanaTransformer2DModel": "transformer_blocks.0",
-    "FluxTransformer2DModel": "transformer_blocks.1.attn",
-}
-
-
-def default_pag_layers(model: nn.Module) -> list[str]:
-    """The PAG layers used when none are named, as diffusers' PAG pipelines choose them: the spatial
-    self-attention of the mid block in UNets ("mid"), the first-but-one transformer block in
-    transformers ("blocks.1": DiT, PixArt, HunyuanDiT, SD3); else the middle spatial self-attention (a UNet
-    without a mid block, as the SD latent upscaler's)."""
-    layers = spatial_layers(model)
-    family = PAG_DEFAULTS_BY_MODEL.get(type(model).__name__)
-    if family is not None:
-        return resolve_layers(model, family, argument="pag_applied_layers")
-    mid = [name for name in layers if name.startswith("mid_block.")]
-    if mid:
-        return mid
-    rx = bounded_pattern(r"blocks.1")
-    hits = [name for name in layers if rx.search(name)]
-    return hits or [layers[len(layers) // 2]]
-
-
 @dataclass
 class GuidanceState:
     """What the installed processors do in the current model call of one thread.
 
-    ``groups``: the rows of the model's batch of ``batch_rows`` that each perturbation term's branch
-    holds, by term ("pag", "seg", "tpg", "slg"): (start, stop); the processors and block hooks of a term
-    act on its rows only. ``perturbed_rows``: shorthand for a PAG group of that many trailing rows.
-    ``capture``: whether capture processors record their map; ``capture_rows``: how many leading rows of
-    the model batch need it (0: all). A layer that sees k rows per model row (video
-    frames, or spatial tokens in temporal layers) scales these by k. ``maps``: the aggregated maps
-    recorded, per layer path: (rows, N) and the token grid (None where the layer saw tokens).
-    ``thread``: the thread whose guided pass this is; the processors leave other threads' calls alone
-    (a call that began before the guided run installed them). None: any thread (inside torch.compile).
-    ``image_tokens``: how many image tokens the model call has, where a layer's own sequence can also
-    hold text tokens (Flux's single-stream blocks: [text, image]); 0: a layer's own tokens are the image.
-    ``image_size``: the (H, W) of the model input's latent, from which a token layer's grid is read (SEG).
+    ``groups``: the rows of the model's batch of ``batch_rows`` that each term's branch holds, by term
+    name: (start, stop); the processors and block hooks of a term act on its rows only. ``capture``:
+    whether capture processors record their map; ``capture_rows``: how many leading rows of the model
+    batch need it (0: all). A layer that sees k rows per model row (video frames, or spatial tokens in
+    temporal layers) scales these by k. ``maps``: the aggregated maps recorded, per layer path: (rows, N)
+    and the token grid (None where the layer saw tokens). ``thread``: the thread whose guided pass this
+    is; the processors leave other threads' calls alone (a call that began before the guided run
+    installed them). None: any thread (inside torch.compile). ``image_tokens``: how many image tokens the
+    model call has, where a layer's own sequence can also hold text tokens (Flux's single-stream blocks:
+    [text, image]); 0: a layer's own tokens are the image. ``image_size``: the (H, W) of the model
+    input's latent, from which a token layer's grid is read (SEG).
     """
 
-    perturbed_rows: int = 0
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_tokens: int = 0
     image_size: tuple[int, int] | None = None
@@ -224,14 +86,6 @@ class GuidanceState:
             return True
         return self.thread == threading.get_ident()
 
-    def term_rows(self, layer_batch: int = 0) -> dict[str, tuple[int, int]]:
-        """Each perturbation term's (start, stop) rows of the model batch (``perturbed_rows`` as PAG's,
-        the trailing rows of ``batch_rows``, or of ``layer_batch`` where that is not set)."""
-        if self.perturbed_rows > 0 and "pag" not in self.groups:
-            total = self.batch_rows or layer_batch
-            return {**self.groups, "pag": (total - self.perturbed_rows, total)}
-        return self.groups
-
     def layer_rows(self, rows: int, layer_batch: int) -> int:
         """``rows`` model rows expressed in the rows of a layer whose batch is ``layer_batch``."""
         if self.batch_rows <= 0 or layer_batch == self.batch_rows:
@@ -242,6 +96,22 @@ class GuidanceState:
                 f"{self.batch_rows}; cannot tell which rows belong to which branch"
             )
         return rows * (layer_batch // self.batch_rows)
+
+    def row_plan(self, layer_batch: int, acting: Iterable[str]) -> list[tuple[slice, str | None]]:
+        """The rows of a layer batch of ``layer_batch`` in order, each run by one of the ``acting`` terms
+        (its group) or normally (None)."""
+        plan: list[tuple[slice, str | None]] = []
+        pos = 0
+        mine = {t: span for t, span in self.groups.items() if t in set(acting)}
+        for term, (start, stop) in sorted(mine.items(), key=lambda item: item[1]):
+            lo, hi = self.layer_rows(start, layer_batch), self.layer_rows(stop, layer_batch)
+            if lo > pos:
+                plan.append((slice(pos, lo), None))
+            plan.append((slice(lo, hi), term))
+            pos = hi
+        if pos < layer_batch:
+            plan.append((slice(pos, layer_batch), None))
+        return plan
 
 
 def aggregated_map_chunked(
@@ -308,11 +178,9 @@ class GuidedAttention:
       ``limits.exact_max_elements`` probabilities they are computed as diffusers' ``AttnProcessor`` and
       SAG pipeline do (``attn.get_attention_scores``, then ``bmm``: bit-identical masks); above it, the
       output comes from the fused kernel and the map from :func:`aggregated_map_chunked` (memory-flat).
-    * ``perturb``: the perturbation terms this layer takes part in ("pag", "seg"; True means PAG), each on
-      its own rows of the batch (``state.groups``). PAG (arXiv:2403.17377): the identity attention matrix,
-      i.e. the output is V (diffusers' ``PAGIdentitySelfAttnProcessor2_0``). SEG (arXiv:2408.00760): the
-      queries blurred over the token grid with a Gaussian of ``seg_sigma`` (infinity: every query is the
-      mean query), :func:`seg_attention`.
+    * ``terms``: the terms that act in this layer, by name; each gets its own rows of the batch
+      (``state.groups``) through its :meth:`~attnguide.engine.terms.Term.attend` (softmax attention) or
+      :meth:`~attnguide.engine.terms.Term.attend_linear` (Sana's linear attention).
 
     Outside a guided call (``state`` asks for nothing) it is the inner processor. :func:`guided_attention`
     builds one with the inner processor's call signature, which diffusers reads to decide which keyword
@@ -327,13 +195,12 @@ class GuidedAttention:
         state: GuidanceState,
         *,
         capture: bool = False,
-        perturb: bool | Iterable[str] = False,
+        terms: Mapping[str, Term] | None = None,
         limits: MapLimits = DEFAULT_MAP_LIMITS,
-        seg_sigma: float = float("inf"),
     ):
         self.inner, self.name, self.state = inner, name, state
-        self.capture, self.limits, self.seg_sigma = capture, limits, seg_sigma
-        self.perturb = frozenset({"pag"} if perturb is True else () if perturb is False else perturb)
+        self.capture, self.limits = capture, limits
+        self.terms = dict(terms or {})
         # diffusers' classic processor computes the same attention with explicit matrices; its fused
         # twin runs in its place during guided calls, where the attention call must be intercepted.
         self._guided_inner = AttnProcessor2_0() if type(inner) is AttnProcessor else inner
@@ -341,16 +208,16 @@ class GuidedAttention:
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st = self.state
         capture = self.capture and st.capture
-        perturb = bool(self.perturb) and any(term in self.perturb for term in st.term_rows(1))
-        if not (capture or perturb) or not st.this_thread():
+        acting = [name for name in self.terms if name in st.groups]
+        if not (capture or acting) or not st.this_thread():
             return self.inner(attn, hidden_states, *args, **kwargs)
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
         if isinstance(self.inner, SanaLinearAttnProcessor2_0):
-            return self._linear_attention(attn, st, capture, perturb, grid, hidden_states, args, kwargs)
+            return self._linear_attention(attn, st, capture, acting, grid, hidden_states, args, kwargs)
         own = grid[0] * grid[1] if grid is not None else hidden_states.shape[1]  # the layer's own tokens
         n_img = st.image_tokens if 0 < st.image_tokens < own else own  # [text, image] in one sequence
         mode = _SDPAIntercept(
-            lambda *a, **kw: self._attention(attn, st, capture, perturb, grid, n_img, _sdpa_arguments(a, kw))
+            lambda *a, **kw: self._attention(attn, st, capture, acting, grid, n_img, _sdpa_arguments(a, kw))
         )
         with mode:
             out = self._guided_inner(attn, hidden_states, *args, **kwargs)
@@ -364,7 +231,7 @@ class GuidedAttention:
 
     def _image_tokens(self, n: int, n_img: int, k_len: int) -> slice:
         """Where the ``n_img`` image tokens sit among the ``n`` tokens of one attention call: all of them
-        (self-attention), else the joint-attention order of the inner processor (:data:`JOINT_ORDER`)."""
+        (self-attention), else the joint-attention order of the inner processor."""
         if k_len != n or n < n_img:
             raise ValueError(
                 f"attnguide: layer {self.name!r} is neither a self-attention nor a joint attention over its "
@@ -381,45 +248,29 @@ class GuidedAttention:
             )
         return slice(0, n_img) if where == "first" else slice(n - n_img, n)
 
-    def _row_plan(self, st: GuidanceState, b: int, perturb: bool) -> list[tuple[slice, str | None]]:
-        """The rows of a layer batch of ``b`` in order, each run with a term's perturbation or normally
-        (None): the groups of the terms this layer takes part in, the rest normal."""
-        plan: list[tuple[slice, str | None]] = []
-        pos = 0
-        groups = st.term_rows(b) if perturb else {}
-        for term, (start, stop) in sorted(groups.items(), key=lambda item: item[1]):
-            if term not in self.perturb:
-                continue
-            lo, hi = st.layer_rows(start, b), st.layer_rows(stop, b)
-            if lo > pos:
-                plan.append((slice(pos, lo), None))
-            plan.append((slice(lo, hi), term))
-            pos = hi
-        if pos < b:
-            plan.append((slice(pos, b), None))
-        return plan
-
-    def _attention(self, attn, st: GuidanceState, capture, perturb, grid, n_img: int, a: dict) -> Tensor:
+    def _attention(self, attn, st: GuidanceState, capture, acting, grid, n_img: int, a: dict) -> Tensor:
         """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
-        tensors: each perturbation term's attention for its rows, map capture for the leading rows. ``n_img``:
+        tensors: each acting term's attention for its rows, map capture for the leading rows. ``n_img``:
         the image tokens; a longer sequence is joint attention (SD3: image tokens first; Flux: text first)."""
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         b, n = q.shape[0], q.shape[-2]
         image = self._image_tokens(n, n_img, k.shape[-2])
         options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
+        call = AttentionCall(
+            image, lambda: grid if grid is not None else self._grid(st, n_img), options, self.name
+        )
         parts = []
-        for rows, term in self._row_plan(st, b, perturb):
+        for rows, term in st.row_plan(b, acting):
             qkv = (q[rows], k[rows], v[rows])
-            if term == "pag":
-                parts.append(identity_attention(*qkv, image, options))
-            elif term == "seg":
-                tokens = grid if grid is not None else self._grid(st, n_img)
-                parts.append(seg_attention(*qkv, image, tokens, self.seg_sigma, options))
+            if term is not None:
+                parts.append(self.terms[term].attend(*qkv, call))
             elif capture and rows.start == 0 and self.name not in st.maps:
-                sub_mask = _rows(mask, rows, b)
                 rows_map = st.layer_rows(st.capture_rows, b) if st.capture_rows else rows.stop
-                tokens = (n, n_img)
-                parts.append(self._attend_capturing(attn, st, qkv, sub_mask, options, tokens, grid, rows_map))
+                parts.append(
+                    self._attend_capturing(
+                        attn, st, qkv, _rows(mask, rows, b), options, (n, n_img), grid, rows_map
+                    )
+                )
             else:
                 parts.append(F.scaled_dot_product_attention(*qkv, attn_mask=_rows(mask, rows, b), **options))
         if len(parts) == 1:
@@ -452,24 +303,22 @@ class GuidedAttention:
         st.maps[self.name] = (agg, grid)
         return out
 
-    def _linear_attention(self, attn, st, capture, perturb, grid, x: Tensor, args, kwargs) -> Tensor:
+    def _linear_attention(self, attn, st, capture, acting, grid, x: Tensor, args, kwargs) -> Tensor:
         """Sana's linear (ReLU-kernel) self-attention, which has no attention call to intercept: the
-        installed processor on the normal rows, V projected for PAG's rows (diffusers'
-        ``PAGIdentitySanaLinearAttnProcessor2_0``), and the map of :func:`linear_attention_map`."""
+        installed processor on the normal rows, each acting term's :meth:`attend_linear` on its rows, and
+        the map of :func:`linear_attention_map`."""
         b = x.shape[0]
         if capture and self.name not in st.maps:
             rows = st.layer_rows(st.capture_rows, b) if st.capture_rows else b
             st.maps[self.name] = (linear_attention_map(attn, x[:rows]).to(x.dtype), grid)
         parts = []
-        for rows, term in self._row_plan(st, b, perturb):
-            if term == "pag":
-                parts.append(attn.to_out[1](attn.to_out[0](attn.to_v(x[rows]).to(x.dtype))))
-            elif term is None:
+        for rows, term in st.row_plan(b, acting):
+            if term is not None:
+                parts.append(self.terms[term].attend_linear(attn, x[rows], self.name))
+            else:
                 rows_of = lambda v, rows=rows: _rows(v, rows, b)  # noqa: E731
                 sub_kwargs = {k: rows_of(v) for k, v in kwargs.items()}
                 parts.append(self.inner(attn, x[rows], *map(rows_of, args), **sub_kwargs))
-            else:
-                raise ValueError(f"`{term}`: layer {self.name!r} is a linear attention, which has no {term}")
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _attend_and_map(self, attn, q, k, v, mask, options: dict, rows: int) -> tuple[Tensor, Tensor]:
@@ -511,77 +360,6 @@ def linear_attention_map(attn: Attention, tokens: Tensor, eps: float = 1e-15) ->
     weights = (q / z).sum(dim=2, keepdim=True)  # (B, H, 1, d)
     agg = (k * weights).sum(-1).mean(dim=1)
     return agg / agg.mean(dim=1, keepdim=True).clamp_min(eps)
-
-
-def identity_attention(
-    q: Tensor, k: Tensor, v: Tensor, image: slice | int, options: dict | None = None
-) -> Tensor:
-    """PAG's perturbed attention on (B, heads, N, d) tensors: the identity matrix, i.e. V, for
-    self-attention (``image`` covers all N tokens); in joint attention (``image``: where the image tokens
-    sit; an int n means the first n), diffusers' rule for SD3 (``PAGJointAttnProcessor2_0``), also used
-    for Flux: among the image keys each image query attends only to itself, the text keys stay visible
-    to it, and the text queries attend as usual."""
-    n = q.shape[-2]
-    image = slice(0, image) if isinstance(image, int) else image
-    start, stop, _ = image.indices(n)
-    if stop - start == n:
-        return v
-    mask = torch.zeros((n, n), device=q.device, dtype=q.dtype)
-    mask[image, image] = -torch.inf
-    mask[image, image].fill_diagonal_(0)
-    options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], **options)
-
-
-def seg_kernel_size(sigma: float) -> int:
-    """The Gaussian kernel of SEG's official implementation (SEG-SDXL): the odd size ceil(6 sigma) + 1
-    rounded down to odd, covering +-3 sigma."""
-    k = math.ceil(6 * sigma)
-    return k + 1 - k % 2
-
-
-def blur_queries(q: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
-    """SEG's smoothed queries (arXiv:2408.00760, Sec. 3): each query channel, laid out on the (h, w) token
-    grid, blurred by a 2-D Gaussian of ``sigma`` tokens (reflect padding, kernel of
-    :func:`seg_kernel_size`, capped to the grid); ``sigma`` = infinity makes every query the mean query.
-    q: (B, heads, h * w, d)."""
-    b, heads, n, d = q.shape
-    h, w = grid
-    if h * w != n:
-        raise ValueError(f"SEG: {n} query tokens are not a {h}x{w} grid")
-    if math.isinf(sigma):
-        return q.mean(dim=2, keepdim=True).expand_as(q)
-    x = q.permute(0, 1, 3, 2).reshape(b, heads * d, h, w)
-    k = min(seg_kernel_size(sigma), 2 * min(h, w) - 1)  # reflect padding needs k // 2 < each side
-    if k <= 1:
-        return q
-    half = (k - 1) / 2
-    x_k = torch.linspace(-half, half, k, device=q.device, dtype=torch.float32)
-    pdf = torch.exp(-0.5 * (x_k / sigma) ** 2)
-    k1 = (pdf / pdf.sum()).to(q.dtype)
-    kernel = (k1[:, None] * k1[None, :]).expand(heads * d, 1, k, k)
-    pad = k // 2
-    x = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel, groups=heads * d)
-    return x.reshape(b, heads, d, n).permute(0, 1, 3, 2)
-
-
-def seg_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    image: slice,
-    grid: tuple[int, int],
-    sigma: float,
-    options: dict | None = None,
-) -> Tensor:
-    """SEG's weak attention on (B, heads, N, d) tensors: the image queries (the tokens ``image`` of N)
-    blurred by :func:`blur_queries`, keys and values as they are; in joint attention the text queries
-    are kept. The attention is then softmax(q_blur k^T / sqrt(d)) v, whose energy landscape is the
-    smoothed one of the paper."""
-    q = q.clone()
-    q[:, :, image] = blur_queries(q[:, :, image], grid, sigma)
-    options = {key: val for key, val in (options or {}).items() if key != "attn_mask"}
-    return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 def joint_image_position(processor: object) -> str | None:
@@ -690,23 +468,20 @@ def install_guidance_processors(
     swap: ProcessorSwap,
     state: GuidanceState,
     capture_layers: Iterable[str],
-    perturb_layers: Iterable[str] | dict[str, Iterable[str]],
+    acting: Mapping[str, tuple[Term, Iterable[str]]],
     limits: MapLimits = DEFAULT_MAP_LIMITS,
-    seg_sigma: float = float("inf"),
 ) -> None:
     """One :class:`GuidedAttention` around the installed processor of each layer that captures a map
-    (SAG) or takes part in a perturbation term (``perturb_layers``: the layers of each term, {"pag": [...],
-    "seg": [...]}; a plain list means PAG's); a layer that captures computes its map from the unperturbed
-    rows."""
+    (SAG) or where a term acts (``acting``: each term's name -> (term, its layers)); a layer that
+    captures computes its map from the rows no term acts on."""
     capture = list(capture_layers)
-    terms = perturb_layers if isinstance(perturb_layers, dict) else {"pag": perturb_layers}
-    terms = {term: list(layers) for term, layers in terms.items()}
-    every = capture + [name for layers in terms.values() for name in layers]
-    for name in dict.fromkeys(every):
-        mine = frozenset(term for term, layers in terms.items() if name in layers)
+    acting = {name: (term, list(layers)) for name, (term, layers) in acting.items()}
+    every = capture + [layer for _, layers in acting.values() for layer in layers]
+    for layer in dict.fromkeys(every):
+        mine = {name: term for name, (term, layers) in acting.items() if layer in layers}
         swap.install(
-            name,
-            lambda old, name=name, mine=mine: guided_attention(
-                old, name, state, capture=name in capture, perturb=mine, limits=limits, seg_sigma=seg_sigma
+            layer,
+            lambda old, layer=layer, mine=mine: guided_attention(
+                old, layer, state, capture=layer in capture, terms=mine, limits=limits
             ),
         )

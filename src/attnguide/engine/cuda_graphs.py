@@ -60,7 +60,6 @@ class CudaGraphPasses:
         key += (
             st.capture,
             st.capture_rows,
-            st.perturbed_rows,
             tuple(sorted(st.groups.items())),
             st.batch_rows,
         )

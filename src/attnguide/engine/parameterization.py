@@ -165,3 +165,51 @@ def output_for_scheduler(model_output: Tensor, channels: int, scheduler) -> Tens
     if model_output.shape[1] == 2 * channels and not scheduler_takes_variance(scheduler):
         return model_output[:, :channels]
     return model_output
+
+
+#: Denoisers that diffusers trains by flow matching (they predict a velocity).
+FLOW_MODELS = frozenset(
+    {"SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "SanaTransformer2DModelV2"}
+)
+#: diffusers' denoiser classes whose checkpoints are diffusion models (eps / v / x0 predictions).
+DIFFUSION_MODELS = frozenset(
+    {
+        "UNet2DConditionModel",
+        "UNet2DModel",
+        "UNetMotionModel",
+        "DiTTransformer2DModel",
+        "PixArtTransformer2DModel",
+        "HunyuanDiT2DModel",
+    }
+)
+
+
+def prediction_type_of(model, scheduler, prediction_type: str | None = None) -> str:
+    """The prediction type a guided run of ``model`` with ``scheduler`` uses: ``prediction_type``, else
+    "flow" for a flow-matching scheduler, else the scheduler's ``prediction_type``. ValueError where the
+    pairing is wrong: a flow-matching model with a diffusion scheduler or the reverse, or a type that
+    does not fit the scheduler."""
+    flow = is_flow_matching(scheduler)
+    ptype = prediction_type or ("flow" if flow else getattr(scheduler.config, "prediction_type", "epsilon"))
+    if ptype not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {ptype!r}")
+    family = type(getattr(model, "_orig_mod", model)).__name__
+    sched = type(scheduler).__name__
+    if family in FLOW_MODELS and not flow:
+        raise ValueError(
+            f"`scheduler`: {family} is a flow-matching model; {sched} is not a flow-matching scheduler (use "
+            "FlowMatchEulerDiscreteScheduler or the pipeline's own)"
+        )
+    if family in DIFFUSION_MODELS and flow:
+        raise ValueError(
+            f"`scheduler`: {sched} is a flow-matching scheduler; {family} is a diffusion (eps / v / x0) "
+            "model: use the scheduler it was trained with"
+        )
+    if flow != (ptype == "flow"):
+        why = (
+            "is a flow-matching scheduler, which needs a velocity (prediction_type 'flow')"
+            if flow
+            else "is not a flow-matching scheduler, so prediction_type 'flow' does not fit it"
+        )
+        raise ValueError(f"`scheduler`: {sched} {why}; got prediction_type {ptype!r}")
+    return ptype

@@ -24,10 +24,11 @@ from ..engine.checks import (
     finite_flag,
     non_finite_output_error,
 )
-from ..engine.guidance import ClassifierGuidance
 from ..engine.step import Guider, ModelFn, sample_loop, scheduler_step_kwargs
+from ..engine.terms import ClassifierGuidance
+from .call_checks import check_call_arguments, check_output_type
 from .guide import guide
-from .options import GuidanceOptions, check_call_arguments, check_output_type, reject_unknown
+from .options import GuidanceOptions, reject_unknown
 
 
 def call_arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class GuidedPipelineMixin:
         if call.get("callback") is None:  # diffusers' legacy callback: only passed when given
             call.pop("callback", None)
             call.pop("callback_steps", None)
-        sag, pag = options.check()
+        terms = options.check()
         self.check_call(call)
         weight = self.cfg_weight_argument
         cfg = (call.get(weight) or 0.0) > 1.0
@@ -116,9 +117,7 @@ class GuidedPipelineMixin:
         with (
             guide(
                 self,
-                sag=sag,
-                pag=pag,
-                **options.weak_terms(),
+                **terms,
                 record_masks=options.record_masks,
                 cuda_graphs=self.cuda_graphs,
                 map_limits=self.map_limits,
@@ -225,14 +224,11 @@ class OwnLoopMixin:
         """Denoise from ``latents`` (or fresh noise of ``shape``) with CFG weight ``guidance_scale``
         (None: no CFG), the terms of ``options`` and ``classifier`` guidance (or None); the Guider stays
         in ``self.last_guider``. The result is checked for finiteness by :meth:`image_output`."""
-        sag, pag = options.check()
         guider = Guider(
             denoiser,
             self.scheduler,
             guidance_scale=guidance_scale,
-            sag=sag,
-            pag=pag,
-            **options.weak_terms(),
+            **options.check(),
             classifier=classifier,
             record_masks=options.record_masks,
             owner=threading.get_ident(),

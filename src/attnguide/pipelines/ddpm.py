@@ -18,13 +18,8 @@ from torch import nn
 from ..engine.checks import check_scale, positive_int
 from ..engine.guidance import ClassifierGuidance, GradFn, classifier_grad_fn
 from ._guided import OwnLoopMixin, call_arguments
-from .options import (
-    GuidanceOptions,
-    check_class_labels,
-    image_size,
-    reject_unknown,
-    with_guidance_options,
-)
+from .call_checks import check_class_labels, image_size
+from .options import GuidanceOptions, reject_unknown, with_guidance_options
 
 
 class DDPMSAGPipeline(OwnLoopMixin, DiffusionPipeline):

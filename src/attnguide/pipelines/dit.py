@@ -19,7 +19,8 @@ from diffusers import (
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from ._guided import OwnLoopMixin, call_arguments
-from .options import GuidanceOptions, check_class_labels, reject_unknown, with_guidance_options
+from .call_checks import check_class_labels
+from .options import GuidanceOptions, reject_unknown, with_guidance_options
 
 #: diffusers' PAG default for DiTs: block 1 ("mid" matches no layer of a transformer).
 _GUIDANCE_DEFAULTS = {"pag_applied_layers": "blocks.1"}

@@ -39,10 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
-from ..engine.guidance import PAG, SAG, SEG, SLG, TPG, ClassifierGuidance
 from ..engine.layout import LatentLayout, pack_2x2, position_grid, unpack_2x2
 from ..engine.parameterization import scheduler_takes_variance
 from ..engine.step import Guider, StepOutputs
+from ..engine.terms import TERMS, Term, check_terms
 
 CFG_LAYOUTS = ("auto", "uncond_first", "cond_first", "none", "separate")
 
@@ -238,8 +238,7 @@ class GuidedForward:
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
         self.separate_cfg = type(inner).__name__ in SEPARATE_CFG_MODELS
-        terms = (guider.sag, guider.pag, *guider.weak.values())
-        self.windowed = any(term is not None and term.window != (0.0, 1.0) for term in terms)
+        self.windowed = any(term.window != (0.0, 1.0) for term in guider.terms.values())
         self._position = _Position()
 
     def __call__(self, *args, **kwargs):
@@ -312,7 +311,8 @@ class GuidedForward:
 
     def _separate_call(self, passes: Callable[..., StepOutputs], sample: Tensor, t0: Tensor, pack) -> Tensor:
         """One call of a step whose CFG branches come as two calls, conditional first. The conditional
-        call runs PAG and returns c + d_pag; the unconditional one runs SAG (its map and reference are
+        call runs the terms whose ``separate_call`` is "cond" (the perturbations) and returns c + d; the
+        unconditional one runs those whose ``separate_call`` is "uncond": SAG (its map and reference are
         the unconditional prediction, as Eq. 16 and diffusers' SAG pipeline) and adds d_sag to the
         conditional answer in place, which the pipeline still holds, then returns u + d. The pipeline's
         u' + w (c' - u') is then u + w (c - u) + d: each term once, whatever w."""
@@ -320,16 +320,14 @@ class GuidedForward:
         pending = pos.pending
         pos.pending = None
         if pending is None or pending.sample is not sample or not torch.equal(pending.t, t0):
-            r = passes(cfg=False, terms=frozenset({"pag", "seg", "tpg", "slg"}))
-            delta = None
-            if r.out_perturbed is not None or r.weak:
-                delta = r.terms_delta()  # PAG and the other perturbation terms: this call's only
+            r = passes(cfg=False, call="cond")
+            delta = r.terms_delta() if r.deltas else None  # the perturbation terms: this call's only
             returned = pack(_with_variance(r.out_cond if delta is None else r.out_cond + delta, r.variance))
             pos.pending = _Pending(sample, t0, returned, delta)
             return returned
-        r = passes(cfg=False, terms=frozenset({"sag"}))
+        r = passes(cfg=False, call="uncond")
         delta = pending.delta
-        if r.out_degraded is not None:
+        if r.deltas:
             d_sag = r.terms_delta()  # SAG: this call's only term
             zeros = None if r.variance is None else torch.zeros_like(r.variance)
             pending.returned.add_(pack(_with_variance(d_sag, zeros)))
@@ -440,9 +438,9 @@ def _denoiser_of(target: Any, scheduler: Any) -> tuple[Any, nn.Module, Any]:
     return target, module, scheduler or target.scheduler
 
 
-#: Pipelines whose denoiser output is not the scheduler's prediction, so SAG's x0 cannot be read from it
-#: (PAG, which only compares two outputs, still works).
-SAG_UNSUPPORTED = {
+#: Pipelines whose denoiser output is not the scheduler's prediction, so a term that reads eps / x0 from
+#: it (SAG, classifier guidance) cannot guide them (PAG, which only compares two outputs, still works).
+PREDICTION_UNREADABLE = {
     "StableDiffusionLatentUpscalePipeline": "its UNet output is preconditioned (c_skip / c_out), not the "
     "scheduler's eps / v / x0",
 }
@@ -466,23 +464,32 @@ UNSUPPORTED = {
 }
 
 
-def _check_terms(sag: Any, pag: Any, pipe: Any) -> None:
-    """TypeError for terms of the wrong type, ValueError for a pipeline attnguide cannot guide and for
-    SAG where the family cannot run it."""
-    if pipe is not None:
-        for cls in type(pipe).__mro__:
-            if cls.__name__ in UNSUPPORTED:
-                raise ValueError(
-                    f"`target`: attnguide cannot guide {cls.__name__}: {UNSUPPORTED[cls.__name__]}"
-                )
-    if sag is not None and not isinstance(sag, SAG):
-        raise TypeError(f"`sag` must be an attnguide.SAG (or None), got {sag!r}")
-    if pag is not None and not isinstance(pag, PAG):
-        raise TypeError(f"`pag` must be an attnguide.PAG (or None), got {pag!r}")
-    if sag is not None and sag.scale != 0 and pipe is not None:
-        for cls in type(pipe).__mro__:
-            if cls.__name__ in SAG_UNSUPPORTED:
-                raise ValueError(f"`sag`: SAG cannot guide {cls.__name__}: {SAG_UNSUPPORTED[cls.__name__]}")
+def _check_terms(terms: dict[str, Term], pipe: Any, module: nn.Module, cfg_layout: str) -> None:
+    """ValueError for a pipeline attnguide cannot guide and for a term that cannot act on this target:
+    one that reads the prediction where the denoiser output is not the scheduler's, one that cannot ride
+    in a separate CFG call, one whose window ``guide`` cannot apply."""
+    mro = [cls.__name__ for cls in type(pipe).__mro__] if pipe is not None else []
+    for name in mro:
+        if name in UNSUPPORTED:
+            raise ValueError(f"`target`: attnguide cannot guide {name}: {UNSUPPORTED[name]}")
+    separate = cfg_layout == "separate" or (
+        cfg_layout == "auto" and type(getattr(module, "_orig_mod", module)).__name__ in SEPARATE_CFG_MODELS
+    )
+    for key, term in terms.items():
+        unreadable = [n for n in mro if n in PREDICTION_UNREADABLE]
+        if term.reads_prediction and unreadable:
+            why = PREDICTION_UNREADABLE[unreadable[0]]
+            raise ValueError(f"`{key}`: {term.title} cannot guide {unreadable[0]}: {why}")
+        if separate and term.separate_call is None:
+            raise ValueError(
+                f"`{key}`: attnguide.guide cannot add {term.title} where the CFG branches come in separate "
+                f"denoiser calls ({type(module).__name__}); use a pipeline that batches them"
+            )
+        if not term.guide_window and term.window != (0.0, 1.0):
+            raise ValueError(
+                f"`{key}_window`: attnguide.guide applies {term.title} at every step; got {term.window} (use "
+                "the engine's Guider with sample_loop for a window)"
+            )
 
 
 def packed_layout(module: nn.Module, scheduler: Any) -> LatentLayout | None:
@@ -501,46 +508,21 @@ def packed_layout(module: nn.Module, scheduler: Any) -> LatentLayout | None:
     return LatentLayout.from_channels(in_ch // 4, out_ch // 4, variance=scheduler_takes_variance(scheduler))
 
 
-def _check_classifier(classifier: Any, module: nn.Module, cfg_layout: str) -> None:
-    """TypeError for a classifier term of the wrong type; ValueError where ``guide`` cannot add it exactly
-    once per step: CFG as separate calls, and step windows (the block counts steps only for SAG's and
-    PAG's windows)."""
-    if classifier is None:
-        return
-    if not isinstance(classifier, ClassifierGuidance):
-        raise TypeError(f"`classifier` must be an attnguide ClassifierGuidance (or None), got {classifier!r}")
-    separate = type(getattr(module, "_orig_mod", module)).__name__ in SEPARATE_CFG_MODELS
-    if cfg_layout == "separate" or (separate and cfg_layout == "auto"):
-        raise ValueError(
-            "`classifier`: attnguide.guide cannot add classifier guidance where the CFG branches come in "
-            f"separate denoiser calls ({type(module).__name__}); use a pipeline that batches them"
-        )
-    if classifier.window != (0.0, 1.0):
-        raise ValueError(
-            f"`classifier_window`: attnguide.guide applies classifier guidance at every step; got "
-            f"{classifier.window} (use the engine's Guider with sample_loop for a window)"
-        )
-
-
 @contextlib.contextmanager
 def guide(
     target: Any,
     *,
-    sag: SAG | None = None,
-    pag: PAG | None = None,
-    seg: SEG | None = None,
-    tpg: TPG | None = None,
-    slg: SLG | None = None,
-    classifier: ClassifierGuidance | None = None,
     scheduler: Any = None,
     cfg_layout: str = "auto",
     record_masks: bool = False,
     cuda_graphs: bool = False,
     map_limits: MapLimits = DEFAULT_MAP_LIMITS,
     calling_thread_only: bool = False,
+    **terms: Term | None,
 ) -> Iterator[Guider]:
-    """Add SAG / blur guidance / PAG / SEG / TPG / SLG / classifier guidance to an existing pipeline (or a
-    bare denoiser) for the ``with`` block.
+    """Add guidance terms (SAG, blur guidance, PAG, SEG, TPG, SLG, classifier guidance: every term of
+    :data:`attnguide.engine.terms.TERMS`, by its name: ``sag=SAG(...)``) to an existing pipeline (or a bare
+    denoiser) for the ``with`` block.
 
     target: a diffusers pipeline with a ``unet`` or ``transformer``, or a denoiser module (then
     ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses, and
@@ -551,7 +533,7 @@ def guide(
     answer is completed in place when the unconditional call arrives).
     classifier: classifier guidance (ADM), a :class:`ClassifierGuidance` whose ``grad_fn`` closes over the
     labels: its shift is added once per step to the guided prediction (the pipeline's CFG combination
-    included, as the SAG and PAG terms). Not with CFG as separate calls ("separate"; Flux's true CFG),
+    included, as the other terms). Not with CFG as separate calls ("separate"; Flux's true CFG),
     and without a step window for now.
     record_masks, cuda_graphs, map_limits: as for :class:`attnguide.Guider`.
     calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
@@ -561,6 +543,9 @@ def guide(
     restored on exit, also on error. Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with
     ``record_masks``).
     """
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown:
+        raise TypeError(f"guide() got unexpected keyword argument(s) {unknown}; the terms are {list(TERMS)}")
     if not isinstance(cfg_layout, str) or cfg_layout not in CFG_LAYOUTS:
         raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
     for name, flag in (
@@ -571,8 +556,7 @@ def guide(
         if not isinstance(flag, bool):
             raise ValueError(f"`{name}` must be True or False, got {flag!r}")
     pipe, module, scheduler = _denoiser_of(target, scheduler)
-    _check_terms(sag, pag, pipe)
-    _check_classifier(classifier, module, cfg_layout)
+    _check_terms(check_terms(terms), pipe, module, cfg_layout)
     if cfg_layout == "auto" and (pipe is None or not cfg_layout_knowable(pipe, module)):
         where = "a bare denoiser's batch" if pipe is None else f"the denoiser batch of {type(pipe).__name__}"
         raise ValueError(
@@ -582,12 +566,7 @@ def guide(
     guider = Guider(
         module,
         scheduler,
-        sag=sag,
-        pag=pag,
-        seg=seg,
-        tpg=tpg,
-        slg=slg,
-        classifier=classifier,
+        **terms,
         layout=packed_layout(module, scheduler),
         record_masks=record_masks,
         cuda_graphs=cuda_graphs,
@@ -598,14 +577,29 @@ def guide(
     # passes can be replayed from CUDA graphs (the speed-up applies to unguided and CFG-only runs too).
     first = next(module.parameters(), None)
     graphed = guider.graphs is not None and first is not None and first.is_cuda
-    unguided = guider.sag is None and guider.pag is None and not guider.weak and guider.classifier is None
-    if unguided and not graphed:
+    if not guider.terms and not graphed:
         yield guider
         return
     # The forward and the processors are replaced for the whole block, under the model's lock: another
     # block on the same model (any thread) waits for this one, scheduler state included.
     with model_lock(getattr(module, "_orig_mod", module)), _patched(module, pipe, guider, cfg_layout), guider:
         yield guider
+
+
+def _guide_signature() -> inspect.Signature:
+    """guide()'s signature with each registered term as a keyword-only argument (``help``, IDEs)."""
+    sig = inspect.signature(guide.__wrapped__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    kinds = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=f"{cls.__name__} | None"
+        )
+        for name, cls in TERMS.items()
+    ]
+    return sig.replace(parameters=params[:1] + kinds + params[1:])
+
+
+guide.__signature__ = _guide_signature()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

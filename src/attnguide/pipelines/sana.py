@@ -18,16 +18,10 @@ from diffusers import SanaPAGPipeline as _DiffusersSanaPAG
 from diffusers import SanaPipeline
 
 from ._guided import GuidedPipelineMixin, bind_arguments
-from .options import (
-    PAG_PIPELINE_DEFAULTS,
-    GuidanceOptions,
-    PAGLayersMixin,
-    init_with_pag_layers,
-    with_guidance_options,
-)
+from .options import GuidanceOptions, with_guidance_options
+from .pag_compat import pag_dropin
 
 _SANA_CALL = inspect.signature(SanaPipeline.__call__)
-_PAG_CALL = inspect.signature(_DiffusersSanaPAG.__call__)
 
 
 class SanaSAGPipeline(GuidedPipelineMixin, SanaPipeline):
@@ -42,21 +36,9 @@ class SanaSAGPipeline(GuidedPipelineMixin, SanaPipeline):
         return self.run_guided(GuidanceOptions.take(kwargs), call, kwargs)
 
 
-class SanaPAGPipeline(PAGLayersMixin, GuidedPipelineMixin, SanaPipeline):
+class SanaPAGPipeline(pag_dropin(SanaPipeline, _DiffusersSanaPAG)):
     """Drop-in successor of diffusers' ``SanaPAGPipeline``, with SAG beside PAG (default PAG layer:
     diffusers' "transformer_blocks.0")."""
-
-    _callback_tensor_inputs = _DiffusersSanaPAG._callback_tensor_inputs
-
-    __init__ = init_with_pag_layers(SanaPipeline.__init__, _DiffusersSanaPAG.__init__)
-
-    @torch.no_grad()
-    @with_guidance_options(base=_DiffusersSanaPAG.__call__, **PAG_PIPELINE_DEFAULTS)
-    def __call__(self, *args: Any, **kwargs: Any):
-        """diffusers' ``SanaPAGPipeline.__call__`` arguments (same defaults and meaning), then the
-        keyword-only :class:`GuidanceOptions`."""
-        call = bind_arguments(_PAG_CALL, args, kwargs)
-        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["SanaPAGPipeline", "SanaSAGPipeline"]

@@ -11,7 +11,6 @@ every pass.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,19 +19,11 @@ from diffusers import StableDiffusionPAGPipeline as _DiffusersPAG
 from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import PipelineImageInput
 
-from ._guided import GuidedPipelineMixin, bind_arguments, call_arguments
-from .options import (
-    PAG_PIPELINE_DEFAULTS,
-    GuidanceOptions,
-    PAGLayersMixin,
-    image_size,
-    init_with_pag_layers,
-    latent_shape,
-    with_guidance_options,
-)
+from ._guided import GuidedPipelineMixin, call_arguments
+from .call_checks import image_size, latent_shape
+from .options import GuidanceOptions, with_guidance_options
+from .pag_compat import pag_dropin
 from .scheduler_fixups import init_with_scheduler_fixups
-
-_PAG_CALL = inspect.signature(_DiffusersPAG.__call__)
 
 
 class ClipSkipMixin:
@@ -153,7 +144,9 @@ class StableDiffusionSAGPipeline(_GuidedStableDiffusion):
         return self.run_guided(options, call, kwargs)
 
 
-class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
+class StableDiffusionPAGPipeline(
+    pag_dropin(_GuidedStableDiffusion, _DiffusersPAG, init=StableDiffusionPipeline.__init__, like=False)
+):
     """Drop-in successor of diffusers' ``StableDiffusionPAGPipeline`` (same constructor with
     ``pag_applied_layers``, same arguments, same results), with SAG available beside PAG.
 
@@ -161,19 +154,6 @@ class StableDiffusionPAGPipeline(PAGLayersMixin, _GuidedStableDiffusion):
     regex, a full path), except that a number no longer matches a longer one ("blocks.1" is not
     "blocks.10"). A string that matches no self-attention layer raises ValueError before sampling.
     """
-
-    __init__ = init_with_pag_layers(StableDiffusionPipeline.__init__)
-
-    @torch.no_grad()
-    @with_guidance_options(base=_DiffusersPAG.__call__, **PAG_PIPELINE_DEFAULTS)
-    def __call__(self, *args: Any, **kwargs: Any):
-        """Generate images with CFG and PAG (and SAG where ``sag_scale`` > 0).
-
-        The arguments of diffusers' ``StableDiffusionPAGPipeline.__call__`` (same defaults and meaning),
-        then the keyword-only :class:`GuidanceOptions` (SAG, step windows, ``record_masks``).
-        """
-        call = bind_arguments(_PAG_CALL, args, kwargs)
-        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["ClipSkipMixin", "StableDiffusionPAGPipeline", "StableDiffusionSAGPipeline"]

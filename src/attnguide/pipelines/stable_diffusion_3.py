@@ -20,17 +20,10 @@ from diffusers import StableDiffusion3PAGImg2ImgPipeline as _DiffusersSD3PAGImg2
 from diffusers import StableDiffusion3PAGPipeline as _DiffusersSD3PAG
 
 from ._guided import GuidedPipelineMixin, bind_arguments
-from .options import (
-    PAG_PIPELINE_DEFAULTS,
-    GuidanceOptions,
-    PAGLayersMixin,
-    init_with_pag_layers,
-    with_guidance_options,
-)
+from .options import GuidanceOptions, with_guidance_options
+from .pag_compat import pag_dropin
 
 _SD3_CALL = inspect.signature(StableDiffusion3Pipeline.__call__)
-_PAG_CALL = inspect.signature(_DiffusersSD3PAG.__call__)
-_PAG_IMG2IMG_CALL = inspect.signature(_DiffusersSD3PAGImg2Img.__call__)
 
 
 class StableDiffusion3SAGPipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
@@ -46,41 +39,15 @@ class StableDiffusion3SAGPipeline(GuidedPipelineMixin, StableDiffusion3Pipeline)
         return self.run_guided(GuidanceOptions.take(kwargs), call, kwargs)
 
 
-class StableDiffusion3PAGPipeline(PAGLayersMixin, GuidedPipelineMixin, StableDiffusion3Pipeline):
+class StableDiffusion3PAGPipeline(pag_dropin(StableDiffusion3Pipeline, _DiffusersSD3PAG)):
     """Drop-in successor of diffusers' ``StableDiffusion3PAGPipeline``, with SAG beside PAG. Default PAG
     layer: diffusers' "blocks.1" (block 1 only, not blocks 10-19 as well)."""
 
-    _callback_tensor_inputs = _DiffusersSD3PAG._callback_tensor_inputs
-
-    __init__ = init_with_pag_layers(StableDiffusion3Pipeline.__init__, _DiffusersSD3PAG.__init__)
-
-    @torch.no_grad()
-    @with_guidance_options(base=_DiffusersSD3PAG.__call__, **PAG_PIPELINE_DEFAULTS)
-    def __call__(self, *args: Any, **kwargs: Any):
-        """diffusers' ``StableDiffusion3PAGPipeline.__call__`` arguments (same defaults and meaning), then
-        the keyword-only :class:`GuidanceOptions`."""
-        call = bind_arguments(_PAG_CALL, args, kwargs)
-        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
-
 
 class StableDiffusion3PAGImg2ImgPipeline(
-    PAGLayersMixin, GuidedPipelineMixin, StableDiffusion3Img2ImgPipeline
+    pag_dropin(StableDiffusion3Img2ImgPipeline, _DiffusersSD3PAGImg2Img)
 ):
     """Drop-in successor of diffusers' ``StableDiffusion3PAGImg2ImgPipeline``, with SAG beside PAG."""
-
-    _callback_tensor_inputs = _DiffusersSD3PAGImg2Img._callback_tensor_inputs
-
-    __init__ = init_with_pag_layers(
-        StableDiffusion3Img2ImgPipeline.__init__, _DiffusersSD3PAGImg2Img.__init__
-    )
-
-    @torch.no_grad()
-    @with_guidance_options(base=_DiffusersSD3PAGImg2Img.__call__, **PAG_PIPELINE_DEFAULTS)
-    def __call__(self, *args: Any, **kwargs: Any):
-        """diffusers' ``StableDiffusion3PAGImg2ImgPipeline.__call__`` arguments, then the keyword-only
-        :class:`GuidanceOptions`."""
-        call = bind_arguments(_PAG_IMG2IMG_CALL, args, kwargs)
-        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["StableDiffusion3PAGImg2ImgPipeline", "StableDiffusion3PAGPipeline", "StableDiffusion3SAGPipeline"]

@@ -30,19 +30,11 @@ from transformers import (
 )
 
 from ._guided import GuidedPipelineMixin, bind_arguments
-from .options import (
-    PAG_PIPELINE_DEFAULTS,
-    GuidanceOptions,
-    PAGLayersMixin,
-    check_fraction,
-    image_size,
-    init_with_pag_layers,
-    latent_shape,
-    with_guidance_options,
-)
+from .call_checks import check_fraction, image_size, latent_shape
+from .options import GuidanceOptions, with_guidance_options
+from .pag_compat import pag_dropin
 
 _XL_CALL = inspect.signature(StableDiffusionXLPipeline.__call__)
-_XL_PAG_CALL = inspect.signature(_DiffusersXLPAG.__call__)
 
 
 def _check_pair(name: str, value: Any) -> None:
@@ -146,24 +138,9 @@ class StableDiffusionXLSAGPipeline(_GuidedStableDiffusionXL):
         return self.run_guided(options, call, kwargs)
 
 
-class StableDiffusionXLPAGPipeline(PAGLayersMixin, _GuidedStableDiffusionXL):
+class StableDiffusionXLPAGPipeline(pag_dropin(_GuidedStableDiffusionXL, _DiffusersXLPAG, like=False)):
     """Drop-in successor of diffusers' ``StableDiffusionXLPAGPipeline`` (same constructor with
     ``pag_applied_layers``, same arguments, same results), with SAG available beside PAG."""
-
-    _callback_tensor_inputs = _DiffusersXLPAG._callback_tensor_inputs
-
-    __init__ = init_with_pag_layers(_GuidedStableDiffusionXL.__init__)
-
-    @torch.no_grad()
-    @with_guidance_options(base=_DiffusersXLPAG.__call__, **PAG_PIPELINE_DEFAULTS)
-    def __call__(self, *args: Any, **kwargs: Any):
-        """Generate images with CFG and PAG (and SAG where ``sag_scale`` > 0).
-
-        The arguments of diffusers' ``StableDiffusionXLPAGPipeline.__call__`` (same defaults and meaning),
-        then the keyword-only :class:`GuidanceOptions`.
-        """
-        call = bind_arguments(_XL_PAG_CALL, args, kwargs)
-        return self.run_guided(self.pag_options(call, kwargs), call, kwargs)
 
 
 __all__ = ["StableDiffusionXLPAGPipeline", "StableDiffusionXLSAGPipeline", "watermark_opt_in"]

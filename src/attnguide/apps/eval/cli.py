@@ -8,12 +8,13 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...engine.terms import AppParam
 from ...pipelines.schedulers import SCHEDULER_NAMES
 from ..loading import BUNDLED_MODEL
 from .distributed import setup_distributed
@@ -22,8 +23,8 @@ from .experiments import (
     DEFAULT_SAG_SIGMAS,
     DEFAULT_SCALES,
     DEFAULT_SIGMAS,
-    DEFAULT_WEAK_SCALES,
     EXPERIMENTS,
+    ROW_TERMS,
     best_sigma,
 )
 from .runner import Evaluation
@@ -70,15 +71,42 @@ def _best_sigma_of(path: str) -> float:
         raise SystemExit(f"error: --best-sigma-from {path}: {err}") from None
 
 
-def _seg_sigma(text: str) -> float | None:
-    """``--seg-sigma``: a number > 0, or inf (None: the mean query)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}; give a number > 0 or inf") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"got {text!r}; give a number > 0 or inf")
-    return None if math.isinf(value) else value
+def _inf_number(flag: str, setting: AppParam) -> Callable[[str], float | None]:
+    """The type of a flag whose setting takes inf: a number in its range, or inf (None)."""
+
+    def parse(text: str) -> float | None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; give {setting.allowed()}") from None
+        if not setting.accepts(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; give {setting.allowed()}")
+        return None if math.isinf(value) else value
+
+    return parse
+
+
+def _add_term_options(p: argparse.ArgumentParser) -> None:
+    """A scale flag for each of the :data:`ROW_TERMS` (default: its evaluation scale; 0 leaves its rows
+    out) and a flag for each of their other flagged settings (``--seg-sigma``)."""
+    for cls in ROW_TERMS:
+        scale = cls.app.eval_scale
+        p.add_argument(
+            f"--{cls.name}-scale",
+            type=float,
+            default=scale,
+            help=f"{cls.title} scale of the cfg experiment's {cls.title} rows and the cost experiment "
+            f"(default {scale:g}; 0 leaves them out)",
+        )
+        for setting in cls.app.params[1:]:
+            if setting.flag and setting.inf_allowed:
+                p.add_argument(
+                    setting.flag,
+                    dest=f"{cls.name}_{setting.name}",
+                    type=_inf_number(setting.flag, setting),
+                    default=setting.default,
+                    help=f"{setting.help}, {setting.allowed()} (default: inf)",
+                )
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -96,20 +124,7 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--cfg-scale", type=float, default=1.5, help="CFG weight w (default 1.5, as paper Table 4)"
     )
     p.add_argument("--pag-scale", type=float, default=1.0, help="PAG scale (default 1.0)")
-    for term, what in (("seg", "SEG"), ("tpg", "TPG"), ("slg", "SLG (in every step)")):
-        p.add_argument(
-            f"--{term}-scale",
-            type=float,
-            default=DEFAULT_WEAK_SCALES[term],
-            help=f"{what} scale of the cfg experiment's {term.upper()} rows and the cost experiment "
-            f"(default {DEFAULT_WEAK_SCALES[term]:g}, PAG's; 0 leaves them out)",
-        )
-    p.add_argument(
-        "--seg-sigma",
-        type=_seg_sigma,
-        default=None,
-        help="SEG's query blur sigma, in tokens (default inf: the mean query)",
-    )
+    _add_term_options(p)
     p.add_argument(
         "--sag-sigmas",
         type=_sag_sigmas,
@@ -235,7 +250,7 @@ def _check_options(
         )
     if args.num_reference is not None and args.num_reference < 4:
         raise SystemExit("error: --num-reference must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
-    scales = ("sag", "cfg", "pag", "seg", "tpg", "slg", "classifier")
+    scales = ("sag", "cfg", "pag", *(cls.name for cls in ROW_TERMS), "classifier")
     for name in (f"{term}_scale" for term in scales):
         if not math.isfinite(getattr(args, name)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be finite")

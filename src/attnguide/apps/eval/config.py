@@ -10,9 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .experiments import ROW_TERMS
+
 __all__ = ["SAMPLE_KEYS", "SCHEMA", "check_config", "config_digest", "eval_config", "model_digest"]
 
 SCHEMA = 1
+#: The config keys of the ROW_TERMS: each one's scale and its other flagged settings ("seg_sigma").
+TERM_ROW_KEYS = tuple(
+    key
+    for cls in ROW_TERMS
+    for key in (
+        f"{cls.name}_scale",
+        *(f"{cls.name}_{p.name}" for p in cls.app.params[1:] if p.flag and p.inf_allowed),
+    )
+)
 #: The config keys that decide the samples; a mismatch in an existing folder is refused.
 SAMPLE_KEYS = (
     "schema",
@@ -27,10 +38,7 @@ SAMPLE_KEYS = (
     "sag_scale",
     "cfg_scale",
     "pag_scale",
-    "seg_scale",
-    "seg_sigma",
-    "tpg_scale",
-    "slg_scale",
+    *TERM_ROW_KEYS,
     "scales",
     "sigmas",
     "calibration_samples",
@@ -85,7 +93,7 @@ def eval_config(
     experiments not run are None) and the metric options (bootstrap, seed blocks, reference, second
     extractor: not sample keys, so a finished run's shards can be scored again with other statistics)."""
     model = Path(args.model)
-    weak = bool({"cfg", "cost"} & set(names))  # the experiments with SEG / TPG / SLG arms
+    weak = bool({"cfg", "cost"} & set(names))  # the experiments with the ROW_TERMS' arms
     return {
         "schema": SCHEMA,
         "experiments": list(names),
@@ -99,10 +107,7 @@ def eval_config(
         "sag_scale": args.sag_scale,
         "cfg_scale": args.cfg_scale,
         "pag_scale": args.pag_scale,
-        "seg_scale": args.seg_scale if weak else None,
-        "seg_sigma": args.seg_sigma if weak else None,
-        "tpg_scale": args.tpg_scale if weak else None,
-        "slg_scale": args.slg_scale if weak else None,
+        **{key: getattr(args, key) if weak else None for key in TERM_ROW_KEYS},
         "scales": list(scales) if "scale" in names else None,
         "sigmas": list(sigmas) if "sigma" in names else None,
         "calibration_samples": args.calibration_samples if {"masking", "cfg"} & set(names) else None,

@@ -101,7 +101,7 @@ def run_cost(
     sampler: Sampler, batch: int, scales: dict[str, float], log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Time (after a one-step warm-up) and peak memory of one batch for each method in COST_METHODS at
-    ``scales`` (keys "sag", "cfg", "pag", "seg", "tpg", "slg"; the CFG methods only on a
+    ``scales`` (keys "sag", "cfg", "pag" and the ROW_TERMS' names; the CFG methods only on a
     class-conditional model). A method whose scale is 0 is left out."""
     rows = []
     method = ""

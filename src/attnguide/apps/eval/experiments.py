@@ -4,10 +4,11 @@ each one is compared with (paired: same seeds)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ...engine.terms import REGISTRY, Term
 from ..arms import Arm
 
 __all__ = [
@@ -16,12 +17,12 @@ __all__ = [
     "DEFAULT_SAG_SIGMAS",
     "DEFAULT_SCALES",
     "DEFAULT_SIGMAS",
-    "DEFAULT_WEAK_SCALES",
     "DEFAULT_WINDOWS",
     "EXPERIMENTS",
     "PASSES_MULTIPLIER",
+    "ROW_TERMS",
     "Entry",
-    "WeakScales",
+    "TermRows",
     "best_sigma",
     "blur_kernel_for",
     "build_experiments",
@@ -42,12 +43,12 @@ DEFAULT_SIGMAS = (1.0, 3.0, 9.0, 27.0)
 #: Blur sigmas of the "scale" sweep and the "masking" experiment: 3, the setting of the paper's Table 5
 #: (its SAG row is Table 6's sigma-3 row; the official 128 px scripts use sigma 3). Kernels: blur_kernel_for.
 DEFAULT_SAG_SIGMAS = (3.0,)
-#: Scales of the SEG, TPG and SLG rows of the "cfg" experiment: PAG's evaluation scale (1.0) for each, so
-#: the rows compare the weak predictions at one strength. SEG runs at sigma infinity (the mean query);
-#: SLG in every step (its SD3.5 window, steps 1-20 %, holds one or two of a 10-20 step run).
-DEFAULT_WEAK_SCALES = {"seg": 1.0, "tpg": 1.0, "slg": 1.0}
-#: The SLG window of the evaluation's arms (all steps; see DEFAULT_WEAK_SCALES).
-EVAL_SLG_WINDOW = (0.0, 1.0)
+#: The terms of the "cfg" experiment's generic rows (each alone against no guidance, and added to CFG
+#: against CFG) and of the cost experiment: every term of the registry with an evaluation scale (SEG,
+#: TPG, SLG: PAG's evaluation scale, 1.0, for each, so the rows compare the weak predictions at one
+#: strength; SEG at sigma infinity, the mean query; SLG in every step: its SD3.5 window, steps 1-20 %,
+#: holds one or two of a 10-20 step run). SAG and PAG have rows of their own.
+ROW_TERMS: tuple[type[Term], ...] = tuple(cls for cls in REGISTRY if cls.app.eval_scale is not None)
 #: Model passes per step of SAG over those of the unguided sampler (the batched pass and the degraded
 #: one): the unguided compute-matched arm samples with this many times the steps.
 PASSES_MULTIPLIER = 2
@@ -70,23 +71,26 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class WeakScales:
-    """The scales of the perturbation terms beside PAG in the evaluation's arms (0: the row is left out)
-    and SEG's sigma (None: infinity)."""
+class TermRows:
+    """The scales of the :data:`ROW_TERMS` in the evaluation's arms, by term name (0: the row is left
+    out; missing: the term's evaluation scale), and their other settings (``Arm`` fields, e.g.
+    ``seg_sigma``)."""
 
-    seg: float = DEFAULT_WEAK_SCALES["seg"]
-    tpg: float = DEFAULT_WEAK_SCALES["tpg"]
-    slg: float = DEFAULT_WEAK_SCALES["slg"]
-    seg_sigma: float | None = None
+    scales: Mapping[str, float] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def scale(self, cls: type[Term]) -> float:
+        return self.scales.get(cls.name, cls.app.eval_scale)
+
+    def fields(self, cls: type[Term]) -> dict[str, Any]:
+        """The ``Arm`` fields of term ``cls`` in the evaluation."""
+        mine = {k: v for k, v in self.options.items() if k.startswith(f"{cls.name}_")}
+        fixed = {f"{cls.name}_{k}": v for k, v in cls.app.eval_options.items()}
+        return {f"{cls.name}_scale": self.scale(cls), **fixed, **mine}
 
     def arms(self, base: Arm) -> list[tuple[str, Arm]]:
-        """(label, arm) of each term used, added to ``base``: "SEG", "TPG", "SLG"."""
-        rows = [
-            ("SEG", self.seg, replace(base, seg_scale=self.seg, seg_sigma=self.seg_sigma)),
-            ("TPG", self.tpg, replace(base, tpg_scale=self.tpg)),
-            ("SLG", self.slg, replace(base, slg_scale=self.slg, slg_window=EVAL_SLG_WINDOW)),
-        ]
-        return [(label, arm) for label, scale, arm in rows if scale]
+        """(label, arm) of each term used, added to ``base``: "SEG", "TPG", "SLG", ..."""
+        return [(cls.title, replace(base, **self.fields(cls))) for cls in ROW_TERMS if self.scale(cls)]
 
 
 def blur_kernel_for(sigma: float, size: int) -> int:
@@ -158,7 +162,7 @@ def _sigma_sweep(u_sag: Arm, sigmas: Sequence[float], image_size: int) -> list[E
 
 
 def _guidance_methods(
-    u_sag: Arm, cfg_scale: float, pag_scale: float, weak: WeakScales, conditional_model: bool
+    u_sag: Arm, cfg_scale: float, pag_scale: float, weak: TermRows, conditional_model: bool
 ) -> list[Entry]:
     """SAG beside the rest of the family (PAG, SEG, TPG, SLG) against no guidance, and each added to CFG
     against CFG alone."""
@@ -243,7 +247,7 @@ def build_experiments(
     conditional_model: bool = True,
     sag_sigmas: Sequence[float] = DEFAULT_SAG_SIGMAS,
     classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
-    weak: WeakScales = WeakScales(),
+    weak: TermRows = TermRows(),
 ) -> dict[str, list[Entry]]:
     """The entries of each named experiment (``cost`` has none: it samples nothing that is kept).
 
@@ -253,7 +257,7 @@ def build_experiments(
     arms of ``table1`` and ``cfg`` are left out, and ``table3`` (classifier guidance at
     ``classifier_scale``, towards the conditional arms' labels) is skipped. The ``cfg`` experiment's
     compute-matched CFG arms need their weight measured (:func:`with_matched_cfg`) before sampling; its
-    SEG, TPG and SLG rows take their scales from ``weak``."""
+    rows of the other terms (:data:`ROW_TERMS`) take their scales from ``weak``."""
     sag_sigmas = tuple(dict.fromkeys(float(s) for s in sag_sigmas))
     if not sag_sigmas or not all(math.isfinite(s) and s > 0 for s in sag_sigmas):
         raise ValueError(f"`sag_sigmas` must be one or more positive finite numbers, got {sag_sigmas!r}")
@@ -341,16 +345,17 @@ def best_sigma(results: dict[str, Any]) -> float:
     return float(min(scored)[1])
 
 
-#: The methods the cost experiment times: name -> arm of the scales (keys "sag", "cfg", "pag", "seg",
-#: "tpg", "slg"; SLG in every step, as the "cfg" experiment's SLG arms).
+#: The methods the cost experiment times: name -> arm of the scales (keys "sag", "cfg", "pag" and each of
+#: the :data:`ROW_TERMS`' names; those in every step, as the "cfg" experiment's arms).
 COST_METHODS: dict[str, Callable[[dict[str, float]], Arm]] = {
     "no guidance": lambda k: Arm(),
     "SAG": lambda k: Arm(sag_scale=k["sag"]),
     "blur guidance": lambda k: Arm(sag_scale=k["sag"], sag_mask="global"),
     "PAG": lambda k: Arm(pag_scale=k["pag"]),
-    "SEG": lambda k: Arm(seg_scale=k["seg"]),
-    "TPG": lambda k: Arm(tpg_scale=k["tpg"]),
-    "SLG": lambda k: Arm(slg_scale=k["slg"], slg_window=EVAL_SLG_WINDOW),
+    **{
+        cls.title: lambda k, cls=cls: replace(Arm(), **TermRows(scales={cls.name: k[cls.name]}).fields(cls))
+        for cls in ROW_TERMS
+    },
     "SAG + PAG": lambda k: Arm(sag_scale=k["sag"], pag_scale=k["pag"]),
     "CFG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"]),
     "CFG + SAG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"], sag_scale=k["sag"]),

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...engine.guidance import sag_update
 from ...engine.layout import LatentLayout
-from ...engine.parameterization import output_for_scheduler, scheduler_takes_variance
-from ...engine.step import scheduler_step_kwargs
+from ...engine.parameterization import scheduler_takes_variance
+from ...engine.step import StepOutputs, sample_loop, scheduler_step_kwargs
 from ..arms import Arm
 from ..images import sample_shape
 from .sampler import Sampler
@@ -97,24 +96,18 @@ def measure_update_norms(
     layout = guider.layout or LatentLayout.from_channels(
         unet.config.in_channels, unet.config.out_channels, variance=scheduler_takes_variance(sched)
     )
+    sag_norms, cfg_norms = [], []
+
+    def record(i: int, t: Tensor, latents: Tensor, r: StepOutputs) -> None:
+        u = r.out_uncond
+        if u is None:  # one more pass with the null label, which does not change the trajectory
+            u = layout.split_output(model_fn(r.x_in, t, ["uncond"]))[0]
+        cfg_norms.append(update_norms(r.out_cond - u))
+        sag_norms.append(update_norms(r.deltas.get("sag", 0 * u)))
+
     latents = noise.to(device) * sched.init_noise_sigma
     step_kw = scheduler_step_kwargs(sched, gens, 0.0)
-    sag_norms, cfg_norms = [], []
-    n = len(sched.timesteps)
-    with guider:
-        for i, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(latents, t)
-            r = guider.passes(model_fn, x_in, t, step=i, num_steps=n)
-            u = (
-                r.out_uncond
-                if r.out_uncond is not None
-                else layout.split_output(model_fn(x_in, t, ["uncond"]))[0]
-            )
-            cfg_norms.append(update_norms(r.out_cond - u))
-            d = sag_update(r.sag_ref, r.out_degraded, r.sag_scale) if r.out_degraded is not None else 0 * u
-            sag_norms.append(update_norms(d))
-            out = output_for_scheduler(guider.guided_output(r), latents.shape[1], sched)
-            latents = sched.step(out, t, latents, **step_kw, return_dict=False)[0]
+    sample_loop(guider, model_fn, latents, extra_step_kwargs=step_kw, callback=record, check_output=False)
     return np.stack(sag_norms, axis=1), np.stack(cfg_norms, axis=1)
 
 

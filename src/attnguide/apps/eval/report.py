@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json_atomic, write_text_atomic
+from .experiments import ROW_TERMS
 from .plots import write_plots
 from .scoring import BETTER, STAT_METRICS
 
@@ -298,15 +299,22 @@ def _statistics_lines(results: dict[str, Any]) -> list[str]:
 
 
 def _weak_scales(config: dict[str, Any]) -> str:
-    """The SEG / TPG / SLG scales of the header line ("" where the run has none)."""
-    if config.get("seg_scale") is None:
-        return ""
-    sigma = config.get("seg_sigma")
-    return (
-        f", SEG = {config['seg_scale']:g} (sigma {'inf' if sigma is None else f'{sigma:g}'}, mid block), "
-        f"TPG = {config['tpg_scale']:g} (mid block), SLG = {config['slg_scale']:g} (mid block skipped, "
-        "every step)"
-    )
+    """The scales of the ROW_TERMS (SEG, TPG, SLG, ...) for the header line ("" where the run has none);
+    each at its default layers, in every step."""
+    parts = []
+    for cls in ROW_TERMS:
+        scale = config.get(f"{cls.name}_scale")
+        if scale is None:
+            continue
+        details = []
+        for p in cls.app.params[1:]:
+            key = f"{cls.name}_{p.name}"
+            if p.flag and p.inf_allowed and key in config:
+                value = config[key]
+                details.append(f"{p.name} {'inf' if value is None else f'{value:g}'}")
+        details.append("default layers")
+        parts.append(f"{cls.title} = {scale:g} ({', '.join(details)})")
+    return "".join(f", {p}" for p in parts) + (", every step" if parts else "")
 
 
 def _header_lines(results: dict[str, Any]) -> list[str]:

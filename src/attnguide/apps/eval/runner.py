@@ -16,12 +16,13 @@ import numpy as np
 
 from ..arms import Arm
 from ..files import write_json_atomic
-from .config import check_config, config_digest, eval_config
+from .config import TERM_ROW_KEYS, check_config, config_digest, eval_config
 from .cost import run_cost
 from .distributed import Dist
 from .experiments import (
+    ROW_TERMS,
     Entry,
-    WeakScales,
+    TermRows,
     build_experiments,
     matched_sag_arms,
     unique_arms,
@@ -125,7 +126,10 @@ class Evaluation:
             sigmas=self.sigmas,
             sag_sigmas=a.sag_sigmas,
             classifier_scale=a.classifier_scale,
-            weak=WeakScales(seg=a.seg_scale, tpg=a.tpg_scale, slg=a.slg_scale, seg_sigma=a.seg_sigma),
+            weak=TermRows(
+                scales={cls.name: getattr(a, f"{cls.name}_scale") for cls in ROW_TERMS},
+                options={key: getattr(a, key) for key in TERM_ROW_KEYS if not key.endswith("_scale")},
+            ),
             image_size=self.image_size,
             conditional_model=self.num_class_embeds is not None,
         )
@@ -265,14 +269,8 @@ class Evaluation:
         if cost is not None:
             return cost
         a = self.args
-        scales = {
-            "sag": a.sag_scale,
-            "cfg": a.cfg_scale,
-            "pag": a.pag_scale,
-            "seg": a.seg_scale,
-            "tpg": a.tpg_scale,
-            "slg": a.slg_scale,
-        }
+        scales = {name: getattr(a, f"{name}_scale") for name in ("sag", "cfg", "pag")}
+        scales.update({cls.name: getattr(a, f"{cls.name}_scale") for cls in ROW_TERMS})
         cost = run_cost(self.sampler, a.cost_batch, scales, self.log)
         cost["device"] = self.device
         write_json_atomic(path, {"kind": "cost", "config_digest": self.store.config_digest, "cost": cost})

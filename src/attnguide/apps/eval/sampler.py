@@ -88,18 +88,13 @@ class Sampler:
         ``labels``: the conditional labels, which an arm with classifier guidance steers towards."""
         sched = scheduler_from_name(self.scheduler_name, self.scheduler_config)
         sched.set_timesteps(self.steps * arm.steps_multiplier, device=self.device)
-        sag = arm.sag_term()
         return Guider(
             self.unet,
             sched,
             guidance_scale=arm.cfg_scale,
-            sag=sag,
-            pag=arm.pag_term("mid"),
-            seg=arm.seg_term(),
-            tpg=arm.tpg_term(),
-            slg=arm.slg_term(),
+            **arm.engine_terms(),
             classifier=self.classifier_term(arm, labels),
-            record_masks=sag is not None and sag.mask == "attention",
+            record_masks=arm.uses_attention_mask,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 + shard),
         )
 

@@ -1,7 +1,6 @@
-"""Training a digit classifier that the evaluator uses as a feature extractor: a small CNN fitted on the
-train part of the digit split (:func:`attnguide.apps.train.data.split_digits`; by default it never sees
-the held-out digits that are the evaluation's FID reference) and scored on a validation subset of that
-part."""
+"""Training the classifier that the evaluator uses as a feature extractor: a small CNN fitted on the
+train part of a data set's split (:mod:`.datasets`; by default it never sees the held-out images that are
+the evaluation's FID reference) and scored on a validation subset of that part."""
 
 from __future__ import annotations
 
@@ -16,14 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import write_atomic, write_json_atomic
-from .data import (
-    DATASET_DESCRIPTION,
-    corrupt_background,
-    load_mnist,
-    random_shift,
-    stratified_split,
-    training_digits,
-)
+from .data import corrupt_background, random_shift, stratified_split
+from .datasets import dataset_description, training_images
 from .environment import command_line, library_versions, pick_device
 from .models import make_digit_classifier
 
@@ -154,18 +147,20 @@ def train_classifier(
     folder: str = "classifier",
     width: int = 32,
     feature_dim: int = 128,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train :class:`DigitClassifier` on the digits of ``data`` and report its accuracy on a validation set.
+    """Train :class:`DigitClassifier` on the images of ``data`` and report its accuracy on a validation set.
 
-    ``data`` is the part of the digit split to use: ``"train"`` (default: the 4000 train digits, so the
-    evaluation's held-out reference stays unseen) or ``"all"`` (the 5000, as older versions). The
-    validation set is ``held_out_per_class`` digits per class of those, chosen with ``seed``; the
-    classifier fits the rest (3500 of the train part). Training uses AdamW with a one-cycle
-    learning rate, random shifts of up to 2 pixels and, for a fraction ``robust_aug`` of the digits, a
-    brightened, noisy background (see :func:`corrupt_background`) so that the classifier judges the shape
-    of a generated digit rather than its residual noise. The result is written to
-    ``out_dir/classifier/model.safetensors`` and ``out_dir/classifier/config.json``; the record also
-    gives the held-out accuracy on corrupted digits (offset 0.2, noise sigma 0.15).
+    ``dataset`` (:mod:`.datasets`: "mnist" or "fashion-mnist", ``data_dir`` the folder of its IDX files)
+    and ``data``, the part of its split to use: ``"train"`` (default: the evaluation's held-out reference
+    stays unseen) or ``"all"``. The validation set is ``held_out_per_class`` images per class of those,
+    chosen with ``seed``; the classifier fits the rest. Training uses AdamW with a one-cycle learning
+    rate, random shifts of up to 2 pixels and, for a fraction ``robust_aug`` of the images, a brightened,
+    noisy background (see :func:`corrupt_background`) so that the classifier judges the shape of a
+    generated image rather than its residual noise. The result is written to
+    ``out_dir/<folder>/model.safetensors`` and ``config.json``; the record also gives the held-out
+    accuracy on corrupted images (offset 0.2, noise sigma 0.15).
 
     Returns:
         The ``config.json`` record (including ``held_out_accuracy``).
@@ -173,7 +168,7 @@ def train_classifier(
     if not folder or Path(folder).name != folder or folder in (".", ".."):
         raise ValueError(f"folder must be a plain folder name inside out_dir, got {folder!r}")
     dev = pick_device(device)
-    images, labels, split_record = training_digits(*load_mnist(), data)
+    images, labels, split_record = training_images(dataset, data, data_dir)
     train_idx, test_idx = stratified_split(labels, held_out_per_class, seed)
     train, held_out = (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
 
@@ -181,17 +176,8 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed + 2)
     model = make_digit_classifier(width=width, feature_dim=feature_dim).to(dev)
     t0 = time.time()
-    _fit(
-        model,
-        train,
-        held_out,
-        gen,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        robust_aug=robust_aug,
-        device=dev,
-    )
+    fit = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "robust_aug": robust_aug}
+    _fit(model, train, held_out, gen, device=dev, **fit)
     wall_s = time.time() - t0
     scores = _scores(model, train, held_out, dev)
 
@@ -204,23 +190,20 @@ def train_classifier(
         "input": "(N, 1, 28, 28) float in [-1, 1], background -1",
         "features": f"features(x) -> (N, {feature_dim}) global-average-pooled; "
         f"spatial_features(x) -> (N, {feature_dim}, 7, 7)",
-        "held_out_accuracy": scores["held_out_accuracy"],
-        "held_out_accuracy_corrupted": scores["held_out_accuracy_corrupted"],
+        **scores,
         "held_out_corruption": HELD_OUT_CORRUPTION,
-        "train_accuracy": scores["train_accuracy"],
         "augmentation": _augmentation(robust_aug),
-        "held_out": f"{held_out_per_class} digits per class ({len(test_idx)} total) of the {data} digits, "
+        "held_out": f"{held_out_per_class} images per class ({len(test_idx)} total) of the {data} images, "
         f"split seed {seed} (a validation set: not the evaluation's held-out reference)",
         "train_size": len(train_idx),
         "data_split": split_record,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
+        **fit,
         "seed": seed,
         "wall_time_s": round(wall_s, 1),
         "device": str(dev),
         "command": command if command is not None else command_line(None),
-        "dataset": DATASET_DESCRIPTION,
+        "dataset": dataset_description(dataset),
+        "dataset_name": dataset,
         "versions": library_versions(),
     }
     write_json_atomic(target / "config.json", record)

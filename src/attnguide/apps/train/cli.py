@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 folder=args.classifier_folder,
                 width=args.classifier_width,
                 feature_dim=args.classifier_feature_dim,
+                dataset=args.dataset,
+                data_dir=args.data_dir,
             )
     if not args.skip_diffusion:
         train_diffusion(

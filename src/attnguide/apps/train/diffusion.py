@@ -388,24 +388,34 @@ def train_diffusion(
 
     stopped_early = _train_loop(settings, state, (images, labels), scheduler, dev, checkpoint)
     checkpoint()
-    wall_s = state.elapsed_s()
-    state.ema.to("cpu")
-    _save_model_folder(out, state.ema, scheduler)
     record = _training_record(
         settings,
         state,
         command=command if command is not None else command_line(None),
         stopped_early=stopped_early,
-        wall_s=wall_s,
+        wall_s=state.elapsed_s(),
         device=dev,
         unet_kwargs=unet_kwargs,
         num_images=len(images),
         data_split=data_split,
         dataset=dataset,
     )
-    write_json_atomic(out / "training.json", record)
-    if not keep_checkpoint:
-        ckpt_path.unlink(missing_ok=True)
-    loss = "n/a" if record["final_loss"] is None else f"{record['final_loss']:.4f}"
-    print(f"done: {state.step} steps, final loss {loss}, {wall_s / 60:.1f} min; saved to {out}", flush=True)
+    _finish(out, state, scheduler, record, None if keep_checkpoint else ckpt_path)
     return record
+
+
+def _finish(
+    out: Path, state: TrainingState, scheduler: Any, record: dict[str, Any], drop: Path | None
+) -> None:
+    """Write the model folder (the EMA weights) and ``training.json``, remove the checkpoint ``drop``
+    (None: keep it), and say so."""
+    state.ema.to("cpu")
+    _save_model_folder(out, state.ema, scheduler)
+    write_json_atomic(out / "training.json", record)
+    if drop is not None:
+        drop.unlink(missing_ok=True)
+    loss = "n/a" if record["final_loss"] is None else f"{record['final_loss']:.4f}"
+    print(
+        f"done: {state.step} steps, final loss {loss}, {record['wall_time_s'] / 60:.1f} min; saved to {out}",
+        flush=True,
+    )
