@@ -59,7 +59,8 @@ class GuidanceState:
     """What the installed processors do in the current model call of one thread.
 
     ``groups``: the rows of the model's batch of ``batch_rows`` that each term's branch holds, by term
-    name: (start, stop); the processors and block hooks of a term act on its rows only. ``capture``:
+    name: (start, stop); the processors and block hooks of a term act on its rows only. ``everywhere``:
+    the terms that act on every row of every model call of the step (``Term.acts_on == "all"``). ``capture``:
     whether capture processors record their map; ``capture_rows``: how many leading rows of the model
     batch need it (0: all). A layer that sees k rows per model row (video frames, or spatial tokens in
     temporal layers) scales these by k. ``maps``: the aggregated maps recorded, per layer path: (rows, N)
@@ -72,6 +73,7 @@ class GuidanceState:
     """
 
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)
+    everywhere: frozenset[str] = frozenset()
     image_tokens: int = 0
     image_size: tuple[int, int] | None = None
     thread: int | None = None
@@ -99,7 +101,10 @@ class GuidanceState:
 
     def row_plan(self, layer_batch: int, acting: Iterable[str]) -> list[tuple[slice, str | None]]:
         """The rows of a layer batch of ``layer_batch`` in order, each run by one of the ``acting`` terms
-        (its group) or normally (None)."""
+        (its group; all rows for a term that acts everywhere) or normally (None)."""
+        everywhere = [t for t in acting if t in self.everywhere]
+        if everywhere:
+            return [(slice(0, layer_batch), everywhere[0])]
         plan: list[tuple[slice, str | None]] = []
         pos = 0
         mine = {t: span for t, span in self.groups.items() if t in set(acting)}
@@ -208,7 +213,7 @@ class GuidedAttention:
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st = self.state
         capture = self.capture and st.capture
-        acting = [name for name in self.terms if name in st.groups]
+        acting = [name for name in self.terms if name in st.groups or name in st.everywhere]
         if not (capture or acting) or not st.this_thread():
             return self.inner(attn, hidden_states, *args, **kwargs)
         grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
@@ -230,8 +235,11 @@ class GuidedAttention:
         return out
 
     def _image_tokens(self, n: int, n_img: int, k_len: int) -> slice:
-        """Where the ``n_img`` image tokens sit among the ``n`` tokens of one attention call: all of them
-        (self-attention), else the joint-attention order of the inner processor."""
+        """Where the ``n_img`` image tokens sit among the ``n`` query tokens of one attention call: all of
+        them (self-attention; cross-attention, whose keys are another sequence's), else the joint-attention
+        order of the inner processor."""
+        if n == n_img:
+            return slice(0, n)
         if k_len != n or n < n_img:
             raise ValueError(
                 f"attnguide: layer {self.name!r} is neither a self-attention nor a joint attention over its "
@@ -288,6 +296,11 @@ class GuidedAttention:
         them in ``st.maps``. ``tokens``: (all tokens, image tokens) of the call."""
         q, k, v = qkv
         n, n_img = tokens
+        if k.shape[-2] != n:
+            raise ValueError(
+                f"`sag_layers`: layer {self.name!r} is a cross-attention ({n} queries, {k.shape[-2]} keys); "
+                "SAG's map is a self-attention's"
+            )
         rows = min(rows, q.shape[0])
         image = self._image_tokens(n, n_img, k.shape[-2])
         if n == n_img:

@@ -61,6 +61,7 @@ class CudaGraphPasses:
             st.capture,
             st.capture_rows,
             tuple(sorted(st.groups.items())),
+            tuple(sorted(st.everywhere)),
             st.batch_rows,
         )
         key += (inputs_key,)

@@ -116,6 +116,7 @@ class Guider:
         modules = dict(inner.named_modules())
         for name, term in self.terms.items():
             term.check_model(inner, {layer: modules[layer].processor for layer in self.layers[name]})
+        _check_overlaps(self.terms, self.layers, self.blocks)
         replayable = all(term.graph_safe for term in self.terms.values())
         self.graphs = (
             CudaGraphPasses(self.state) if cuda_graphs and replayable and graph_safe(inner) else None
@@ -223,7 +224,7 @@ class Guider:
                     f"`{name}`: {term.title} is not supported where the CFG branches come in separate "
                     "denoiser calls (cfg_layout 'separate', Flux's true CFG)"
                 )
-        return {n: t for n, t in active.items() if t.separate_call == call}
+        return {n: t for n, t in active.items() if t.separate_call in (call, "both")}
 
     def _passes(self, model_fn, x_in, t, step, num_steps, inputs_key, cfg, call, image_tokens) -> StepOutputs:
         st = self.state
@@ -232,8 +233,30 @@ class Guider:
             self.layout.check_input(x_in)
         if self._sigma_schedule is None:
             self._sigma_schedule = uses_sigma_schedule(self.scheduler, self.scheduler.timesteps)
-        b = x_in.shape[0]
         active = self.active_terms(step, num_steps, call)
+        st.everywhere = frozenset(name for name, term in active.items() if term.acts_on == "all")
+        try:
+            res, layout = self._batched_call(model_fn, x_in, t, active, do_cfg, inputs_key, image_tokens)
+            ctx = self._context(model_fn, x_in, t, res, do_cfg, layout, inputs_key)
+            for name, term in active.items():
+                if not term.rows:
+                    weak = term.extra_pass(ctx)  # the terms that act everywhere act in it too
+                    if weak is not None:
+                        res.weak[name] = weak
+                delta = term.delta(ctx)
+                if delta is not None:
+                    res.deltas[name] = delta
+        finally:
+            st.everywhere = frozenset()
+        return res
+
+    def _batched_call(
+        self, model_fn, x_in, t, active, do_cfg, inputs_key, image_tokens
+    ) -> tuple[StepOutputs, LatentLayout]:
+        """The step's one batched call [uncond?, cond, a row block per term with rows], its predictions
+        split by branch (the terms' rows in ``weak``), and the model's layout."""
+        st = self.state
+        b = x_in.shape[0]
         batched = [name for name, term in active.items() for _ in range(term.rows)]
         branches = (["uncond"] if do_cfg else []) + ["cond"] * (1 + len(batched))
         first = len(branches) - len(batched)
@@ -264,14 +287,7 @@ class Guider:
             weak={name: preds[first + i] for i, name in enumerate(batched)},
             x_in=x_in,
         )
-        ctx = self._context(model_fn, x_in, t, res, do_cfg, layout, inputs_key)
-        for name, term in active.items():
-            if not term.rows:
-                weak = term.extra_pass(ctx)
-                if weak is not None:
-                    res.weak[name] = weak
-            res.deltas[name] = term.delta(ctx)
-        return res
+        return res, layout
 
     def _context(self, model_fn, x_in, t, res, do_cfg, layout, inputs_key) -> StepContext:
         """What the terms may read of this step (:class:`StepContext`)."""
@@ -340,6 +356,25 @@ class Guider:
         if self.do_cfg and self.guidance_rescale > 0.0:
             guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
         return guided if r.variance is None else torch.cat([guided, r.variance], dim=1)
+
+
+def _check_overlaps(
+    terms: dict[str, Term], layers: dict[str, list[str]], blocks: dict[str, list[str]]
+) -> None:
+    """ValueError where a term that acts on every row shares a layer or block with another term (their
+    changes of one attention call or block would not compose)."""
+    for name, term in terms.items():
+        if term.acts_on != "all":
+            continue
+        mine = set(layers[name]) | set(blocks[name])
+        for other in terms:
+            shared = mine & (set(layers[other]) | set(blocks[other])) if other != name else set()
+            if shared:
+                where = sorted(shared)[0]
+                raise ValueError(
+                    f"`{name}` and `{other}` both act in {where!r}; {term.title} changes every row there: "
+                    "give them different layers"
+                )
 
 
 def _check_guider_arguments(model, scheduler, generator, map_limits, record_masks, cuda_graphs) -> None:

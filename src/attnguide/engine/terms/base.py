@@ -217,7 +217,11 @@ class Term:
     paper: ClassVar[str] = ""
     #: row blocks of the conditional branch this term adds to the batched call
     rows: ClassVar[int] = 1
-    #: where the CFG branches come in two denoiser calls: the call this term rides in (None: refused)
+    #: the rows it acts on inside attention and around blocks: "own" (its row block), or "all" (every row
+    #: of every model call of the step: a change of the model itself, as sparse cross-attention)
+    acts_on: ClassVar[str] = "own"
+    #: where the CFG branches come in two denoiser calls: the call this term rides in ("cond", "uncond",
+    #: "both": a term that acts on every row; None: refused)
     separate_call: ClassVar[str | None] = "cond"
     #: whether its passes can be replayed from a CUDA graph (TPG draws a new permutation each pass: no)
     graph_safe: ClassVar[bool] = True
@@ -241,7 +245,8 @@ class Term:
 
     # -------------------------------------------------------------------- resolution (before any call)
     def attention_layers(self, model: nn.Module) -> list[str]:
-        """The self-attention layers where :meth:`attend` acts (ValueError for a name that matches none)."""
+        """The attention layers (self-, joint or cross-attention) where :meth:`attend` acts (ValueError for
+        a name that matches none)."""
         return []
 
     def capture_layers(self, model: nn.Module) -> list[str]:
@@ -286,8 +291,9 @@ class Term:
         """The scale at timestep ``t`` (constant unless the term says otherwise)."""
         return self.scale
 
-    def delta(self, ctx: StepContext) -> Tensor:
-        """This term's share of the guided prediction: s_t (ref - weak)."""
+    def delta(self, ctx: StepContext) -> Tensor | None:
+        """This term's share of the guided prediction: s_t (ref - weak); None for a term whose effect is
+        inside the predictions themselves (``acts_on == "all"``)."""
         return self.scale_at(ctx.t) * (self.reference(ctx) - ctx.outputs.weak[self.name])
 
     # -------------------------------------------------------------------- declarations
