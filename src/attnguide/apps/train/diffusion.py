@@ -332,29 +332,22 @@ def train_diffusion(
     dataset: str = "mnist",
     data_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train the class-conditional MNIST DDPM (epsilon-MSE) and save its EMA weights in diffusers layout.
+    """Train the class-conditional DDPM (epsilon-MSE) and save its EMA weights in diffusers layout.
 
-    Each step draws a batch of digits (with a random shift of up to ``max_shift`` pixels), replaces
-    each label by :data:`NULL_LABEL` with probability ``label_dropout``, draws uniform timesteps and
-    Gaussian noise, and minimises ``MSE(unet(x_t, t, y), noise)`` with AdamW (linear warm-up then cosine
-    decay to 10 % of ``lr`` over ``steps`` or ``max_minutes``, gradient-norm clipping). An EMA of the
-    weights (decay warming up to ``ema_decay``) is the model that is saved. The hyperparameters are
-    described in :class:`DiffusionSettings`; training stops early (and still saves) once the wall-time
-    budget ``max_minutes`` is used up.
+    Each step draws a batch of images (shifted by up to ``max_shift`` pixels), replaces each label by
+    :data:`NULL_LABEL` with probability ``label_dropout``, draws uniform timesteps and Gaussian noise,
+    and minimises ``MSE(unet(x_t, t, y), noise)`` with AdamW (linear warm-up, cosine decay to 10 % of
+    ``lr`` over ``steps`` or ``max_minutes``, gradient clipping); the EMA of the weights is saved
+    (:class:`DiffusionSettings`). It stops early, and still saves, when ``max_minutes`` is used up.
 
-    The run resumes from ``out_dir/checkpoint.pt`` (model, EMA, optimiser, random state, loss history
-    and elapsed time) if it exists; it is read with ``weights_only=True``, and one that cannot be read
-    so, or that another seed or model wrote, is a SystemExit. The checkpoint is replaced atomically
-    every ``checkpoint_every`` steps, and removed at the end unless ``keep_checkpoint``. At the end
-    ``unet/``, ``scheduler/``, ``model_index.json`` and ``training.json`` are written into ``out_dir``
-    (created if needed).
-    ``device`` is ``"cpu"``, ``"cuda"``, or ``None`` / ``"auto"`` for CUDA when available; ``command``
-    is the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`. ``data`` chooses the
-    digits (:func:`attnguide.apps.train.data.training_digits`): the train part of the digit split
-    (default: the held-out part stays unseen, the evaluation's FID reference) or ``"all"``; the split
-    record goes into ``training.json`` as ``data_split``. ``dataset`` is "mnist" or "fashion-mnist"
-    (:mod:`.datasets`; ``data_dir`` the folder of its IDX files), recorded in the checkpoint: a run does
-    not resume from another data set's checkpoint.
+    It resumes from ``out_dir/checkpoint.pt`` (read with ``weights_only=True``; one that cannot be read
+    so, or that another seed, model or data set wrote, is a SystemExit), replaced atomically every
+    ``checkpoint_every`` steps and removed at the end unless ``keep_checkpoint``. It writes ``unet/``,
+    ``scheduler/``, ``model_index.json`` and ``training.json``. ``device``: "cpu", "cuda", None / "auto";
+    ``command``: the command line to record; ``unet_kwargs`` go to :func:`make_mnist_unet`. ``dataset``
+    ("mnist" or "fashion-mnist", :mod:`.datasets`; ``data_dir`` the folder of its IDX files) and
+    ``data``, the part of its split: "train" (default: the held-out part stays unseen, the evaluation's
+    reference) or "all"; the split record goes into ``training.json`` as ``data_split``.
 
     Returns:
         The record written to ``training.json``.
