@@ -356,19 +356,10 @@ def train_diffusion(
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     unet_kwargs = dict(unet_kwargs or {})
-    settings = DiffusionSettings(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        label_dropout=label_dropout,
-        seed=seed,
-        ema_decay=ema_decay,
-        warmup_steps=max(1, min(warmup_steps, steps // 10)),
-        grad_clip=grad_clip,
-        max_shift=max_shift,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
+    warmup = max(1, min(warmup_steps, steps // 10))
+    settings = DiffusionSettings(  # in the order of its fields
+        *(steps, batch_size, lr, label_dropout, seed, ema_decay, warmup, grad_clip, max_shift),
+        *(log_every, checkpoint_every, max_minutes),
     )
     images, labels, data_split = training_images(dataset, data, data_dir)
     ckpt_path = out / CHECKPOINT_NAME
