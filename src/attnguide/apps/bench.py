@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..engine.step import place_terms
 from ..engine.terms import REGISTRY
 from .arms import METHOD_TERMS, Arm
 from .files import write_json_atomic, write_text_atomic
@@ -627,6 +628,23 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def runnable_arms(
+    denoiser: torch.nn.Module, arms: Sequence[str], log: Callable[[str], None]
+) -> tuple[list[str], dict[str, str]]:
+    """The arms whose terms can act on ``denoiser`` and, for the others, why not (the engine's refusal,
+    before any model call: e.g. a term that needs cross-attention on a joint-attention transformer)."""
+    kept, skipped = [], {}
+    for name in arms:
+        try:
+            place_terms(denoiser, ARMS[name].engine_terms())
+        except ValueError as err:
+            skipped[name] = str(err).splitlines()[0]
+            log(f"{name:8s} skipped: {skipped[name]}")
+            continue
+        kept.append(name)
+    return kept, skipped
+
+
 def run_benchmark(
     preset: str = "tiny",
     *,
@@ -656,6 +674,7 @@ def run_benchmark(
     for pipe in (pipes.ours, pipes.ours_pag):
         if pipe is not None:
             pipe.cuda_graphs = cuda_graphs
+    arms, skipped = runnable_arms(pipes.denoiser, arms, log)
     compile_info = None
     if compile_unet:
         results, compile_info = time_compiled(
@@ -688,6 +707,7 @@ def run_benchmark(
         "compile": compile_info,
         "attnguide_cuda_graphs": cuda_graphs and device.startswith("cuda"),
         "arms": results,
+        "skipped": skipped,
         "passes": term_costs(results, pipes, log),
         **sag_cost(results, pipes, device, repeats, log),
         **extra,

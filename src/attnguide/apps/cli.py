@@ -22,7 +22,7 @@ import torch
 from .. import notices  # noqa: F401  (its filters go in before diffusers' pipelines import)
 from ..engine.terms import REGISTRY, AppParam
 from ..pipelines.schedulers import SCHEDULER_NAMES
-from .arms import ATTENTION_TERMS, CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
+from .arms import CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
@@ -165,10 +165,24 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     return methods
 
 
-def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool) -> list[str]:
-    """The methods this model can run and a check of ``--steps``; SystemExit naming the flag otherwise."""
-    from ..engine.layers import self_attention_layers
+def _method_needs(pipe, method: str, args: argparse.Namespace, pixel: bool) -> str | None:
+    """Why the model cannot run ``method`` (None: it can): CFG on an unconditional model, or a term
+    that cannot act on the denoiser (the engine's own refusal, before any model call)."""
+    from ..engine.step import place_terms
 
+    if pixel and pipe.num_classes is None and method in CONDITIONAL_METHODS:
+        return "a class-conditional model"
+    try:
+        place_terms(pipe.unet, Arm.from_method(method, **_scales(args)).engine_terms())
+    except ValueError as err:
+        return str(err).splitlines()[0].replace("`", "")
+    return None
+
+
+def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool) -> list[str]:
+    """The methods this model can run and a check of ``--steps``; SystemExit naming the flag otherwise.
+    A method of the default grid that the model cannot run is left out silently; one the user named,
+    with a note."""
     limit = pipe.scheduler.config.num_train_timesteps
     if args.steps > limit:
         raise _usage_error("--steps", f"got {args.steps}; this model's scheduler allows 1 to {limit}")
@@ -176,17 +190,14 @@ def _check_model(pipe, args: argparse.Namespace, methods: list[str], pixel: bool
         pipe.scheduler.set_timesteps(args.steps)
     except ValueError as err:
         raise _usage_error("--steps", f"got {args.steps}; {args.scheduler}: {err}") from None
-    needs = {}
-    if pixel and pipe.num_classes is None:
-        needs.update({m: "a class-conditional model" for m in methods if m in CONDITIONAL_METHODS})
-    if not self_attention_layers(pipe.unet):
-        attention = [m for m in methods if method_terms(m) & ATTENTION_TERMS]
-        needs.update({m: "a model with self-attention" for m in attention if m not in needs})
+    needs = {m: why for m in methods if (why := _method_needs(pipe, m, args, pixel)) is not None}
     kept = [m for m in methods if m not in needs]
-    detail = "; ".join(f"{m} needs {why}" for m, why in needs.items())
+    detail = "; ".join(
+        f"{m} needs {why}" if why.startswith("a ") else f"{m}: {why}" for m, why in needs.items()
+    )
     if not kept:
         raise _usage_error("--methods", f"got {args.methods!r}, none of which this model runs ({detail})")
-    if needs:
+    if needs and args.methods != DEFAULT_METHODS:
         print(f"note: --methods: skipping {', '.join(needs)} ({detail})", file=sys.stderr)
     if not pixel and args.class_label not in (None, "none"):
         raise _usage_error("--class-label", f"got {args.class_label!r}, but the model is text-to-image")

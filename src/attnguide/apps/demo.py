@@ -214,6 +214,8 @@ def validate(model: DemoModel, *form: Any) -> Settings:
     method, scheduler = f["method"], f["scheduler"]
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
+    if method in model.unavailable:
+        raise InputError(f"{method} cannot run on this model: {model.unavailable[method]}.")
     if scheduler not in SCHEDULER_NAMES:
         raise InputError(f"Unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_NAMES)}.")
     layer = f["layer"].strip() if isinstance(f["layer"], str) else ""
@@ -249,6 +251,18 @@ def validate(model: DemoModel, *form: Any) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------- model
+def _refusal(denoiser: Any, method: str) -> str | None:
+    """Why the terms of a dropdown method cannot act on ``denoiser`` (None: they can)."""
+    from ..engine.step import place_terms
+
+    arm = Arm.from_terms(dropdown_terms(method), cfg_scale=CFG_DEFAULT)
+    try:
+        place_terms(denoiser, arm.engine_terms())
+    except ValueError as err:
+        return str(err).splitlines()[0].replace("`", "")
+    return None
+
+
 class DemoModel:
     """The pipeline, loaded once, and what the form offers for it."""
 
@@ -264,6 +278,9 @@ class DemoModel:
         self.num_classes = pipe.num_classes if self.pixel else None
         self.layers = list(self_attention_layers(pipe.unet))
         self.default_layer = default_sag_layer(pipe.unet)
+        #: the methods whose terms cannot act on this model, and why (the engine's refusal)
+        self.unavailable = {m: why for m in METHODS if (why := _refusal(pipe.unet, m)) is not None}
+        self.methods = [m for m in METHODS if m not in self.unavailable]
         real = (self.num_classes or 1) - 1  # the last class embedding is the null label
         self.label_choices = (
             [CYCLE, *[str(i) for i in range(real)], UNCONDITIONAL] if self.num_classes else []
@@ -449,7 +466,7 @@ def build_app(model: DemoModel):
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                method = gr.Dropdown(list(METHODS), value="SAG", label="Method", elem_id="method")
+                method = gr.Dropdown(model.methods, value="SAG", label="Method", elem_id="method")
                 cfg = gr.Number(value=CFG_DEFAULT, label="CFG scale", elem_id="cfg_scale")
                 fields = [_field(gr, cls, p) for _, cls, p in TERM_FIELDS]
                 layer = gr.Dropdown(

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import types
 import weakref
@@ -271,7 +272,9 @@ class GuidedAttention:
         for rows, term in st.row_plan(b, acting):
             qkv = (q[rows], k[rows], v[rows])
             if term is not None:
-                parts.append(self.terms[term].attend(*qkv, call))
+                parts.append(
+                    self.terms[term].attend(*qkv, dataclasses.replace(call, mask=_rows(mask, rows, b)))
+                )
             elif capture and rows.start == 0 and self.name not in st.maps:
                 rows_map = st.layer_rows(st.capture_rows, b) if st.capture_rows else rows.stop
                 parts.append(

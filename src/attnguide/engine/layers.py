@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "TEMPORAL_LAYER",
     "bounded_pattern",
+    "cross_attention_layers",
     "default_pag_layers",
     "default_sag_layer",
     "middle_block",
@@ -40,6 +41,16 @@ def self_attention_layers(model: nn.Module) -> dict[str, Attention]:
         name: m
         for name, m in model.named_modules()
         if isinstance(m, (Attention, AttentionModuleMixin)) and not getattr(m, "is_cross_attention", False)
+    }
+
+
+def cross_attention_layers(model: nn.Module) -> dict[str, Attention]:
+    """Every cross-attention module of ``model`` (its keys and values come from another sequence: the
+    text), by module path, in model order."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (Attention, AttentionModuleMixin)) and getattr(m, "is_cross_attention", False)
     }
 
 
@@ -71,8 +82,11 @@ def bounded_pattern(pattern: str) -> re.Pattern:
     return re.compile(r"(?!(?<=\d)\d)(?:" + _literal_dots(pattern) + r")(?!(?<=\d)\d)")
 
 
-def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument: str = "layers") -> list[str]:
-    """Module paths of the self-attention layers chosen by ``patterns``.
+def resolve_layers(
+    model: nn.Module, patterns: str | Sequence[str], *, argument: str = "layers", kind: str = "self"
+) -> list[str]:
+    """Module paths of the self-attention layers (``kind="cross"``: cross-attention layers) chosen by
+    ``patterns``.
 
     Each pattern is an exact module path, a parent path ("mid_block.attentions.0"), or a regular
     expression searched in the module paths (diffusers' PAG convention: "mid", "down", "up",
@@ -80,12 +94,11 @@ def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument:
     pattern never matches the start of a longer number, and a bare "." means a literal dot (".*",
     ".+", ".?" stay wildcards). A pattern that matches nothing raises ValueError listing the layers there are.
     """
-    layers = self_attention_layers(model)
+    layers = self_attention_layers(model) if kind == "self" else cross_attention_layers(model)
     if not layers:
-        raise ValueError(
-            f"`{argument}`: {type(model).__name__} has no self-attention layer, so it cannot be guided "
-            "by SAG or PAG"
-        )
+        why = "by SAG or PAG" if kind == "self" else f"by `{argument.split('_')[0]}`"
+        what = f"{type(model).__name__} has no {kind}-attention layer"
+        raise ValueError(f"`{argument}`: {what}, so it cannot be guided {why}")
     if isinstance(patterns, str):
         patterns = [patterns]
     if len(patterns) == 0:
@@ -105,8 +118,8 @@ def resolve_layers(model: nn.Module, patterns: str | Sequence[str], *, argument:
         if not hits:
             listing = "\n  ".join(layers)
             raise ValueError(
-                f"`{argument}`: {pattern!r} matches no self-attention layer of {type(model).__name__}. "
-                f"Available self-attention layers:\n  {listing}"
+                f"`{argument}`: {pattern!r} matches no {kind}-attention layer of {type(model).__name__}. "
+                f"Available {kind}-attention layers:\n  {listing}"
             )
         chosen.update(hits)
     return [name for name in layers if name in chosen]

@@ -42,7 +42,15 @@ from .parameterization import (
 )
 from .terms import TERMS, StepContext, StepOutputs, Term, check_terms, in_window
 
-__all__ = ["Guider", "ModelFn", "StepOutputs", "config_layout", "sample_loop", "scheduler_step_kwargs"]
+__all__ = [
+    "Guider",
+    "ModelFn",
+    "StepOutputs",
+    "config_layout",
+    "place_terms",
+    "sample_loop",
+    "scheduler_step_kwargs",
+]
 
 
 class Guider:
@@ -110,13 +118,7 @@ class Guider:
         # call. A torch.compile wrapper (``torch.compile(unet)``) is looked through.
         inner = getattr(model, "_orig_mod", model)
         self.layout = layout if layout is not None else config_layout(inner, scheduler)
-        self.capture = {name: term.capture_layers(inner) for name, term in self.terms.items()}
-        self.layers = {name: term.attention_layers(inner) for name, term in self.terms.items()}
-        self.blocks = {name: term.blocks(inner) for name, term in self.terms.items()}
-        modules = dict(inner.named_modules())
-        for name, term in self.terms.items():
-            term.check_model(inner, {layer: modules[layer].processor for layer in self.layers[name]})
-        _check_overlaps(self.terms, self.layers, self.blocks)
+        self.capture, self.layers, self.blocks = place_terms(inner, self.terms)
         replayable = all(term.graph_safe for term in self.terms.values())
         self.graphs = (
             CudaGraphPasses(self.state) if cuda_graphs and replayable and graph_safe(inner) else None
@@ -356,6 +358,24 @@ class Guider:
         if self.do_cfg and self.guidance_rescale > 0.0:
             guided = rescale_cfg(guided, r.out_cond, self.guidance_rescale)
         return guided if r.variance is None else torch.cat([guided, r.variance], dim=1)
+
+
+Placement = dict[str, list[str]]
+
+
+def place_terms(model: nn.Module, terms: dict[str, Term]) -> tuple[Placement, Placement, Placement]:
+    """Where each term acts in ``model``: the layers whose maps it reads, the attention layers and the
+    blocks where it acts, each by term name. ValueError, before any model call, where a term cannot act
+    on the model (a layer name that matches nothing, a kind of attention it has no meaning for, two
+    terms in one layer where one changes every row)."""
+    capture = {name: term.capture_layers(model) for name, term in terms.items()}
+    layers = {name: term.attention_layers(model) for name, term in terms.items()}
+    blocks = {name: term.blocks(model) for name, term in terms.items()}
+    modules = dict(model.named_modules())
+    for name, term in terms.items():
+        term.check_model(model, {layer: modules[layer].processor for layer in layers[name]})
+    _check_overlaps(terms, layers, blocks)
+    return capture, layers, blocks
 
 
 def _check_overlaps(

@@ -172,14 +172,16 @@ class StepOutputs:
 @dataclass
 class AttentionCall:
     """One intercepted attention call, as a term's :meth:`Term.attend` sees it: where the image tokens
-    sit among the call's tokens (``image``: all of them for self-attention; a joint text + image sequence
-    otherwise), the token grid of the image (``grid()``: (h, w), from the layer's feature map or the
-    latent's size), the call's other ``scaled_dot_product_attention`` options and the layer's name."""
+    sit among the call's query tokens (``image``: all of them for self- and cross-attention; a joint
+    text + image sequence otherwise), the token grid of the image (``grid()``: (h, w), from the layer's
+    feature map or the latent's size), the call's other ``scaled_dot_product_attention`` options, the
+    layer's name, and the call's attention mask for the term's rows (None: none)."""
 
     image: slice
     grid: Callable[[], tuple[int, int]]
     options: dict[str, Any]
     layer: str
+    mask: Tensor | None = None
 
 
 @dataclass
