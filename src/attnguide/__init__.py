@@ -11,7 +11,8 @@ Three layers, dependencies pointing one way (docs/architecture.md):
 * :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train).
 
 The package is lazy (PEP 562): ``import attnguide`` imports none of torch, diffusers or the pipelines;
-each name below is imported when first used.
+each name below is imported when first used, and so is every term class of the registry
+(``attnguide.engine.terms.REGISTRY``: ``from attnguide import SAG``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
+    if module is None and name[:1].isupper():  # every registered term class (the registry says which)
+        terms = importlib.import_module("attnguide.engine.terms")
+        if any(cls.__name__ == name for cls in terms.REGISTRY):
+            module = "attnguide.engine.terms"
     if module is None:
         raise AttributeError(f"module 'attnguide' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
