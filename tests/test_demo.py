@@ -253,7 +253,7 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
     table = page.locator("#methods table")
     table.wait_for(timeout=10_000)
     rows = table.locator("tbody tr").all_inner_texts()
-    assert [r.split()[0] for r in rows] == ["SAG", "blur", "PAG", "SEG", "TPG", "SLG", "CFG"]
+    assert [r.split()[0] for r in rows] == ["SAG", "blur", "PAG", "SEG", "TPG", "SLG", "PLADIS", "CFG"]
     assert outside == [], f"the page made requests outside the app: {outside}"
     page.close()
 
@@ -271,8 +271,9 @@ def tiny_model():
 
 
 def _form(model, **change):
-    """The form's values in the order the demo takes them (``FORM_FIELDS``), with ``change``."""
-    from attnguide.apps.demo import FORM_FIELDS
+    """The form's values in the order the demo takes them (``FORM_FIELDS``), with ``change``; a field of
+    a term not named here takes its form default."""
+    from attnguide.apps.demo import FORM_FIELDS, TERM_FIELDS
 
     form = dict(
         method="SAG",
@@ -293,7 +294,8 @@ def _form(model, **change):
         num_images=2,
     )
     form.update(change)
-    return [form[name] for name in FORM_FIELDS]
+    defaults = {name: setting.app_default for name, _, setting in TERM_FIELDS}
+    return [form[name] if name in form else defaults[name] for name in FORM_FIELDS]
 
 
 @pytest.mark.parametrize(
@@ -445,7 +447,7 @@ def test_methods_table_lists_every_dropdown_term():
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]  # rows[0]: the header
     assert all(len(c) == 4 for c in cells), "a row of the table lost a cell"
     names = [c[0].split()[0].lower() for c in cells]
-    assert names == ["sag", "blur", "pag", "seg", "tpg", "slg", "cfg"]
+    assert names == ["sag", "blur", "pag", "seg", "tpg", "slg", "pladis", "cfg"]
     offered = set().union(*(dropdown_terms(m) for m in METHODS))
     assert offered == set(names) == set(TERMS)
     passes = dict(zip(names, (c[2] for c in cells), strict=True))

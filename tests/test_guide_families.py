@@ -13,8 +13,9 @@ from conftest import in_threads
 from tiny_families import FAMILIES, cfg_kwargs, instantiate
 
 import attnguide
-from attnguide import PAG, SAG
+from attnguide import PAG, PLADIS, SAG
 from attnguide.engine.guidance import SEG, SLG, TPG
+from attnguide.engine.layers import cross_attention_layers
 
 TINY = 1e-6
 TERMS = {
@@ -23,6 +24,7 @@ TERMS = {
     "seg": lambda s: {"seg": SEG(scale=5 * s)},  # a weak term on tiny models: a larger scale shows it
     "tpg": lambda s: {"tpg": TPG(scale=s)},
     "slg": lambda s: {"slg": SLG(scale=s, window=(0.0, 1.0))},
+    "pladis": lambda s: {"pladis": PLADIS(scale=s)},
 }
 PAG_SCALE = 2.0
 
@@ -82,6 +84,10 @@ def test_guided_family(name, cfg):
             continue
         if term == "seg" and name == "sana":
             with pytest.raises(ValueError, match="linear attention"):  # before any model call
+                _guided(pipe, spec, cfg, **make(1.0))
+            continue
+        if term == "pladis" and not cross_attention_layers(den):  # joint attention, class embeddings
+            with pytest.raises(ValueError, match="no cross-attention layer"):  # before any model call
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
         guided = _guided(pipe, spec, cfg, **make(1.0))

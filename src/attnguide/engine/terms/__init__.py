@@ -9,13 +9,14 @@ from __future__ import annotations
 from .base import AppParam, AppSpec, AttentionCall, Method, StepContext, StepOutputs, Term, in_window
 from .classifier import ClassifierGuidance, GradFn, classifier_grad_fn, classifier_shift
 from .pag import PAG, identity_attention
+from .pladis import PLADIS
 from .sag import SAG, sag_degraded_input, sag_update
 from .seg import SEG, blur_queries, seg_attention, seg_kernel_size
 from .slg import SLG
 from .tpg import TPG
 
 #: Every term, in the order their shares are added and their settings listed (Arm keys, flags, fields).
-REGISTRY: tuple[type[Term], ...] = (SAG, PAG, SEG, TPG, SLG, ClassifierGuidance)
+REGISTRY: tuple[type[Term], ...] = (SAG, PAG, SEG, TPG, SLG, ClassifierGuidance, PLADIS)
 #: The terms by name (``guide(sag=...)``, ``Guider(pag=...)``).
 TERMS: dict[str, type[Term]] = {cls.name: cls for cls in REGISTRY}
 
@@ -43,6 +44,7 @@ def check_terms(terms: dict[str, object | None]) -> dict[str, Term]:
 
 __all__ = [
     "PAG",
+    "PLADIS",
     "REGISTRY",
     "SAG",
     "SEG",
