@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..checks import check_scale, check_window
 from ..combine import combine
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Term",
     "in_window",
     "keyword",
+    "scale_param",
 ]
 
 
@@ -108,6 +110,14 @@ class AppParam:
         if self.inf_allowed:
             return above
         return above and math.isfinite(value) and value <= self.high
+
+
+def scale_param(term: str, title: str, app_default: float, *, why: str = "") -> AppParam:
+    """The scale setting of a term: the ``Arm`` field ``<term>_scale`` (0: off), the flag
+    ``--<term>-scale`` (default ``app_default``; ``why`` it differs from the library's), and the demo
+    field "<title> scale" in [0, 10]."""
+    flag, label = f"--{term}-scale", f"{title} scale"
+    return AppParam("scale", 0.0, "scale", flag, app_default, label, demo=(0.0, 10.0), why=why)
 
 
 @dataclass(frozen=True)
@@ -244,6 +254,12 @@ class Term:
 
     scale: float
     window: tuple[float, float]
+
+    def check_scale_and_window(self) -> None:
+        """ValueError naming ``<name>_scale`` / ``<name>_window`` for a bad scale or window (in
+        ``__post_init__``; the window is stored as a float pair)."""
+        check_scale(f"{self.name}_scale", self.scale, minimum=-math.inf)
+        object.__setattr__(self, "window", check_window(f"{self.name}_window", self.window))
 
     # -------------------------------------------------------------------- resolution (before any call)
     def attention_layers(self, model: nn.Module) -> list[str]:

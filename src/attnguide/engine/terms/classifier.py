@@ -11,7 +11,6 @@ written for every prediction type by :func:`classifier_shift`; it adds no model 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -19,7 +18,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_scale, check_window
 from ..parameterization import PREDICTION_TYPES, NoiseLevel
 from .base import AppParam, AppSpec, StepContext, Term
 
@@ -121,13 +119,12 @@ class ClassifierGuidance(Term):
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        check_scale("classifier_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         if not callable(self.grad_fn):
             raise ValueError(
                 "`classifier` must be a function grad_fn(x, t) -> grad_x log p(y | x_t) (or a classifier "
                 f"module where a pipeline takes one), got {self.grad_fn!r}"
             )
-        object.__setattr__(self, "window", check_window("classifier_window", self.window))
 
     def delta(self, ctx: StepContext) -> Tensor:
         """The shift of the prediction (:func:`classifier_shift`): the user's gradient at the model

@@ -12,7 +12,6 @@ attention the output is the projected V (diffusers' ``PAGIdentitySanaLinearAttnP
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_layers, check_scale, check_window
+from ..checks import check_layers, check_scale
 from ..layers import default_pag_layers, resolve_layers
-from .base import AppParam, AppSpec, AttentionCall, Term, keyword
+from .base import AppSpec, AttentionCall, Term, keyword, scale_param
 
 __all__ = ["PAG", "identity_attention"]
 
@@ -63,18 +62,7 @@ class PAG(Term):
     default_on_in_pipelines: ClassVar[bool] = True
     paper: ClassVar[str] = "arXiv:2403.17377"
     app: ClassVar[AppSpec] = AppSpec(
-        params=(
-            AppParam(
-                "scale",
-                0.0,
-                "scale",
-                "--pag-scale",
-                1.0,
-                "PAG scale",
-                demo=(0.0, 10.0),
-                why="the library's PAG: 3.0, diffusers' default",
-            ),
-        ),
+        params=(scale_param("pag", "PAG", 1.0, why="the library's PAG: 3.0, diffusers' default"),),
         weak="identity self-attention (output V) in the chosen layers (UNets: the mid block)",
     )
 
@@ -84,10 +72,9 @@ class PAG(Term):
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        check_scale("pag_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         check_scale("pag_adaptive_scale", self.adaptive_scale)
         check_layers("pag_applied_layers", self.layers)
-        object.__setattr__(self, "window", check_window("pag_window", self.window))
 
     def scale_at(self, t: Tensor | float) -> float:
         """s_t, diffusers' adaptive PAG scale."""

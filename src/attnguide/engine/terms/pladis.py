@@ -28,9 +28,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_layers, check_scale, check_window
+from ..checks import check_layers
 from ..layers import resolve_layers
-from .base import AppParam, AppSpec, AttentionCall, StepContext, Term
+from .base import AppSpec, AttentionCall, StepContext, Term, scale_param
 
 __all__ = ["PLADIS", "entmax15", "pladis_attention", "sparsemax"]
 
@@ -114,18 +114,7 @@ class PLADIS(Term):
     acts_on: ClassVar[str] = "all"
     separate_call: ClassVar[str] = "both"
     app: ClassVar[AppSpec] = AppSpec(
-        params=(
-            AppParam(
-                "scale",
-                0.0,
-                "scale",
-                "--pladis-scale",
-                2.0,
-                "PLADIS scale",
-                demo=(0.0, 10.0),
-                why="the paper's lambda",
-            ),
-        ),
+        params=(scale_param("pladis", "PLADIS", 2.0, why="the paper's lambda"),),
         passes="none (a change of the cross-attention)",
         weak="none: every cross-attention map pushed from softmax towards 1.5-entmax (lambda = scale)",
     )
@@ -136,11 +125,10 @@ class PLADIS(Term):
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        check_scale("pladis_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         if self.sparse not in SPARSE_MAPS:
             raise ValueError(f"`pladis_sparse` must be one of {SPARSE_MAPS}, got {self.sparse!r}")
         check_layers("pladis_layers", self.layers)
-        object.__setattr__(self, "window", check_window("pladis_window", self.window))
 
     def attention_layers(self, model: nn.Module) -> list[str]:
         names = self.layers if self.layers is not None else ".*"  # every cross-attention layer

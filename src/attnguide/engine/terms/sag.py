@@ -20,7 +20,6 @@ latent channels are degraded, frame by frame for video; conditioning channels st
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -28,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_layers, check_number, check_scale, check_window
+from ..checks import check_layers, check_number
 from ..degrade import (
     MASK_KINDS,
     Blur,
@@ -45,7 +44,7 @@ from ..degrade import (
 from ..layers import default_sag_layer, resolve_layers
 from ..layout import as_images, from_images
 from ..parameterization import NoiseLevel, predict_eps, predict_x0, renoise
-from .base import AppParam, AppSpec, Method, StepContext, Term
+from .base import AppParam, AppSpec, Method, StepContext, Term, scale_param
 
 __all__ = ["SAG", "sag_degraded_input", "sag_update"]
 
@@ -81,7 +80,7 @@ def sag_degraded_input(
 
 
 _PARAMS = (
-    AppParam("scale", 0.0, "scale", "--sag-scale", 0.75, "SAG scale", demo=(0.0, 10.0)),
+    scale_param("sag", "SAG", 0.75),
     AppParam("mask", "attention", "mask"),
     AppParam(
         "sigma",
@@ -154,7 +153,7 @@ class SAG(Term):
     blur: Blur | None = field(default=None, metadata={"keyword": None})
 
     def __post_init__(self) -> None:
-        check_scale("sag_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         check_layers("sag_layers", self.layers)
         check_number(
             "sag_threshold",
@@ -170,7 +169,6 @@ class SAG(Term):
         if not isinstance(self.mask, str) or self.mask not in MASK_KINDS:
             raise ValueError(f"`sag_mask` must be one of {MASK_KINDS}, got {self.mask!r}")
         check_number("sag_mask_fraction", self.mask_fraction, minimum=0.0, maximum=1.0, open_minimum=True)
-        object.__setattr__(self, "window", check_window("sag_window", self.window))
         if self.blur is not None and not callable(self.blur):
             raise ValueError(f"`sag_blur` must be a function of a (B, C, H, W) tensor, got {self.blur!r}")
 

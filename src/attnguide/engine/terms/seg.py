@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 from torch import Tensor, nn
 
-from ..checks import check_layers, check_scale, check_window
+from ..checks import check_layers
 from ..layers import default_pag_layers, resolve_layers
-from .base import AppParam, AppSpec, AttentionCall, Term
+from .base import AppParam, AppSpec, AttentionCall, Term, scale_param
 
 __all__ = ["SEG", "blur_queries", "seg_attention", "seg_kernel_size"]
 
@@ -97,7 +97,7 @@ class SEG(Term):
     paper: ClassVar[str] = "arXiv:2408.00760"
     app: ClassVar[AppSpec] = AppSpec(
         params=(
-            AppParam("scale", 0.0, "scale", "--seg-scale", 3.0, "SEG scale", demo=(0.0, 10.0)),
+            scale_param("seg", "SEG", 3.0),
             AppParam(
                 "sigma",
                 None,
@@ -124,11 +124,10 @@ class SEG(Term):
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        check_scale("seg_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         if not isinstance(self.sigma, (int, float)) or isinstance(self.sigma, bool) or not self.sigma > 0:
             raise ValueError(f"`seg_sigma` must be a number > 0 (math.inf allowed), got {self.sigma!r}")
         check_layers("seg_layers", self.layers)
-        object.__setattr__(self, "window", check_window("seg_window", self.window))
 
     def attention_layers(self, model: nn.Module) -> list[str]:
         names = self.layers if self.layers is not None else default_pag_layers(model)

@@ -8,15 +8,14 @@ being its input:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor, nn
 
-from ..checks import check_blocks, check_scale, check_window
+from ..checks import check_blocks
 from ..layers import middle_block, resolve_blocks, transformer_blocks
-from .base import AppParam, AppSpec, Term
+from .base import AppParam, AppSpec, Term, scale_param
 
 __all__ = ["SLG"]
 
@@ -41,16 +40,7 @@ class SLG(Term):
     block_hook: ClassVar[str] = "after"
     app: ClassVar[AppSpec] = AppSpec(
         params=(
-            AppParam(
-                "scale",
-                0.0,
-                "scale",
-                "--slg-scale",
-                1.0,
-                "SLG scale",
-                demo=(0.0, 10.0),
-                why="the library's SLG: 2.8, diffusers' default",
-            ),
+            scale_param("slg", "SLG", 1.0, why="the library's SLG: 2.8, diffusers' default"),
             AppParam("window", (0.01, 0.2), "window"),
         ),
         eval_scale=1.0,
@@ -64,9 +54,8 @@ class SLG(Term):
     window: tuple[float, float] = (0.01, 0.2)
 
     def __post_init__(self) -> None:
-        check_scale("slg_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         check_blocks("slg_layers", self.layers)
-        object.__setattr__(self, "window", check_window("slg_window", self.window))
 
     def blocks(self, model: nn.Module) -> list[str]:
         layers = self.layers

@@ -9,16 +9,15 @@ keeps its features, only their order changes), the rest of the network run on th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_blocks, check_scale, check_window
+from ..checks import check_blocks
 from ..layers import default_pag_layers, resolve_blocks, transformer_blocks
-from .base import AppParam, AppSpec, Term
+from .base import AppSpec, Term, scale_param
 
 __all__ = ["TPG"]
 
@@ -43,14 +42,10 @@ class TPG(Term):
     block_hook: ClassVar[str] = "before"
     app: ClassVar[AppSpec] = AppSpec(
         params=(
-            AppParam(
-                "scale",
-                0.0,
-                "scale",
-                "--tpg-scale",
+            scale_param(
+                "tpg",
+                "TPG",
                 0.2,
-                "TPG scale",
-                demo=(0.0, 10.0),
                 why="the library's TPG: 3.0; on the bundled model 0.5 already breaks the strokes at 50 steps",
             ),
         ),
@@ -64,9 +59,8 @@ class TPG(Term):
     window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        check_scale("tpg_scale", self.scale, minimum=-math.inf)
+        self.check_scale_and_window()
         check_blocks("tpg_layers", self.layers)
-        object.__setattr__(self, "window", check_window("tpg_window", self.window))
 
     def blocks(self, model: nn.Module) -> list[str]:
         layers = self.layers
