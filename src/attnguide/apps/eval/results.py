@@ -189,7 +189,7 @@ def add_reference(
     if not inception:
         record["extractor"]["description"] = (
             f"{dims['pool']}-d pooled features; sFID on the first 7 channels of the 7x7 map "
-            f"({dims['spatial']}-d); logits of {dims['logits']} digits"
+            f"({dims['spatial']}-d); logits of {dims['logits']} classes"
         )
 
 

