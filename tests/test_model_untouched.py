@@ -4,6 +4,7 @@ the same calls made one after the other."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -183,7 +184,11 @@ def test_an_unguided_call_during_a_guided_run_stays_unguided():
     guided_pipe, call = _sd()
     from diffusers import StableDiffusionPipeline
 
-    plain = quiet(StableDiffusionPipeline(**guided_pipe.components))
+    # The UNet is shared; the tokenizer is not: transformers' tokenizers keep their padding settings on
+    # the object during a call, so two threads tokenizing with one tokenizer can get each other's
+    # (a transformers race, outside the guidance; the guided pipeline's own calls take turns).
+    tokenizer = copy.deepcopy(guided_pipe.tokenizer)
+    plain = quiet(StableDiffusionPipeline(**{**guided_pipe.components, "tokenizer": tokenizer}))
     want_plain = plain("a red dog", generator=gen(1), **TEXT).images
     want_guided = call(0, "a cat", sag_scale=0.75, pag_scale=1.0)
     results = in_threads(
