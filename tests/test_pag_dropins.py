@@ -320,3 +320,42 @@ def test_call_after_set_pag_attn_processor_is_unaffected(cfg):
     assert pipe.pag_attn_processors.keys() == {
         f"{layer}.processor" for layer in resolve_layers(pipe.unet, ["mid", "up"])
     }
+
+
+@pytest.mark.parametrize("family", sorted(DROPINS))
+def test_components_are_diffusers(family):
+    """A drop-in made from diffusers' PAG pipeline's components has its ``components`` (diffusers'
+    ``test_components_function``): the same names, none added."""
+    spec = _spec(family)
+    ref = spec["pag_pipeline"](**spec["components"])
+    ours = DROPINS[family](**spec["components"])
+    assert sorted(ours.components) == sorted(ref.components)
+    assert ours._optional_components == ref._optional_components
+
+
+def test_encode_prompt_keeps_diffusers_signature():
+    """diffusers' pipeline tests read encode_prompt's parameter names: ours are diffusers' (also while a
+    guide() block has put its recorder there)."""
+    from diffusers import StableDiffusionPipeline
+
+    def names(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    pipe = quiet(StableDiffusionPAGPipeline(**tiny_sd_components(0)))
+    want = names(StableDiffusionPipeline(**tiny_sd_components(0)).encode_prompt)
+    assert names(pipe.encode_prompt) == want
+    with attnguide.guide(pipe, pag=attnguide.PAG(scale=1.0)):
+        assert names(pipe.encode_prompt) == want
+
+
+@pytest.mark.parametrize("slicing", ["auto", 1, "max"])
+def test_attention_slicing_gives_the_default_processors_output(slicing):
+    """With diffusers' attention slicing on (SlicedAttnProcessor, which computes attention without
+    scaled_dot_product_attention), SAG and PAG give the default processors' output within 1e-4."""
+    kw = dict(prompt=["a cat", "a dog"], height=32, width=32, num_inference_steps=3, output_type="pt")
+    pipe = quiet(StableDiffusionPAGPipeline(**tiny_sd_components(0)))
+    want = _run(pipe, kw, guidance_scale=3.0, pag_scale=2.0, sag_scale=0.5)
+    pipe.enable_attention_slicing(slicing)
+    assert any("Sliced" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+    got = _run(pipe, kw, guidance_scale=3.0, pag_scale=2.0, sag_scale=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

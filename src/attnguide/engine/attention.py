@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (
     Attention,
-    AttnProcessor,
+    AttnAddedKVProcessor2_0,
     AttnProcessor2_0,
     SanaLinearAttnProcessor2_0,
 )
@@ -53,6 +53,18 @@ class MapLimits:
 
 #: The default: exact maps up to 2^26 probabilities, then memory-flat in chunks of 2^24.
 DEFAULT_MAP_LIMITS = MapLimits()
+
+
+#: diffusers' processors without a ``scaled_dot_product_attention`` call, by class name, and their twin
+#: that computes the same attention with one (their slicing or xformers only change the memory).
+SDPA_TWINS: dict[str, type] = {
+    "AttnProcessor": AttnProcessor2_0,
+    "SlicedAttnProcessor": AttnProcessor2_0,
+    "XFormersAttnProcessor": AttnProcessor2_0,
+    "AttnAddedKVProcessor": AttnAddedKVProcessor2_0,
+    "SlicedAttnAddedKVProcessor": AttnAddedKVProcessor2_0,
+    "XFormersAttnAddedKVProcessor": AttnAddedKVProcessor2_0,
+}
 
 
 @dataclass
@@ -207,9 +219,11 @@ class GuidedAttention:
         self.inner, self.name, self.state = inner, name, state
         self.capture, self.limits = capture, limits
         self.terms = dict(terms or {})
-        # diffusers' classic processor computes the same attention with explicit matrices; its fused
-        # twin runs in its place during guided calls, where the attention call must be intercepted.
-        self._guided_inner = AttnProcessor2_0() if type(inner) is AttnProcessor else inner
+        # diffusers' processors that compute attention without scaled_dot_product_attention (explicit
+        # matrices, slices of them, xformers) have a twin that computes the same with it: that one runs
+        # in their place during guided calls, where the attention call must be intercepted.
+        twin = SDPA_TWINS.get(type(inner).__name__)
+        self._guided_inner = twin() if twin is not None else inner
 
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st = self.state

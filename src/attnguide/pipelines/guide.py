@@ -188,6 +188,7 @@ class CFGRecorder:
     def __init__(self, original):
         self.original = original
         self.signature = inspect.signature(original)
+        self.__signature__ = self.signature  # what inspect.signature(pipe.encode_prompt) says meanwhile
         self._local = threading.local()
         self._lock = threading.RLock()
 

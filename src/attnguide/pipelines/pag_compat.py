@@ -258,4 +258,6 @@ def pag_dropin(
     }
     if hasattr(theirs, "_callback_tensor_inputs"):
         namespace["_callback_tensor_inputs"] = theirs._callback_tensor_inputs
+    if like:  # diffusers' components: the base's extra optional modules (SD3's image encoder) are not
+        namespace["_optional_components"] = list(theirs._optional_components)
     return type(f"_{theirs.__name__}Base", (PAGLayersMixin, *mixins, *guided, base), namespace)

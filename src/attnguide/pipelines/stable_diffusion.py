@@ -43,19 +43,38 @@ class ClipSkipMixin:
                 f"{type(negative).__name__}"
             )
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw):
-        """diffusers' ``encode_prompt``, also with ``clip_skip`` on transformers 5.
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """diffusers' ``encode_prompt`` (its signature), also with ``clip_skip`` on transformers 5.
 
         transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which diffusers' clip-skip path
         still reads; the text encoder itself is exposed under that name for the duration of the call.
         """
         te = self.text_encoder
-        shim = kw.get("clip_skip") is not None and te is not None and not hasattr(te, "text_model")
+        shim = clip_skip is not None and te is not None and not hasattr(te, "text_model")
         if shim:
             te.__dict__["text_model"] = te
         try:
             return super().encode_prompt(
-                prompt, device, num_images_per_prompt, do_classifier_free_guidance, *a, **kw
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                lora_scale,
+                clip_skip,
             )
         finally:
             if shim:
