@@ -1,7 +1,7 @@
 """Notices of the libraries attnguide uses that reach the user's terminal without being asked for and say
-nothing the user can act on here: transformers' "requires torchvision (not installed); falling back to
-the PIL image processor" (torchvision is not needed, and on CPU builds of torch it cannot be installed
-beside it). One logging filter on the logger that emits it drops exactly that message; every other
+nothing the user needs here: transformers' "requires torchvision (not installed); falling back to the PIL
+image processor" (torchvision is not needed, and on CPU builds of torch it cannot be installed beside
+it), and diffusers' advice to install accelerate at every model load (loading works the same without). One logging filter on each logger that emits one drops exactly that message; every other
 message passes. Importing this module installs the filters (the pipelines and the command import it
 first)."""
 
@@ -12,7 +12,13 @@ import logging
 __all__ = ["quiet_notices"]
 
 #: (logger name, a phrase only the dropped message has)
-_DROPPED = (("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),)
+_DROPPED = (
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+    # diffusers' advice to install accelerate, printed at every load of a model without it; loading works
+    # the same (low_cpu_mem_usage=False is what it falls back to)
+    ("diffusers.pipelines.pipeline_utils", "because `accelerate` was not found"),
+    ("diffusers.models.modeling_utils", "because `accelerate` was not found"),
+)
 
 
 class _DropNotice(logging.Filter):
