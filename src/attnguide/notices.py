@@ -1,9 +1,9 @@
 """Notices of the libraries attnguide uses that reach the user's terminal without being asked for and say
 nothing the user needs here: transformers' "requires torchvision (not installed); falling back to the PIL
 image processor" (torchvision is not needed, and on CPU builds of torch it cannot be installed beside
-it), and diffusers' advice to install accelerate at every model load (loading works the same without). One logging filter on each logger that emits one drops exactly that message; every other
-message passes. Importing this module installs the filters (the pipelines and the command import it
-first)."""
+it), and diffusers' advice to install accelerate at every model load (loading works the same without).
+One logging filter on each logger that emits one drops exactly that message; every other message
+passes. Importing this module installs the filters (the pipelines and the command import it first)."""
 
 from __future__ import annotations
 

@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.noisy_classifier:
         train_noisy_classifier(
-            out, steps=args.noisy_classifier_steps, seed=args.seed, device=device, command=command
+            out,
+            steps=args.noisy_classifier_steps,
+            seed=args.seed,
+            device=device,
+            command=command,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
         )
     return 0

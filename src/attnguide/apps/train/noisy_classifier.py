@@ -4,8 +4,8 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at random t of the bundled model's 
 and :func:`cond_fn`, ADM's gradient of log p(y | x_t) for
 :class:`attnguide.engine.guidance.ClassifierGuidance`.
 
-Trained on the train part of the digits only (:func:`.data.split_digits`, the split the diffusion model
-and the feature classifiers use); its accuracy at each noise level on the held-out part is recorded in
+Trained on the train part of the data set only (:func:`.datasets.load_split`, the split the diffusion
+model and the feature classifiers use); its accuracy at each noise level on the held-out part is recorded in
 ``noisy_classifier/config.json`` beside the weights. ``attnguide train --noisy-classifier`` trains it.
 """
 
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ...engine.guidance import GradFn, classifier_grad_fn
 from ..files import write_atomic, write_json_atomic
-from .data import DATASET_DESCRIPTION, load_mnist, random_shift, split_digits
+from .data import random_shift
+from .datasets import dataset_description, load_split
 from .environment import command_line, library_versions, pick_device
 from .models import make_mnist_scheduler
 
@@ -204,14 +205,17 @@ def train_noisy_classifier(
     device: str | None = None,
     log_every: int = 100,
     command: str | None = None,
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Train :class:`NoisyDigitClassifier` on the training digits noised by ``out_dir``'s scheduler and
+    """Train :class:`NoisyDigitClassifier` on the training images of ``dataset`` (:mod:`.datasets`)
+    noised by ``out_dir``'s scheduler and
     write ``out_dir/noisy_classifier/`` (``model.safetensors``, ``config.json`` with the held-out accuracy
     at each of :data:`EVAL_TIMESTEPS`).
 
     Each step draws ``batch_size`` training digits (shifted by up to 2 pixels), a uniform timestep and
     Gaussian noise per digit, and minimises the cross-entropy of the label at x_t (ADM's classifier
-    training). Only the train part of :func:`split_digits` is trained on; the held-out part (never seen)
+    training). Only the train part of the data set's split is trained on; the held-out part (never seen)
     gives the scores. Returns the ``config.json`` record.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -219,16 +223,14 @@ def train_noisy_classifier(
     out = Path(out_dir)
     dev = pick_device(device)
     alphas_cumprod, schedule_source = _scheduler_alphas(out)
-    images, labels = load_mnist()
-    split = split_digits(images, labels)
-    train_idx, test_idx = torch.from_numpy(split.train), torch.from_numpy(split.held_out)
+    split = load_split(dataset, data_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 3)
     model = NoisyDigitClassifier().to(dev)
     t0 = time.time()
     final_loss = _fit(
         model,
-        (images[train_idx], labels[train_idx]),
+        (split.train_images, split.train_labels),
         alphas_cumprod,
         gen,
         steps=steps,
@@ -239,14 +241,16 @@ def train_noisy_classifier(
     )
     wall_s = time.time() - t0
     model.to("cpu")
-    held_out = accuracy_by_timestep(model, images[test_idx], labels[test_idx], alphas_cumprod, EVAL_TIMESTEPS)
-    record = _record(model, held_out, final_loss, wall_s, schedule_source, len(train_idx), len(test_idx), dev)
+    test_x, test_y = split.held_out_images, split.held_out_labels
+    held_out = accuracy_by_timestep(model, test_x, test_y, alphas_cumprod, EVAL_TIMESTEPS)
+    sizes = len(split.train_images), len(test_x)
+    record = _record(model, held_out, final_loss, wall_s, schedule_source, *sizes, dev, dataset)
     record.update(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
-        split=split.record("train"),
+        split=split.record,
         command=command if command is not None else command_line(None),
     )
     folder = out / NOISY_CLASSIFIER_DIR
@@ -265,6 +269,7 @@ def _record(
     train_size: int,
     held_out_size: int,
     device: torch.device,
+    dataset: str,
 ) -> dict[str, Any]:
     """The ``config.json`` record of a trained classifier (its architecture is what the loader reads)."""
     return {
@@ -283,7 +288,8 @@ def _record(
         "wall_time_s": round(wall_s, 1),
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "dataset": DATASET_DESCRIPTION,
+        "dataset": dataset_description(dataset),
+        "dataset_name": dataset,
         "versions": library_versions(),
     }
 
