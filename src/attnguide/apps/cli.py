@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from .. import notices  # noqa: F401  (its filters go in before diffusers' pipelines import)
-from ..engine.terms import REGISTRY, AppParam
+from ..engine.terms import AppParam
 from ..pipelines.schedulers import SCHEDULER_NAMES
 from .arms import CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
+from .defaults import CFG_DEFAULT, CFG_RANGE, MAX_IMAGES, NUM_IMAGES, SCHEDULER, SEED, STEPS, term_flags
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, model_kind, sample_arm
@@ -42,31 +43,11 @@ SUBCOMMANDS = {
 
 
 # ---------------------------------------------------------------------------------------------- sample
-def term_flags() -> list[tuple[str, str, AppParam, str | None]]:
-    """``(flag, dest, setting, Arm field)`` of every registered setting that ``attnguide sample`` offers:
-    a scale per method (``--sag-scale``, ``--blur-scale``, ``--pag-scale``, ...; its Arm field is the
-    method's, None here) and each term's other flagged settings (``--blur-sigma``, ``--seg-sigma``)."""
-    out = []
-    for method, (cls, _) in METHOD_TERMS.items():
-        scale = cls.app.params[0]
-        if scale.flag:
-            out.append((f"--{method}-scale", f"{method}_scale", scale, None))
-    for cls in REGISTRY:
-        for p in cls.app.params[1:]:
-            if p.flag:
-                out.append((p.flag, p.flag[2:].replace("-", "_"), p, f"{cls.name}_{p.name}"))
-    return out
-
-
-MAX_IMAGES = 1024
 OUTPUT_FILES = ("samples.png", "masks.png", "samples.json")
 # the flags whose values shape each guidance term (named when its samples are not finite)
 TERM_FLAGS = {t: f"--{t}-scale" for t in TERMS}
 #: The default columns of the grid: no guidance, then each term's methods alone, then CFG alone and with SAG.
 DEFAULT_METHODS = ",".join(["none", *METHOD_TERMS, "cfg", "cfg+sag"])
-#: The CFG weight of the cfg columns: (low, high) offered, and the default (w = 3 distorts the bundled
-#: model's digits).
-CFG_RANGE, CFG_DEFAULT = (0.0, 100.0), 1.5
 
 
 def _flag(name: str) -> str:
@@ -389,18 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--steps",
         type=int,
-        default=50,
-        help="sampling steps, 1 to the scheduler's training steps (default 50)",
+        default=STEPS,
+        help=f"sampling steps, 1 to the scheduler's training steps (default {STEPS})",
     )
     s.add_argument(
-        "--scheduler", default="ddim", choices=sorted(SCHEDULER_NAMES), help="scheduler (default ddim)"
+        "--scheduler",
+        default=SCHEDULER,
+        choices=sorted(SCHEDULER_NAMES),
+        help=f"scheduler (default {SCHEDULER})",
     )
-    s.add_argument("--seed", type=int, default=0, help="seed; every column uses the same one (default 0)")
+    s.add_argument(
+        "--seed", type=int, default=SEED, help=f"seed; every column uses the same one (default {SEED})"
+    )
     s.add_argument(
         "--num-images",
         type=int,
-        default=10,
-        help=f"rows of the grid, 1 to {MAX_IMAGES} (default 10: one per class of the bundled model)",
+        default=NUM_IMAGES,
+        help=f"rows of the grid, 1 to {MAX_IMAGES} (default {NUM_IMAGES}: one per class of the bundled "
+        "model)",
     )
     s.add_argument(
         "--class-label", default=None, help="class label of each row: N, 'cycle' (default), 'random'"

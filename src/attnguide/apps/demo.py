@@ -30,6 +30,7 @@ from PIL import Image
 from ..engine.terms import REGISTRY, AppParam, Term, in_window
 from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
 from .arms import METHOD_TERMS, Arm
+from .defaults import CFG_DEFAULT, CFG_RANGE, DEMO_MAX_IMAGES, NUM_IMAGES, SCHEDULER, SEED, STEPS
 from .images import overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
 
@@ -48,20 +49,16 @@ METHODS = (
     "CFG+SAG+PAG",
     "none",
 )
-#: The form's fields of the terms' settings (the registry's settings with a demo range or that take inf),
-#: in registry order: (Settings field, the term class, the setting).
+#: The form's fields of the terms' settings (the registry's settings with a demo label), in registry
+#: order: (Settings field, the term class, the setting); their ranges are the CLI's.
 TERM_FIELDS: tuple[tuple[str, type[Term], AppParam], ...] = tuple(
-    (f"{cls.name}_{p.name}", cls, p)
-    for cls in REGISTRY
-    for p in cls.app.params
-    if p.label and (p.demo is not None or p.inf_allowed)
+    (f"{cls.name}_{p.name}", cls, p) for cls in REGISTRY for p in cls.app.params if p.label
 )
-LIMITS = {  # name -> (minimum, maximum), inclusive; a setting that takes inf is any number > low, or inf
-    **{p.label: p.demo for _, _, p in TERM_FIELDS if p.demo is not None},
-    "CFG scale": (1.0, 30.0),
-    "Steps": (1, 500),
+LIMITS = {  # name -> (minimum, maximum), inclusive; the terms' settings are checked by their AppParam
+    "CFG scale": CFG_RANGE,
+    "Steps": (1, 1000),
     "Seed": (0, 2**32 - 1),
-    "Images": (1, 16),
+    "Images": (1, DEMO_MAX_IMAGES),
 }
 #: The form, in the order of :func:`validate`'s arguments after the model (gradio passes them so).
 FORM_FIELDS = (
@@ -79,7 +76,6 @@ FORM_FIELDS = (
 UNCONDITIONAL = "unconditional (null label)"
 CYCLE = "cycle (one label per image)"
 TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 digits are visible
-CFG_DEFAULT = 1.5  # the CLI's: w = 3 distorts the bundled model's digits
 
 
 def _defaults_cell(cls: type[Term]) -> str:
@@ -189,8 +185,9 @@ def _number(name: str, value: Any, *, integer: bool = False) -> float | int:
     return int(v) if integer else v
 
 
-def _number_or_inf(p: AppParam, value: Any) -> float:
-    """A setting that takes inf, from the form's text: a number in its range, or "inf" (math.inf)."""
+def _setting(p: AppParam, value: Any) -> float:
+    """A term's setting from the form (a number, or the text of one that takes inf): a number in its
+    range, the CLI's, or "inf" (math.inf) where it takes inf."""
     name, allowed = p.label, p.allowed()
     text = "" if value is None else str(value).strip()
     if text == "":
@@ -222,10 +219,7 @@ def validate(model: DemoModel, *form: Any) -> Settings:
     if layer not in model.layers:
         shown = ", ".join(model.layers)
         raise InputError(f"Unknown self-attention layer {layer!r}: this model has {shown}.")
-    terms = {
-        name: _number_or_inf(p, f[name]) if p.inf_allowed else _number(p.label, f[name])
-        for name, _, p in TERM_FIELDS
-    }
+    terms = {name: _setting(p, f[name]) for name, _, p in TERM_FIELDS}
     settings = Settings(
         method=method,
         cfg_scale=_number("CFG scale", f["cfg_scale"]),
@@ -477,13 +471,13 @@ def build_app(model: DemoModel):
                     elem_id="layer",
                 )
                 with gr.Row():
-                    steps = gr.Number(value=25, precision=0, label="Steps", elem_id="steps")
+                    steps = gr.Number(value=STEPS, precision=0, label="Steps", elem_id="steps")
                     sched = gr.Dropdown(
-                        list(SCHEDULER_NAMES), value="ddim", label="Scheduler", elem_id="sched"
+                        list(SCHEDULER_NAMES), value=SCHEDULER, label="Scheduler", elem_id="sched"
                     )
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    count = gr.Number(value=4, precision=0, label="Images", elem_id="num_images")
+                    seed = gr.Number(value=SEED, precision=0, label="Seed", elem_id="seed")
+                    count = gr.Number(value=NUM_IMAGES, precision=0, label="Images", elem_id="num_images")
                 label = gr.Dropdown(
                     model.label_choices or [""],
                     value=model.label_choices[0] if model.label_choices else "",

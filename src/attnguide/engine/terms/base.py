@@ -75,8 +75,8 @@ class AppParam:
     the demo (the bundled model's setting; ``why`` says where it differs from the library's).
     ``label``: the demo field (None: not in the demo). ``low`` / ``high`` / ``low_open``: the numeric
     range offered (``inf_allowed``: "inf" too, the CLI and the demo take it as text; ``inf_means``: what
-    inf means). ``demo``: the demo field's inclusive range, where it differs from the CLI's. ``caption``:
-    how the demo's caption names the setting ("blur sigma").
+    inf means); the CLI and the demo offer the same range. ``caption``: how the demo's caption names the
+    setting ("blur sigma").
     """
 
     name: str
@@ -92,7 +92,6 @@ class AppParam:
     inf_means: str = ""
     help: str = ""
     why: str = ""
-    demo: tuple[float, float] | None = None
     caption: str = ""
 
     def allowed(self) -> str:
@@ -115,9 +114,9 @@ class AppParam:
 def scale_param(term: str, title: str, app_default: float, *, why: str = "") -> AppParam:
     """The scale setting of a term: the ``Arm`` field ``<term>_scale`` (0: off), the flag
     ``--<term>-scale`` (default ``app_default``; ``why`` it differs from the library's), and the demo
-    field "<title> scale" in [0, 10]."""
+    field "<title> scale", both in [0, 100]."""
     flag, label = f"--{term}-scale", f"{title} scale"
-    return AppParam("scale", 0.0, "scale", flag, app_default, label, demo=(0.0, 10.0), why=why)
+    return AppParam("scale", 0.0, "scale", flag, app_default, label, why=why)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class PAG(Term):
     default_on_in_pipelines: ClassVar[bool] = True
     paper: ClassVar[str] = "arXiv:2403.17377"
     app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("pag", "PAG", 1.0, why="the library's PAG: 3.0, diffusers' default"),),
+        params=(scale_param("pag", "PAG", 1.0, why="the evaluation's scale on the bundled model"),),
         weak="identity self-attention (output V) in the chosen layers (UNets: the mid block)",
     )
 

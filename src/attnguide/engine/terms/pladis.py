@@ -114,7 +114,7 @@ class PLADIS(Term):
     acts_on: ClassVar[str] = "all"
     separate_call: ClassVar[str] = "both"
     app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("pladis", "PLADIS", 2.0, why="the paper's lambda"),),
+        params=(scale_param("pladis", "PLADIS", 2.0),),
         passes="none (a change of the cross-attention)",
         weak="none: every cross-attention map pushed from softmax towards 1.5-entmax (lambda = scale)",
     )

@@ -91,7 +91,6 @@ _PARAMS = (
         "Blur sigma",
         low=0.0,
         low_open=True,
-        demo=(0.1, 10.0),
         caption="blur sigma",
         help="Gaussian blur sigma of SAG and blur guidance",
     ),

@@ -40,7 +40,7 @@ class SLG(Term):
     block_hook: ClassVar[str] = "after"
     app: ClassVar[AppSpec] = AppSpec(
         params=(
-            scale_param("slg", "SLG", 1.0, why="the library's SLG: 2.8, diffusers' default"),
+            scale_param("slg", "SLG", 1.0, why="the evaluation's scale on the bundled model (2.8: SD3.5's)"),
             AppParam("window", (0.01, 0.2), "window"),
         ),
         eval_scale=1.0,
