@@ -59,3 +59,16 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
     assert len(figures) >= 3, "expected the grid, the masks and the sweep figures"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "DDPMSAGPipeline" in text and "sag_scale 1.5" in text
+
+
+def test_notebook_uses_the_public_api_only():
+    """The notebook runs anywhere a user installs attnguide: it uses the package's public names only (no
+    ``attnguide.apps`` internals) and loads the bundled model without a path."""
+    import re
+
+    import attnguide
+
+    source = "\n".join(c.source for c in _read().cells if c.cell_type == "code")
+    used = set(re.findall(r"attnguide\.(\w+)", source))
+    assert used and used <= set(attnguide.__all__), used - set(attnguide.__all__)
+    assert "from attnguide." not in source and "assets" not in source

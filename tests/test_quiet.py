@@ -40,6 +40,25 @@ def test_loading_the_bundled_model_prints_no_unasked_notice():
         assert noise not in done.stderr and noise not in done.stdout
 
 
+def test_the_public_bundled_model_loads_silently_from_anywhere(tmp_path):
+    """``attnguide.bundled_pipeline()`` and ``bundled_classifier()`` need no path and no working folder
+    (the README's classifier-guidance example runs from any folder), and print nothing."""
+    code = (
+        "import attnguide, torch\n"
+        "pipe = attnguide.bundled_pipeline(scheduler='dpm')\n"
+        "clf = attnguide.bundled_classifier()\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "out = pipe(2, class_labels=[3, 7], num_inference_steps=2, classifier=clf, classifier_scale=0.5,\n"
+        "           sag_scale=0.3, output_type='np', generator=torch.Generator().manual_seed(0))\n"
+        "print(type(pipe.scheduler).__name__, out.images.shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("DPMSolverMultistepScheduler (2, 28, 28, ")
+
+
 def test_sample_loop_keeps_no_autograd_graph():
     """Eight 28x28 images, 50 steps, SAG and PAG with the bundled model: the process's peak memory stays
     under 1.5 GB (an autograd graph kept across the steps took 10.8 GB)."""

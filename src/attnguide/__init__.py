@@ -8,7 +8,8 @@ Three layers, dependencies pointing one way (docs/architecture.md):
   (:class:`attnguide.Guider`). Imports nothing of the layers above.
 * :mod:`attnguide.pipelines`: diffusers integration: :func:`attnguide.guide` for any pipeline, and the
   drop-in pipelines (diffusers' own loops run inside ``guide``).
-* :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train).
+* :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train) and the bundled
+  model (:func:`attnguide.bundled_pipeline`, :func:`attnguide.bundled_classifier`).
 
 The package is lazy (PEP 562): ``import attnguide`` imports none of torch, diffusers or the pipelines;
 each name below is imported when first used, and so is every term class of the registry
@@ -29,6 +30,9 @@ _LAZY = {
     "Guider": "attnguide.engine.step",
     "sample_loop": "attnguide.engine.step",
     "guide": "attnguide.pipelines.guide",
+    **dict.fromkeys(
+        ("bundled_classifier", "bundled_model_path", "bundled_pipeline"), "attnguide.apps.bundled"
+    ),
     **dict.fromkeys(
         (
             "AnimateDiffPAGPipeline",

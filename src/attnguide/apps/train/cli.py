@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import BUNDLED_MODEL
 from .checkpoint import CHECKPOINT_NAME, check_checkpoint
 from .classifier import train_classifier
 from .data import DATA_PARTS
@@ -18,7 +19,7 @@ from .noisy_classifier import NOISY_CLASSIFIER_DIR, train_noisy_classifier
 __all__ = ["DEFAULT_OUT", "build_parser", "main"]
 
 #: Where the trained model goes by default: the model folder shipped in the package.
-DEFAULT_OUT = Path(__file__).parents[2] / "assets" / "mnist-ddpm"
+DEFAULT_OUT = BUNDLED_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ...engine.guidance import GradFn, classifier_grad_fn
 from ..files import write_atomic, write_json_atomic
+from ..loading import BUNDLED_MODEL
 from .data import random_shift
 from .datasets import dataset_description, load_split
 from .environment import command_line, library_versions, pick_device
@@ -43,7 +44,7 @@ __all__ = [
 #: The sub-folder of a model folder that holds the noise-aware classifier.
 NOISY_CLASSIFIER_DIR = "noisy_classifier"
 #: The one shipped with the bundled MNIST model.
-BUNDLED_NOISY_CLASSIFIER = Path(__file__).parents[2] / "assets" / "mnist-ddpm" / NOISY_CLASSIFIER_DIR
+BUNDLED_NOISY_CLASSIFIER = BUNDLED_MODEL / NOISY_CLASSIFIER_DIR
 #: The noise levels (training timesteps) at which the held-out accuracy is recorded.
 EVAL_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 #: Seed of the fixed noise of the held-out scores.
