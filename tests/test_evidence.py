@@ -221,3 +221,50 @@ def test_primary_run_end_to_end_and_its_extension(tiny_fashion_model, tmp_path):
     # one new shard per arm, and one per DDIM-check arm (its seeds are the first 1000: here all of them)
     assert second["shards_written"] == 15 + 2
     assert second["config"]["num_samples"] == 12 and second["statistics"]["block_sizes"] == [6, 6]
+
+
+def test_wilson_interval_matches_the_formula():
+    from attnguide.apps.eval.model_card import wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # the textbook case: 0.8 of 10 -> [0.490, 0.943]
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+
+
+def test_model_card_samples_classifies_and_resumes(tiny_fashion_model, tmp_path):
+    """`attnguide eval model`: accuracy per CFG weight with its interval, the sample grid, and a second
+    run with more samples that samples only the new ones."""
+    from attnguide.apps.eval.cli import run
+
+    out = tmp_path / "card"
+    args = [
+        "model",
+        "--model",
+        str(tiny_fashion_model / "model"),
+        "--out",
+        str(out),
+        "--num-samples",
+        "6",
+        "--cfg-weights",
+        "1,2",
+        "--steps",
+        "2",
+        "--scheduler",
+        "dpm",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    first = run(args)
+    assert [r["cfg_weight"] for r in first["rows"]] == [1.0, 2.0]
+    for r in first["rows"]:
+        lo, hi = r["interval_95"]
+        assert r["samples"] == 6 and lo <= r["accuracy"] <= hi and len(r["per_class"]) == 10
+    assert (out / "samples.png").exists() and "| 1 (no CFG) | 6 |" in (out / "report.md").read_text()
+    files = sorted(out.glob("predictions-*.npz"))
+    before = {f: np.load(f)["predicted"] for f in files}
+    second = run([*args[:6], "9", *args[7:]])
+    assert all(r["samples"] == 9 for r in second["rows"])
+    for f, old in before.items():  # the first six predictions are kept, three more appended
+        new = np.load(f)["predicted"]
+        assert len(new) == 9 and (new[:6] == old).all()

@@ -33,7 +33,7 @@ def make_grid(
     n, h, w, _ = columns[names[0]].shape
     h, w = h * scale, w * scale
     pad, head = 4, 18
-    left = 40 if row_labels else 0
+    left = max(40, 6 * max(len(s) for s in row_labels) + 8) if row_labels else 0
     col_w = max(w, 8 * max(len(s) for s in names) + 4)
     canvas = Image.new("RGB", (left + len(names) * (col_w + pad) + pad, head + n * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)

@@ -28,12 +28,17 @@ from .experiments import (
     ROW_TERMS,
     best_sigma,
 )
+from .model_card import DEFAULT_WEIGHTS, ModelCard
 from .primary import PrimaryRun
 from .results import command_line
 from .runner import Evaluation
 from .scoring import REFERENCE_PARTS, SECOND_CLASSIFIER
 
-__all__ = ["build_parser", "experiment_names", "main", "parse_floats", "run"]
+__all__ = ["ALONE", "build_parser", "experiment_names", "main", "parse_floats", "run"]
+
+#: What runs alone: the pre-registered protocol (docs/evaluation.md) and the model card
+#: (:mod:`.model_card`: loss curve, samples and conditional accuracy at several CFG weights).
+ALONE = ("primary", "model")
 
 
 def parse_floats(text: str, name: str) -> tuple[float, ...]:
@@ -48,14 +53,15 @@ def parse_floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def experiment_names(spec: str) -> list[str]:
-    """The experiments of ``spec`` ("all" or a comma-separated list) in :data:`EXPERIMENTS` order, or
-    ["primary"] (the pre-registered protocol of docs/evaluation.md, which runs alone)."""
+    """The experiments of ``spec`` ("all" or a comma-separated list) in :data:`EXPERIMENTS` order, or one
+    of :data:`ALONE` (the pre-registered protocol of docs/evaluation.md; the model card), which run alone."""
     if spec == "all":
         return list(EXPERIMENTS)
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    if "primary" in names:
-        if names != ["primary"]:
-            raise SystemExit("error: the primary protocol runs alone: give `attnguide eval primary ...`")
+    for alone in ALONE:
+        if alone in names and names != [alone]:
+            raise SystemExit(f"error: {alone!r} runs alone: give `attnguide eval {alone} ...`")
+    if names and names[0] in ALONE:
         return names
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad or not names:
@@ -244,12 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "experiment",
         help=f"experiment(s): {', '.join(EXPERIMENTS)}, a comma-separated list, or 'all'; or 'primary', "
-        "the pre-registered protocol of docs/evaluation.md",
+        "the pre-registered protocol of docs/evaluation.md; or 'model', the model card (loss curve, "
+        "samples and conditional accuracy at the --cfg-weights)",
     )
     p.add_argument("--out", required=True, help="output folder (metrics, plots, report.md)")
     _add_sampling_options(p)
     _add_metric_options(p)
     p.add_argument("--shard-dir", default=None, help="where sample shards go (default: OUT/shards)")
+    p.add_argument(
+        "--cfg-weights",
+        dest="weights",
+        type=lambda text: parse_floats(text, "--cfg-weights"),
+        default=DEFAULT_WEIGHTS,
+        help="model card: the CFG weights sampled, 1 = no CFG (default "
+        f"{','.join(f'{w:g}' for w in DEFAULT_WEIGHTS)})",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
@@ -271,6 +286,8 @@ def _check_options(
             f"error: --seed-blocks must be >= 1 with at least 2 samples per block "
             f"(--num-samples {args.num_samples} allows at most {max(1, args.num_samples // 2)})"
         )
+    if any(w < 0 for w in args.weights):
+        raise SystemExit(f"error: --cfg-weights must be >= 0, got {args.weights}")
     if args.num_reference is not None and args.num_reference < 4:
         raise SystemExit("error: --num-reference must be at least 4 (k-NN precision/recall needs k + 1 = 4)")
     scales = ("sag", "cfg", "pag", *(cls.name for cls in ROW_TERMS), "classifier")
@@ -315,6 +332,9 @@ def run(argv: Sequence[str]) -> dict[str, Any] | None:
         if names == ["primary"]:
             args.command = command_line(args.argv, dist.world)
             return PrimaryRun(args, device, dist, log).run()
+        if names == ["model"]:
+            args.command = command_line(args.argv, 1)
+            return ModelCard(args, device, log).run() if dist.rank == 0 else None
         return Evaluation(args, names, scales, sigmas, device, dist, log).run()
     finally:
         dist.close()

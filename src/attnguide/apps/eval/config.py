@@ -51,10 +51,11 @@ SAMPLE_KEYS = (
 
 def noisy_classifier_digest(args: argparse.Namespace) -> str:
     """The digest of the noise-aware classifier of table3's classifier guidance (``--noisy-classifier``,
-    else the bundled one): it decides table3's samples, so a run with another one is refused."""
-    from ..train.noisy_classifier import BUNDLED_NOISY_CLASSIFIER
+    else the model's own, else the bundled one): it decides table3's samples, so a run with another one is
+    refused."""
+    from ..train.noisy_classifier import noisy_classifier_of
 
-    return model_digest(str(args.noisy_classifier or BUNDLED_NOISY_CLASSIFIER))
+    return model_digest(str(args.noisy_classifier or noisy_classifier_of(args.model)))
 
 
 def model_digest(model: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..arms import Arm
 from ..files import write_json_atomic
+from ..train.noisy_classifier import noisy_classifier_of
 from .config import TERM_ROW_KEYS, check_config, config_digest, eval_config
 from .cost import run_cost
 from .distributed import Dist
@@ -115,7 +116,7 @@ class Evaluation:
             a.seed,
             self.device,
             self.num_class_embeds,
-            classifier_path=a.noisy_classifier,
+            classifier_path=a.noisy_classifier or str(noisy_classifier_of(a.model)),
         )
         return build_experiments(
             self.names,

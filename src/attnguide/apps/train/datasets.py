@@ -30,10 +30,12 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_SPLIT_NAME",
     "ImageSplit",
+    "class_names",
     "dataset_description",
     "fashion_mnist_folder",
     "load_fashion_mnist",
     "load_split",
+    "model_class_names",
     "read_idx",
     "training_images",
 ]
@@ -155,6 +157,25 @@ def dataset_description(dataset: str) -> str:
     """One line saying what ``dataset`` is (recorded in training records)."""
     _check_dataset(dataset)
     return DATASET_DESCRIPTION if dataset == "mnist" else _FASHION_DESCRIPTION
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+    """The names of ``dataset``'s classes, by label ("0" ... "9" for the digits)."""
+    _check_dataset(dataset)
+    return FASHION_CLASSES if dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
+
+
+def model_class_names(model: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The class names of a model folder trained by ``attnguide train`` (its ``training.json`` names the
+    data set); None where it does not say."""
+    import json
+
+    record = Path(model) / "training.json"
+    try:
+        dataset = json.loads(record.read_text(encoding="utf-8")).get("dataset_name", "mnist")
+        return class_names(dataset)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_dataset(dataset: str) -> None:

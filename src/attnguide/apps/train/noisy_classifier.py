@@ -38,6 +38,7 @@ __all__ = [
     "cond_fn",
     "load_noisy_classifier",
     "noised",
+    "noisy_classifier_of",
     "train_noisy_classifier",
 ]
 
@@ -302,6 +303,13 @@ def _save(model: nn.Module, folder: Path, record: dict[str, Any]) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     write_atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json_atomic(folder / "config.json", record)
+
+
+def noisy_classifier_of(model: str | os.PathLike[str]) -> Path:
+    """The noise-aware classifier that belongs to the model folder ``model``: its own
+    ``noisy_classifier/`` where it has one, else the bundled model's."""
+    own = Path(model) / NOISY_CLASSIFIER_DIR
+    return own if (own / "model.safetensors").exists() else BUNDLED_NOISY_CLASSIFIER
 
 
 def load_noisy_classifier(
