@@ -253,7 +253,22 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
     table = page.locator("#methods table")
     table.wait_for(timeout=10_000)
     rows = table.locator("tbody tr").all_inner_texts()
-    assert [r.split()[0] for r in rows] == ["SAG", "blur", "PAG", "SEG", "TPG", "SLG", "PLADIS", "CFG"]
+    names = [
+        "SAG",
+        "blur",
+        "PAG",
+        "SEG",
+        "TPG",
+        "SLG",
+        "PLADIS",
+        "CFG",
+        "APG",
+        "CFG-Zero*",
+        "TCFG",
+        "FDG",
+        "guidance",
+    ]
+    assert [r.split()[0] for r in rows] == names
     assert outside == [], f"the page made requests outside the app: {outside}"
     page.close()
 
@@ -446,8 +461,10 @@ def test_methods_table_lists_every_dropdown_term():
     rows = [line for line in METHODS_TABLE.splitlines() if line.startswith("| ") and "---" not in line]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]  # rows[0]: the header
     assert all(len(c) == 4 for c in cells), "a row of the table lost a cell"
-    names = [c[0].split()[0].lower() for c in cells]
-    assert names == ["sag", "blur", "pag", "seg", "tpg", "slg", "pladis", "cfg"]
+    titles = [c[0].split(" (")[0] for c in cells]
+    rules = ["APG", "CFG-Zero*", "TCFG", "FDG", "guidance interval"]  # the CFG rules, after CFG
+    assert titles == ["SAG", "blur guidance", "PAG", "SEG", "TPG", "SLG", "PLADIS", "CFG", *rules]
+    names = [*(c[0].split()[0].lower() for c in cells[:8]), "apg", "zerostar", "tcfg", "fdg", "interval"]
     offered = set().union(*(dropdown_terms(m) for m in METHODS))
     assert offered == set(names) == set(TERMS)
     passes = dict(zip(names, (c[2] for c in cells), strict=True))

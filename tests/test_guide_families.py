@@ -13,7 +13,7 @@ from conftest import in_threads
 from tiny_families import FAMILIES, cfg_kwargs, instantiate
 
 import attnguide
-from attnguide import PAG, PLADIS, SAG
+from attnguide import APG, FDG, PAG, PLADIS, SAG, TCFG, CFGZeroStar, GuidanceInterval
 from attnguide.engine.guidance import SEG, SLG, TPG
 from attnguide.engine.layers import cross_attention_layers
 
@@ -25,7 +25,16 @@ TERMS = {
     "tpg": lambda s: {"tpg": TPG(scale=s)},
     "slg": lambda s: {"slg": SLG(scale=s, window=(0.0, 1.0))},
     "pladis": lambda s: {"pladis": PLADIS(scale=s)},
+    # the CFG rules: each needs CFG; the interval's window makes the later steps unguided
+    "apg": lambda s: {"apg": APG(scale=s)},
+    "zerostar": lambda s: {"zerostar": CFGZeroStar(scale=s)},
+    "tcfg": lambda s: {"tcfg": TCFG(scale=s)},
+    "fdg": lambda s: {"fdg": FDG(scale=s)},
+    "interval": lambda s: {"interval": GuidanceInterval(scale=s, sigmas=(0.0, 1e9), window=(0.5, 1.0))},
 }
+RULES = {name for name, make in TERMS.items() if next(iter(make(1.0).values())).rule}
+#: Families whose guidance weight is an embedding, not a CFG batch (a CFG rule has nothing to work on).
+EMBEDDED_GUIDANCE = {"lcm"}
 PAG_SCALE = 2.0
 
 
@@ -84,6 +93,11 @@ def test_guided_family(name, cfg):
             continue
         if term == "seg" and name == "sana":
             with pytest.raises(ValueError, match="linear attention"):  # before any model call
+                _guided(pipe, spec, cfg, **make(1.0))
+            continue
+        if term in RULES and (not cfg or spec["cfg_arg"] == "true_cfg_scale" or name in EMBEDDED_GUIDANCE):
+            why = "separate denoiser calls" if spec["cfg_arg"] == "true_cfg_scale" else "is a CFG rule"
+            with pytest.raises(ValueError, match=why):
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
         if term == "pladis" and not cross_attention_layers(den):  # joint attention, class embeddings
@@ -185,11 +199,18 @@ def test_unplaceable_layouts_raise_before_any_model_call():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(name):
     """Two threads, each guiding its own call of one pipeline (its own guide() block; the blocks take
-    turns on the model): each result equals the same call made alone, and nothing stays installed."""
+    turns on the model): each result equals the same call made alone (SAG, PAG and, with CFG, APG's
+    momentum), and nothing stays installed."""
     spec, pipe = _family(name)
     terms = {"pag": PAG(scale=1.0)}
     if name != "sd_latent_upscale":  # SAG cannot guide that one (tested above)
         terms["sag"] = SAG(scale=1.0)
+    if (
+        spec["cfg_scale"] is not None
+        and spec["cfg_arg"] != "true_cfg_scale"
+        and name not in EMBEDDED_GUIDANCE
+    ):
+        terms["apg"] = APG()  # a CFG rule with state across the steps (its momentum), per thread and call
 
     def call(seed: int) -> torch.Tensor:
         kw = dict(spec["call"], generator=torch.Generator().manual_seed(seed), **cfg_kwargs(spec, True))

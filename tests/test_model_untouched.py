@@ -142,7 +142,7 @@ def test_encode_prompt_calls_take_turns_inside_a_guide_block():
 def test_two_threads_three_calls_in_one_guide_block(cfg):
     """Inside one guide() block, two threads each make three calls of one plain diffusers pipeline: every
     result equals the same call made alone, and nothing stays installed."""
-    from attnguide import PAG, SAG, guide
+    from attnguide import APG, PAG, SAG, guide
 
     pipe = _plain_sd()
     procs = {k: id(v) for k, v in pipe.unet.attn_processors.items()}
@@ -151,6 +151,8 @@ def test_two_threads_three_calls_in_one_guide_block(cfg):
         return pipe(prompt, generator=gen(seed), guidance_scale=cfg, **TEXT).images
 
     terms = dict(sag=SAG(scale=0.75, window=(0.0, 0.5)), pag=PAG(scale=1.0))
+    if cfg > 1:  # a CFG rule whose state (APG's momentum) is each thread's and each call's own
+        terms["apg"] = APG()
     with guide(pipe, **terms):
         sequential = [call(*job) for job in JOBS]
     with guide(pipe, **terms):
@@ -160,7 +162,7 @@ def test_two_threads_three_calls_in_one_guide_block(cfg):
         assert torch.equal(got, want)
     assert {k: id(v) for k, v in pipe.unet.attn_processors.items()} == procs
     assert "forward" not in pipe.unet.__dict__ and "encode_prompt" not in pipe.__dict__
-    # the window restarts at each pipeline call: the two calls of one block equal two separate blocks
+    # the window (and APG's momentum) restarts at each pipeline call: two calls of one block equal two blocks
     with guide(pipe, **terms):
         again = call(*JOBS[0])
     assert torch.equal(again, sequential[0])

@@ -60,8 +60,9 @@ def test_the_public_bundled_model_loads_silently_from_anywhere(tmp_path):
 
 
 def test_sample_loop_keeps_no_autograd_graph():
-    """Eight 28x28 images, 50 steps, SAG and PAG with the bundled model: the process's peak memory stays
-    under 1.5 GB (an autograd graph kept across the steps took 10.8 GB)."""
+    """Eight 28x28 images, 50 steps, SAG and PAG with the bundled model: the process's peak memory grows
+    by less than 1 GiB while sampling (an autograd graph kept across the steps took 10.8 GB; the loaded
+    process itself takes about 0.5 GB, more in a loaded test run)."""
     code = (
         "import resource, torch\n"
         "torch.set_num_threads(1)\n"
@@ -69,6 +70,7 @@ def test_sample_loop_keeps_no_autograd_graph():
         "from attnguide.apps.loading import BUNDLED_MODEL, load_pipeline\n"
         "pipe = load_pipeline(BUNDLED_MODEL, 'cpu')\n"
         "unet, sched = pipe.unet, pipe.scheduler\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         "sched.set_timesteps(50)\n"
         "y = torch.arange(8) % 10\n"
         "null = torch.full_like(y, 10)\n"
@@ -82,5 +84,7 @@ def test_sample_loop_keeps_no_autograd_graph():
     )
     done = _python(code)
     assert done.returncode == 0, done.stderr
-    peak_kib = int(done.stdout.split()[-1])
-    assert peak_kib < 1.5 * 2**20, f"peak RSS {peak_kib / 2**20:.2f} GiB"
+    loaded_kib, peak_kib = (int(v) for v in done.stdout.split()[-2:])
+    assert peak_kib - loaded_kib < 2**20, (
+        f"sampling raised the peak RSS by {(peak_kib - loaded_kib) / 2**20:.2f} GiB"
+    )

@@ -19,6 +19,7 @@ from ..engine.terms import REGISTRY, Term
 from ..pipelines.options import KEYWORD_TERMS
 
 __all__ = [
+    "ALONE_METHODS",
     "ATTENTION_TERMS",
     "CONDITIONAL_METHODS",
     "METHODS",
@@ -38,9 +39,11 @@ METHOD_TERMS: dict[str, tuple[type[Term], dict[str, Any]]] = {
 TERMS = ("cfg", *METHOD_TERMS)
 #: The terms whose weak prediction acts on the model's attention or blocks (they need self-attention).
 ATTENTION_TERMS = frozenset(METHOD_TERMS)
-#: The methods the applications list: none, each term alone, CFG alone and with each, and SAG + PAG
-#: (any "+"-joined set of :data:`TERMS` is a method too).
-METHODS = ("none", *METHOD_TERMS, "cfg", *(f"cfg+{m}" for m in METHOD_TERMS), "sag+pag")
+#: The methods that run without CFG (every method but those of the CFG rules, which need CFG).
+ALONE_METHODS = tuple(m for m, (cls, _) in METHOD_TERMS.items() if not cls.app.needs_cfg)
+#: The methods the applications list: none, each term alone (not a CFG rule), CFG alone and with each,
+#: and SAG + PAG (any "+"-joined set of :data:`TERMS` is a method too).
+METHODS = ("none", *ALONE_METHODS, "cfg", *(f"cfg+{m}" for m in METHOD_TERMS), "sag+pag")
 #: Methods that need a conditional model (CFG).
 CONDITIONAL_METHODS = frozenset(m for m in METHODS if "cfg" in m.split("+"))
 
@@ -56,6 +59,11 @@ def method_terms(method: str) -> frozenset[str]:
         )
     if len(set(owners)) < len(owners):
         raise ValueError(f"method {method!r} names one term twice ({', '.join(parts)})")
+    rules = [p for p in parts if p in METHOD_TERMS and METHOD_TERMS[p][0].app.needs_cfg]
+    if rules and "cfg" not in parts:
+        raise ValueError(f"method {method!r}: {rules[0]} is a CFG rule; it needs CFG: cfg+{rules[0]}")
+    if len(rules) > 1:
+        raise ValueError(f"method {method!r} names two CFG rules ({', '.join(rules)}); a run takes one")
     return frozenset(parts)
 
 

@@ -56,7 +56,7 @@ ARMS = {
             f"{cfg}{m}"
             for m, (cls, _) in METHOD_TERMS.items()
             if cls.app.bench and m == cls.name
-            for cfg in ("", "cfg+")
+            for cfg in (("cfg+",) if cls.app.needs_cfg else ("", "cfg+"))
         ),
     )
 }

@@ -22,7 +22,7 @@ import torch
 from .. import notices  # noqa: F401  (its filters go in before diffusers' pipelines import)
 from ..engine.terms import AppParam
 from ..pipelines.schedulers import SCHEDULER_NAMES
-from .arms import CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
+from .arms import ALONE_METHODS, CONDITIONAL_METHODS, METHOD_TERMS, METHODS, TERMS, Arm, method_terms
 from .defaults import CFG_DEFAULT, CFG_RANGE, MAX_IMAGES, NUM_IMAGES, SCHEDULER, SEED, STEPS, term_flags
 from .files import check_output_folder, refuse_overwrite, remove_files, write_atomic, write_text_atomic
 from .images import make_grid, overlay_masks
@@ -47,7 +47,7 @@ OUTPUT_FILES = ("samples.png", "masks.png", "samples.json")
 # the flags whose values shape each guidance term (named when its samples are not finite)
 TERM_FLAGS = {t: f"--{t}-scale" for t in TERMS}
 #: The default columns of the grid: no guidance, then each term's methods alone, then CFG alone and with SAG.
-DEFAULT_METHODS = ",".join(["none", *METHOD_TERMS, "cfg", "cfg+sag"])
+DEFAULT_METHODS = ",".join(["none", *ALONE_METHODS, "cfg", "cfg+sag"])
 
 
 def _flag(name: str) -> str:

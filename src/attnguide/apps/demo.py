@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..engine.terms import REGISTRY, AppParam, Term, in_window
 from ..pipelines.schedulers import SCHEDULER_NAMES, scheduler_from_name
-from .arms import METHOD_TERMS, Arm
+from .arms import ALONE_METHODS, METHOD_TERMS, Arm
 from .defaults import CFG_DEFAULT, CFG_RANGE, DEMO_MAX_IMAGES, NUM_IMAGES, SCHEDULER, SEED, STEPS
 from .images import overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
@@ -42,7 +42,7 @@ def _display(method: str) -> str:
 
 
 METHODS = (
-    *(_display(m) for m in METHOD_TERMS),
+    *(_display(m) for m in ALONE_METHODS),
     "CFG",
     *(f"CFG+{_display(m)}" for m in METHOD_TERMS),
     "SAG+PAG",
@@ -93,18 +93,20 @@ def _defaults_cell(cls: type[Term]) -> str:
 
 
 def _methods_table() -> str:
-    """The "Methods" accordion: one row per method of the dropdown (generated from the registry)."""
-    rows = []
+    """The "Methods" accordion: one row per method of the dropdown (generated from the registry): the
+    terms, CFG, then the CFG rules (each replaces CFG's combination; their "weak prediction" is the rule)."""
+    rows, rules = [], []
     for method, (cls, _) in METHOD_TERMS.items():
         spec = cls.app.methods.get(method)
         title, where = (cls.title, cls.paper) if spec is None else (spec.title, spec.cite)
         weak = cls.app.weak if spec is None else spec.weak
-        rows.append(f"| {title} ({where}) | {weak} | {cls.app.passes} | {_defaults_cell(cls)} |")
+        row = f"| {title} ({where}) | {weak} | {cls.app.passes} | {_defaults_cell(cls)} |"
+        (rules if cls.app.needs_cfg else rows).append(row)
     cfg = (
         "| CFG | the unconditional prediction (the null label; text models: the empty prompt) | +1 row block "
         f"| CFG scale {CFG_DEFAULT} (the CLI's: w = 3 distorts the bundled model's digits) |"
     )
-    return "\n".join([*rows, cfg])
+    return "\n".join([*rows, cfg, *rules])
 
 
 # The "Methods" accordion of the page: one row per term of the dropdown, with the demo's own defaults,

@@ -128,6 +128,8 @@ class Guider:
         self._lock = model_lock(inner)  # held from __enter__ to __exit__: one run at a time per model
         self._sigma_schedule: bool | None = None
         self._abar_table: Tensor | None = None
+        self._memory = threading.local()  # each thread's run memory (CFG rules' state across steps)
+        self.rule: Term | None = next((t for t in self.terms.values() if t.rule), None)
 
     @property
     def do_cfg(self) -> bool:
@@ -198,6 +200,8 @@ class Guider:
         cfg: bool | None = None,
         call: str | None = None,
         image_tokens: int = 0,
+        guidance_scale: float | None = None,
+        memory: dict | None = None,
     ) -> StepOutputs:
         """Run the model passes of one step on the model input ``x_in`` (after ``scale_model_input``):
         one batched call [uncond?, cond, a row block per perturbation term], then each term's extra pass.
@@ -206,9 +210,14 @@ class Guider:
         the perturbation terms ride in it; "uncond": SAG), None: one call has every term.
         ``image_tokens``: the model call's image tokens, where a layer's sequence can also hold text
         tokens (:class:`GuidanceState`). ``inputs_key`` identifies the model function's own inputs for
-        the CUDA-graph cache (tensors by address: a captured graph reads them there). Holds
-        ``step_lock`` (threads take turns)."""
-        run = (model_fn, x_in, t, step, num_steps, inputs_key, cfg, call, image_tokens)
+        the CUDA-graph cache (tensors by address: a captured graph reads them there).
+        ``guidance_scale``: the CFG weight where the caller's pipeline applies CFG itself (default: this
+        Guider's); ``memory``: the run's memory of the CFG rule (default: one per thread, new at step 0).
+        Holds ``step_lock`` (threads take turns)."""
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if memory is None:
+            memory = self._run_memory(step)
+        run = (model_fn, x_in, t, step, num_steps, inputs_key, cfg, call, image_tokens, w, memory)
         if torch.compiler.is_compiling():  # traced into a compiled model: dynamo cannot enter a lock
             return self._passes(*run)
         with self.step_lock:
@@ -217,7 +226,7 @@ class Guider:
     def active_terms(self, step: int, num_steps: int, call: str | None = None) -> dict[str, Term]:
         """The terms that act at ``step`` of ``num_steps`` (their windows), in the call ``call`` (see
         :meth:`passes`); ValueError for a term that cannot ride in a separate CFG call."""
-        active = {n: t for n, t in self.terms.items() if in_window(t.window, step, num_steps)}
+        active = {n: t for n, t in self.terms.items() if t.rule or in_window(t.window, step, num_steps)}
         if call is None:
             return active
         for name, term in active.items():
@@ -228,9 +237,39 @@ class Guider:
                 )
         return {n: t for n, t in active.items() if t.separate_call in (call, "both")}
 
-    def _passes(self, model_fn, x_in, t, step, num_steps, inputs_key, cfg, call, image_tokens) -> StepOutputs:
+    def _run_memory(self, step: int) -> dict:
+        """This thread's memory of the current run (a new one at step 0)."""
+        if step == 0 or not hasattr(self._memory, "run"):
+            self._memory.run = {}
+        return self._memory.run
+
+    def check_rule(self, do_cfg: bool, w: float | None) -> None:
+        """ValueError where the run's CFG rule would have no CFG to work on (no unconditional branch, or
+        no weight w)."""
+        rule = self.rule
+        if rule is not None and (not do_cfg or w is None):
+            raise ValueError(
+                f"`{rule.name}`: {rule.title} is a CFG rule: it needs classifier-free guidance (the "
+                "unconditional prediction and the weight w: guidance_scale > 1)"
+            )
+
+    def _with_rule(self, do_cfg: bool, cfg: bool | None, w: float | None, t: Tensor, step, num_steps) -> bool:
+        """Whether this step has its unconditional rows, given the run's CFG rule: ValueError where the rule
+        has no CFG to work on; no rows where the loop is the engine's own (``cfg`` None) and the rule, at
+        scale 1, gives c at this step."""
+        rule = self.rule
+        if rule is None:
+            return do_cfg
+        self.check_rule(do_cfg, w)
+        if cfg is None and rule.scale == 1.0:
+            return rule.in_effect(step, num_steps, lambda: float(self._level(t).b / self._level(t).a))
+        return True
+
+    def _passes(
+        self, model_fn, x_in, t, step, num_steps, inputs_key, cfg, call, image_tokens, w, memory
+    ) -> StepOutputs:
         st = self.state
-        do_cfg = self.do_cfg if cfg is None else cfg
+        do_cfg = self._with_rule(self.do_cfg if cfg is None else cfg, cfg, w, t, step, num_steps)
         if self.layout is not None:
             self.layout.check_input(x_in)
         if self._sigma_schedule is None:
@@ -240,6 +279,7 @@ class Guider:
         try:
             res, layout = self._batched_call(model_fn, x_in, t, active, do_cfg, inputs_key, image_tokens)
             ctx = self._context(model_fn, x_in, t, res, do_cfg, layout, inputs_key)
+            ctx.step, ctx.num_steps, ctx.guidance_scale, ctx.memory = step, num_steps, w, memory
             for name, term in active.items():
                 if not term.rows:
                     weak = term.extra_pass(ctx)  # the terms that act everywhere act in it too
@@ -476,6 +516,7 @@ def sample_loop(
         raise ValueError(
             f"`latents` must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(latents.shape)}"
         )
+    guider.check_rule(guider.do_cfg, guider.guidance_scale)
     with_outputs = callback is not None and _positional_arity(callback) >= 4
     scheduler = guider.scheduler
     timesteps = scheduler.timesteps

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.attention import DEFAULT_MAP_LIMITS, MapLimits, model_lock
+from ..engine.checks import check_scale
 from ..engine.layout import LatentLayout, pack_2x2, position_grid, unpack_2x2
 from ..engine.parameterization import scheduler_takes_variance
 from ..engine.step import Guider, StepOutputs
@@ -151,6 +153,24 @@ def _cfg_weight(pipe: Any) -> float | None:
     return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and w > 1 else None
 
 
+def _call_argument(pipe: Any, name: str) -> float | None:
+    """The value of ``name`` in the innermost running ``__call__`` of ``pipe`` on this thread's stack
+    (diffusers' older pipelines keep their ``guidance_scale`` in a local only); None where there is none
+    or it is not a number."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "__call__"
+            and frame.f_locals.get("self") is pipe
+            and name in frame.f_locals
+        ):
+            value = frame.f_locals[name]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return float(value) if ok else None
+        frame = frame.f_back
+    return None
+
+
 class _Position(threading.local):
     """One thread's place in its current pipeline call: the schedule index where the call started and
     the last one seen (a new call starts where the index goes back), and a count of calls whose timestep
@@ -162,6 +182,7 @@ class _Position(threading.local):
     count: int = 0
     separate: str = "none"
     pending: _Pending | None = None
+    memory: dict | None = None  # the CFG rule's state in this pipeline call
 
 
 @dataclass
@@ -231,6 +252,7 @@ class GuidedForward:
         pipe: Any,
         layout: str,
         recorder: CFGRecorder | None,
+        cfg_weight: float | None = None,
     ):
         inner = getattr(module, "_orig_mod", module)  # a torch.compile wrapper's forward is (*args, **kw)
         params = list(inspect.signature(inner.forward).parameters)
@@ -238,8 +260,10 @@ class GuidedForward:
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
+        self.cfg_weight = cfg_weight  # w for a CFG rule on a bare denoiser (a pipeline's is read per call)
         self.separate_cfg = type(inner).__name__ in SEPARATE_CFG_MODELS
-        self.windowed = any(term.window != (0.0, 1.0) for term in guider.terms.values())
+        # the step's place is needed by windows and by a CFG rule (its window, its state, zero-init steps)
+        self.windowed = guider.rule is not None or any(t.window != (0.0, 1.0) for t in guider.terms.values())
         self._position = _Position()
 
     def __call__(self, *args, **kwargs):
@@ -273,6 +297,8 @@ class GuidedForward:
                 num_steps=num_steps,
                 inputs_key=_inputs_key(kwargs),
                 image_tokens=sample.shape[1] if grid is not None else 0,
+                guidance_scale=self._rule_weight(),
+                memory=self._position.memory,
                 **options,
             )
 
@@ -282,6 +308,16 @@ class GuidedForward:
         else:
             out = pack(self._assemble(passes(cfg="uncond" in rows), rows, total))
         return _wrap_output(out, return_dict)
+
+    def _rule_weight(self) -> float | None:
+        """The CFG weight w a CFG rule works with: the pipeline's at this call (its ``guidance_scale``
+        attribute, else the ``guidance_scale`` argument of its running ``__call__``), else ``guide``'s."""
+        if self.guider.rule is None:
+            return None
+        w = None
+        if self.pipe is not None:
+            w = _cfg_weight(self.pipe) or _call_argument(self.pipe, "guidance_scale")
+        return w if w is not None else self.cfg_weight
 
     def _unguided(self, *args, **kwargs):
         with self.guider.step_lock:
@@ -356,6 +392,7 @@ class GuidedForward:
             return pos.count - 1, n
         if pos.last is None or idx < pos.last:
             pos.start = idx
+            pos.memory = {}
         pos.last = idx
         return idx - pos.start, n - pos.start
 
@@ -486,6 +523,11 @@ def _check_terms(terms: dict[str, Term], pipe: Any, module: nn.Module, cfg_layou
                 f"`{key}`: attnguide.guide cannot add {term.title} where the CFG branches come in separate "
                 f"denoiser calls ({type(module).__name__}); use a pipeline that batches them"
             )
+        if term.rule and cfg_layout == "none":
+            raise ValueError(
+                f"`{key}`: {term.title} is a CFG rule: it needs classifier-free guidance, and cfg_layout is "
+                "'none'"
+            )
         if not term.guide_window and term.window != (0.0, 1.0):
             raise ValueError(
                 f"`{key}_window`: attnguide.guide applies {term.title} at every step; got {term.window} (use "
@@ -519,6 +561,7 @@ def guide(
     cuda_graphs: bool = False,
     map_limits: MapLimits = DEFAULT_MAP_LIMITS,
     calling_thread_only: bool = False,
+    guidance_scale: float | None = None,
     **terms: Term | None,
 ) -> Iterator[Guider]:
     """Add guidance terms (SAG, blur guidance, PAG, SEG, TPG, SLG, classifier guidance: every term of
@@ -540,6 +583,8 @@ def guide(
     calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
     pipelines do this); other threads' calls of the denoiser meanwhile run unguided. Default: every
     thread's calls inside the block are guided, each with its own per-call state.
+    guidance_scale: for a CFG rule (``apg=APG()``, ...) on a bare denoiser, the CFG weight w your loop
+    applies; a pipeline's own ``guidance_scale`` is read at each call instead.
     The denoiser's ``forward``, the pipeline's ``encode_prompt`` and the attention processors are
     restored on exit, also on error. Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with
     ``record_masks``).
@@ -547,15 +592,13 @@ def guide(
     unknown = sorted(set(terms) - set(TERMS))
     if unknown:
         raise TypeError(f"guide() got unexpected keyword argument(s) {unknown}; the terms are {list(TERMS)}")
-    if not isinstance(cfg_layout, str) or cfg_layout not in CFG_LAYOUTS:
-        raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
-    for name, flag in (
-        ("record_masks", record_masks),
-        ("cuda_graphs", cuda_graphs),
-        ("calling_thread_only", calling_thread_only),
-    ):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    guidance_scale = _check_options(
+        cfg_layout,
+        guidance_scale,
+        record_masks=record_masks,
+        cuda_graphs=cuda_graphs,
+        calling_thread_only=calling_thread_only,
+    )
     pipe, module, scheduler = _denoiser_of(target, scheduler)
     _check_terms(check_terms(terms), pipe, module, cfg_layout)
     if cfg_layout == "auto" and (pipe is None or not cfg_layout_knowable(pipe, module)):
@@ -583,8 +626,19 @@ def guide(
         return
     # The forward and the processors are replaced for the whole block, under the model's lock: another
     # block on the same model (any thread) waits for this one, scheduler state included.
-    with model_lock(getattr(module, "_orig_mod", module)), _patched(module, pipe, guider, cfg_layout), guider:
+    patched = _patched(module, pipe, guider, cfg_layout, guidance_scale)
+    with model_lock(getattr(module, "_orig_mod", module)), patched, guider:
         yield guider
+
+
+def _check_options(cfg_layout: str, guidance_scale: float | None, **flags: bool) -> float | None:
+    """ValueError for a bad ``cfg_layout``, flag or ``guidance_scale``; returns the latter as a float."""
+    if not isinstance(cfg_layout, str) or cfg_layout not in CFG_LAYOUTS:
+        raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+    return None if guidance_scale is None else check_scale("guidance_scale", guidance_scale)
 
 
 def _guide_signature() -> inspect.Signature:
@@ -604,7 +658,9 @@ guide.__signature__ = _guide_signature()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
-def _patched(module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str) -> Iterator[None]:
+def _patched(
+    module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str, cfg_weight: float | None
+) -> Iterator[None]:
     """The denoiser's forward (and the pipeline's ``encode_prompt``) replaced for a block, always put
     back; ValueError where an enclosing block of this thread already guides the denoiser."""
     if isinstance(module.__dict__.get("forward"), GuidedForward):
@@ -620,7 +676,7 @@ def _patched(module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str) -> I
         recorder = CFGRecorder(encode)
         pipe.encode_prompt = recorder
     originals["forward"] = (module, module.__dict__.get("forward"))
-    module.forward = GuidedForward(module, module.forward, guider, pipe, cfg_layout, recorder)
+    module.forward = GuidedForward(module, module.forward, guider, pipe, cfg_layout, recorder, cfg_weight)
     try:
         yield
     finally:

@@ -89,8 +89,13 @@ class TermRows:
         return {f"{cls.name}_scale": self.scale(cls), **fixed, **mine}
 
     def arms(self, base: Arm) -> list[tuple[str, Arm]]:
-        """(label, arm) of each term used, added to ``base``: "SEG", "TPG", "SLG", ..."""
-        return [(cls.title, replace(base, **self.fields(cls))) for cls in ROW_TERMS if self.scale(cls)]
+        """(label, arm) of each term used, added to ``base``: "SEG", "TPG", "SLG", ...; the CFG rules
+        only where ``base`` has CFG."""
+        return [
+            (cls.title, replace(base, **self.fields(cls)))
+            for cls in ROW_TERMS
+            if self.scale(cls) and (base.cfg_scale is not None or not cls.app.needs_cfg)
+        ]
 
 
 def blur_kernel_for(sigma: float, size: int) -> int:
@@ -355,8 +360,16 @@ COST_METHODS: dict[str, Callable[[dict[str, float]], Arm]] = {
     **{
         cls.title: lambda k, cls=cls: replace(Arm(), **TermRows(scales={cls.name: k[cls.name]}).fields(cls))
         for cls in ROW_TERMS
+        if not cls.app.needs_cfg
     },
     "SAG + PAG": lambda k: Arm(sag_scale=k["sag"], pag_scale=k["pag"]),
     "CFG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"]),
     "CFG + SAG": lambda k: Arm(conditional=True, cfg_scale=k["cfg"], sag_scale=k["sag"]),
+    **{
+        f"CFG + {cls.title}": lambda k, cls=cls: replace(
+            Arm(conditional=True, cfg_scale=k["cfg"]), **TermRows(scales={cls.name: k[cls.name]}).fields(cls)
+        )
+        for cls in ROW_TERMS
+        if cls.app.needs_cfg
+    },
 }

@@ -109,7 +109,10 @@ class ModelCard:
         for w in weights:
             labels, predicted = self.predictions(w)
             hits = int((labels == predicted).sum())
-            per_class = [float((predicted[labels == c] == c).mean()) for c in range(self.classes)]
+            per_class = [
+                float((predicted[labels == c] == c).mean()) if (labels == c).any() else None
+                for c in range(self.classes)
+            ]
             rows.append(
                 {
                     "cfg_weight": w,
@@ -184,7 +187,8 @@ def report_text(record: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in record["rows"]:
-        low = int(np.argmin(r["per_class"]))
+        sampled = [(acc, c) for c, acc in enumerate(r["per_class"]) if acc is not None]
+        low = min(sampled)[1]
         w = "1 (no CFG)" if r["cfg_weight"] == 1.0 else f"{r['cfg_weight']:g}"
         lo, hi = r["interval_95"]
         lines.append(

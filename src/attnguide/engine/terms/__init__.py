@@ -6,17 +6,36 @@ A new term is one file here with its class, and one line in :data:`REGISTRY`.
 
 from __future__ import annotations
 
+from .apg import APG
 from .base import AppParam, AppSpec, AttentionCall, Method, StepContext, StepOutputs, Term, in_window
+from .cfg_zero import CFGZeroStar
 from .classifier import ClassifierGuidance, GradFn, classifier_grad_fn, classifier_shift
+from .fdg import FDG
+from .interval import GuidanceInterval
 from .pag import PAG, identity_attention
 from .pladis import PLADIS
+from .rule import CFGRule
 from .sag import SAG, sag_degraded_input, sag_update
 from .seg import SEG, blur_queries, seg_attention, seg_kernel_size
 from .slg import SLG
+from .tcfg import TCFG
 from .tpg import TPG
 
 #: Every term, in the order their shares are added and their settings listed (Arm keys, flags, fields).
-REGISTRY: tuple[type[Term], ...] = (SAG, PAG, SEG, TPG, SLG, ClassifierGuidance, PLADIS)
+REGISTRY: tuple[type[Term], ...] = (
+    SAG,
+    PAG,
+    SEG,
+    TPG,
+    SLG,
+    ClassifierGuidance,
+    PLADIS,
+    APG,
+    CFGZeroStar,
+    TCFG,
+    FDG,
+    GuidanceInterval,
+)
 #: The terms by name (``guide(sag=...)``, ``Guider(pag=...)``).
 TERMS: dict[str, type[Term]] = {cls.name: cls for cls in REGISTRY}
 
@@ -29,7 +48,8 @@ def term_class(name: str) -> type[Term]:
 
 
 def check_terms(terms: dict[str, object | None]) -> dict[str, Term]:
-    """The terms that act (given, scale not 0), by name; TypeError for one of the wrong class."""
+    """The terms that act (given, scale not 0), by name; TypeError for one of the wrong class, ValueError
+    for two CFG rules (each replaces CFG's combination: a run takes one)."""
     out = {}
     for name, term in terms.items():
         cls = term_class(name)
@@ -39,23 +59,32 @@ def check_terms(terms: dict[str, object | None]) -> dict[str, Term]:
             raise TypeError(f"`{name}` must be an attnguide.{cls.__name__} (or None), got {term!r}")
         if term.scale != 0:
             out[name] = term
+    rules = [name for name, term in out.items() if term.rule]
+    if len(rules) > 1:
+        raise ValueError(f"{' and '.join(f'`{r}`' for r in rules)} are both CFG rules: a run takes one")
     return out
 
 
 __all__ = [
+    "APG",
+    "FDG",
     "PAG",
     "PLADIS",
     "REGISTRY",
     "SAG",
     "SEG",
     "SLG",
+    "TCFG",
     "TERMS",
     "TPG",
     "AppParam",
     "AppSpec",
     "AttentionCall",
+    "CFGRule",
+    "CFGZeroStar",
     "ClassifierGuidance",
     "GradFn",
+    "GuidanceInterval",
     "Method",
     "StepContext",
     "StepOutputs",

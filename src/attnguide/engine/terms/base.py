@@ -19,8 +19,9 @@ times its scale (SAG paper Eq. 12; classifier guidance is a shift instead). The 
    to where a pipeline makes the CFG branches in two denoiser calls.
 
 Classifier-free guidance is not a term: it is the combine rule the step is given
-(:mod:`attnguide.engine.guidance`). What the applications offer of a term (CLI flags, demo fields,
-``Arm`` fields, method names) is declared by its ``app`` (:class:`AppSpec`).
+(:mod:`attnguide.engine.combine`). A CFG rule (APG, CFG-Zero*, TCFG, FDG, the guidance interval) is a
+term whose share replaces that rule by its own (:mod:`.rule`). What the applications offer of a term
+(CLI flags, demo fields, ``Arm`` fields, method names) is declared by its ``app`` (:class:`AppSpec`).
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ class AppSpec:
     method: bool = True
     bench: bool = True
 
+    #: whether its methods need CFG (a CFG rule: only "cfg+<name>" is a method)
+    needs_cfg: bool = False
+
     def param(self, name: str) -> AppParam:
         return next(p for p in self.params if p.name == name)
 
@@ -200,7 +204,9 @@ class StepContext:
     had an unconditional branch (``cfg``), the model's latent ``layout``, the prediction type, the noise
     level at ``t`` (``level()``), a model call on other inputs (``call(x, branches)`` -> predictions of
     the latent channels), the maps the capture layers recorded, the run's ``generator`` and
-    ``record_mask`` (the Guider keeps SAG's masks for the pipelines' ``record_masks``)."""
+    ``record_mask`` (the Guider keeps SAG's masks for the pipelines' ``record_masks``); the step's place
+    (``step`` of ``num_steps``, 0-based), the CFG weight w (None without CFG) and ``memory``, a dict that
+    lives for one sampling run of one thread (a CFG rule's state across steps: APG's momentum)."""
 
     x_in: Tensor
     t: Tensor
@@ -214,6 +220,10 @@ class StepContext:
     capture_layers: Callable[[str], list[str]]
     generator: Any
     record_mask: Callable[[Tensor], None]
+    step: int = 0
+    num_steps: int = 1
+    guidance_scale: float | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 class Term:
@@ -250,6 +260,9 @@ class Term:
     default_on_in_pipelines: ClassVar[bool] = False
     #: the default of ``<name>_scale`` in the pipelines' keywords (0: off unless asked for)
     pipeline_scale: ClassVar[float] = 0.0
+    #: whether it is a CFG rule (:class:`attnguide.engine.terms.rule.CFGRule`): it combines the two CFG
+    #: predictions its own way instead of u + w (c - u); it needs CFG, and a run takes at most one
+    rule: ClassVar[bool] = False
 
     scale: float
     window: tuple[float, float]

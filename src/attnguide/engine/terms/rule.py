@@ -1,0 +1,68 @@
+"""CFG rules: terms that combine the two CFG predictions their own way instead of CFG's u + w (c - u)
+(APG, CFG-Zero*, TCFG, FDG, the guidance interval; one file each).
+
+A rule R(c, u, w) is a term like the others: its share of the guided prediction is
+
+    delta = s (R - (u + w (c - u)))          inside its window (and, for the interval, its noise levels)
+    delta = s (c - (u + w (c - u)))          outside: no guidance there, as diffusers' guiders do
+
+so that at its default scale s = 1 the step gives R (or c), at s -> 0 plain CFG, and every other term's
+share is added on top (PAG, SAG, ... combine with a rule in the same batched call). A rule needs CFG
+(the unconditional prediction and the weight w) and a run takes at most one. Where a rule at s = 1 is
+outside its window, the engine's own loop skips the unconditional rows of that step (the output is c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..combine import cfg
+from .base import StepContext, Term, in_window
+
+__all__ = ["CFGRule"]
+
+
+class CFGRule(Term):
+    """Base of the CFG rules (see the module text); a subclass is a frozen dataclass with ``scale``
+    (default 1: the rule itself) and ``window`` fields and implements :meth:`combine`."""
+
+    rows: ClassVar[int] = 0
+    rule: ClassVar[bool] = True
+    #: the rules read both CFG predictions of one step: not where the branches come in two calls
+    separate_call: ClassVar[str | None] = None
+
+    def check_scale_and_window(self) -> None:
+        super().check_scale_and_window()
+        if self.scale < 0:
+            raise ValueError(
+                f"`{self.name}_scale` must be >= 0 (1: the rule, 0: plain CFG), got {self.scale}"
+            )
+
+    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+        """The rule's guided prediction R(c, u, w) for the conditional and unconditional predictions."""
+        raise NotImplementedError
+
+    def in_effect(self, step: int, num_steps: int, sigma: Callable[[], float]) -> bool:
+        """Whether the rule acts at ``step`` of ``num_steps`` (its window; ``sigma()`` gives the step's
+        noise level sigma = b / a, for rules defined on noise levels)."""
+        return in_window(self.window, step, num_steps)
+
+    def delta(self, ctx: StepContext) -> Tensor | None:
+        c, u, w = ctx.outputs.out_cond, ctx.outputs.out_uncond, ctx.guidance_scale
+        if u is None or w is None:  # no unconditional rows this step: the output is c already
+            return None
+        plain = cfg(c, u, w)
+        if self.in_effect(ctx.step, ctx.num_steps, lambda: _sigma(ctx)):
+            target = self.combine(c, u, w, ctx)
+        else:
+            target = c
+        return target - plain if self.scale == 1.0 else self.scale * (target - plain)
+
+
+def _sigma(ctx: StepContext) -> float:
+    """The step's noise level as the EDM sigma: x_in = a x0 + b eps, sigma = b / a."""
+    level = ctx.level()
+    return float(level.b / level.a)
