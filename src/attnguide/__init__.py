@@ -6,8 +6,9 @@ Three layers, dependencies pointing one way (docs/architecture.md):
 * :mod:`attnguide.engine`: the guidance terms (``engine/terms/``, one file each, and their registry), the
   CFG combine rule, degradations, attention interception, model-output conversions and the guided step
   (:class:`attnguide.Guider`). Imports nothing of the layers above.
-* :mod:`attnguide.pipelines`: diffusers integration: :func:`attnguide.guide` for any pipeline, and the
-  drop-in pipelines (diffusers' own loops run inside ``guide``).
+* :mod:`attnguide.pipelines`: diffusers integration: :func:`attnguide.guide` for any pipeline, the
+  drop-in pipelines (diffusers' own loops run inside ``guide``), and :class:`attnguide.AttnGuidance`,
+  the terms as the guider of diffusers' modular pipelines.
 * :mod:`attnguide.apps`: the ``attnguide`` command (sample, demo, eval, bench, train) and the bundled
   model (:func:`attnguide.bundled_pipeline`, :func:`attnguide.bundled_classifier`).
 
@@ -30,6 +31,7 @@ _LAZY = {
     "Guider": "attnguide.engine.step",
     "sample_loop": "attnguide.engine.step",
     "guide": "attnguide.pipelines.guide",
+    "AttnGuidance": "attnguide.pipelines.modular",
     **dict.fromkeys(
         ("bundled_classifier", "bundled_model_path", "bundled_pipeline"), "attnguide.apps.bundled"
     ),

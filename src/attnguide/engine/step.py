@@ -130,6 +130,8 @@ class Guider:
         self._abar_table: Tensor | None = None
         self._memory = threading.local()  # each thread's run memory (CFG rules' state across steps)
         self.rule: Term | None = next((t for t in self.terms.values() if t.rule), None)
+        #: the last step's StepOutputs (of whichever thread ran it last)
+        self.last_outputs: StepOutputs | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -290,6 +292,7 @@ class Guider:
                     res.deltas[name] = delta
         finally:
             st.everywhere = frozenset()
+        self.last_outputs = res
         return res
 
     def _batched_call(

@@ -252,15 +252,16 @@ class GuidedForward:
         pipe: Any,
         layout: str,
         recorder: CFGRecorder | None,
-        cfg_weight: float | None = None,
     ):
         inner = getattr(module, "_orig_mod", module)  # a torch.compile wrapper's forward is (*args, **kw)
-        params = list(inspect.signature(inner.forward).parameters)
+        # the class's forward: the instance's may be a wrapper already (the modular guider's dispatcher)
+        params = list(inspect.signature(type(inner).forward).parameters)[1:]
         self.sample_arg = params[0]  # "sample" (UNets), "hidden_states" (transformers)
         self.timestep_arg = "timestep" if "timestep" in params else params[1]
         self.module, self.original, self.guider = module, original, guider
         self.pipe, self.layout, self.recorder = pipe, layout, recorder
-        self.cfg_weight = cfg_weight  # w for a CFG rule on a bare denoiser (a pipeline's is read per call)
+        self.cfg_weight: float | None = None  # w for a CFG rule on a bare denoiser (a pipeline's: per call)
+        self.at_step: tuple[int, int] | None = None  # the calls' place in their run, given by the caller
         self.separate_cfg = type(inner).__name__ in SEPARATE_CFG_MODELS
         # the step's place is needed by windows and by a CFG rule (its window, its state, zero-init steps)
         self.windowed = guider.rule is not None or any(t.window != (0.0, 1.0) for t in guider.terms.values())
@@ -377,6 +378,8 @@ class GuidedForward:
         timestep's place in the schedule (or, for a pipeline that hands the denoiser rescaled timesteps,
         the scheduler's step index), counted from where this pipeline call started (img2img starts
         late), so a window restarts at each pipeline call. Only computed where a window needs it."""
+        if self.at_step is not None:
+            return self.at_step
         scheduler = self.guider.scheduler
         timesteps = getattr(scheduler, "timesteps", None)
         n = len(timesteps) if timesteps is not None else 0
@@ -562,11 +565,11 @@ def guide(
     map_limits: MapLimits = DEFAULT_MAP_LIMITS,
     calling_thread_only: bool = False,
     guidance_scale: float | None = None,
+    at_step: tuple[int, int] | None = None,
     **terms: Term | None,
 ) -> Iterator[Guider]:
-    """Add guidance terms (SAG, blur guidance, PAG, SEG, TPG, SLG, classifier guidance: every term of
-    :data:`attnguide.engine.terms.TERMS`, by its name: ``sag=SAG(...)``) to an existing pipeline (or a bare
-    denoiser) for the ``with`` block.
+    """Add guidance terms (every term of :data:`attnguide.engine.terms.TERMS`, by its name:
+    ``sag=SAG(...)``, ``pag=PAG(...)``, ``apg=APG()``) to a pipeline (or a bare denoiser) for the block.
 
     target: a diffusers pipeline with a ``unet`` or ``transformer``, or a denoiser module (then
     ``scheduler`` is required: the one whose ``scale_model_input`` / timesteps your loop uses, and
@@ -575,16 +578,17 @@ def guide(
     the module text), "uncond_first", "cond_first", "none", or "separate" (no CFG batch: two denoiser
     calls per step, conditional first, with the same latents; Flux's ``true_cfg_scale``; the conditional
     answer is completed in place when the unconditional call arrives).
-    classifier: classifier guidance (ADM), a :class:`ClassifierGuidance` whose ``grad_fn`` closes over the
-    labels: its shift is added once per step to the guided prediction (the pipeline's CFG combination
-    included, as the other terms). Not with CFG as separate calls ("separate"; Flux's true CFG),
-    and without a step window for now.
+    classifier: a :class:`ClassifierGuidance` whose ``grad_fn`` closes over the labels (its shift is added
+    once per step); not with CFG as separate calls, and without a step window for now.
     record_masks, cuda_graphs, map_limits: as for :class:`attnguide.Guider`.
     calling_thread_only: guide only the calls made by the thread that opened the block (attnguide's
     pipelines do this); other threads' calls of the denoiser meanwhile run unguided. Default: every
     thread's calls inside the block are guided, each with its own per-call state.
     guidance_scale: for a CFG rule (``apg=APG()``, ...) on a bare denoiser, the CFG weight w your loop
     applies; a pipeline's own ``guidance_scale`` is read at each call instead.
+    at_step: (step, number of steps): where every call of the block sits in its sampling run, for the
+    terms' windows, where the caller knows it (the modular-pipeline guider); default: read from the
+    scheduler's timesteps at each call.
     The denoiser's ``forward``, the pipeline's ``encode_prompt`` and the attention processors are
     restored on exit, also on error. Yields the :class:`Guider` (its ``last_mask`` / ``mask_sum`` with
     ``record_masks``).
@@ -595,6 +599,7 @@ def guide(
     guidance_scale = _check_options(
         cfg_layout,
         guidance_scale,
+        at_step,
         record_masks=record_masks,
         cuda_graphs=cuda_graphs,
         calling_thread_only=calling_thread_only,
@@ -626,13 +631,52 @@ def guide(
         return
     # The forward and the processors are replaced for the whole block, under the model's lock: another
     # block on the same model (any thread) waits for this one, scheduler state included.
-    patched = _patched(module, pipe, guider, cfg_layout, guidance_scale)
+    patched = _patched(module, pipe, guider, cfg_layout, (guidance_scale, at_step))
     with model_lock(getattr(module, "_orig_mod", module)), patched, guider:
         yield guider
 
 
-def _check_options(cfg_layout: str, guidance_scale: float | None, **flags: bool) -> float | None:
-    """ValueError for a bad ``cfg_layout``, flag or ``guidance_scale``; returns the latter as a float."""
+def guided_call(
+    target: Any,
+    forward: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    *,
+    at_step: tuple[int, int],
+    **terms: Term,
+) -> tuple[Any, StepOutputs | None]:
+    """One denoiser call ``forward(*args, **kwargs)`` of ``target`` (a pipeline, or any object with the
+    denoiser and ``scheduler``) guided by ``terms`` as one unbatched branch (cfg_layout "none") at
+    ``at_step``, without replacing the denoiser's forward (only its attention processors and hooks, for
+    this call, under the model's lock): the call's output and its :class:`StepOutputs` (each term's
+    share). The modular-pipeline guider's entry; :func:`guide` is the one for whole pipeline calls."""
+    pipe, module, scheduler = _denoiser_of(target, None)
+    checked = check_terms(terms)
+    _check_terms(checked, pipe, module, "none")
+    guider = Guider(
+        module, scheduler, **checked, layout=packed_layout(module, scheduler), owner=threading.get_ident()
+    )
+    with guider:
+        call = GuidedForward(module, forward, guider, pipe, "none", None)
+        call.at_step = at_step
+        out = call(*args, **kwargs)
+    return out, guider.last_outputs
+
+
+def _check_options(
+    cfg_layout: str, guidance_scale: float | None, at_step: Any, **flags: bool
+) -> float | None:
+    """ValueError for a bad ``cfg_layout``, flag, ``guidance_scale`` or ``at_step``; returns
+    ``guidance_scale`` as a float."""
+    if at_step is not None and not (
+        isinstance(at_step, tuple)
+        and len(at_step) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in at_step)
+        and 0 <= at_step[0] < at_step[1]
+    ):
+        raise ValueError(
+            f"`at_step` must be (step, number of steps) with 0 <= step < number, got {at_step!r}"
+        )
     if not isinstance(cfg_layout, str) or cfg_layout not in CFG_LAYOUTS:
         raise ValueError(f"`cfg_layout` must be one of {CFG_LAYOUTS}, got {cfg_layout!r}")
     for name, flag in flags.items():
@@ -659,7 +703,7 @@ guide.__signature__ = _guide_signature()  # type: ignore[attr-defined]
 
 @contextlib.contextmanager
 def _patched(
-    module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str, cfg_weight: float | None
+    module: nn.Module, pipe: Any, guider: Guider, cfg_layout: str, given: tuple[float | None, Any]
 ) -> Iterator[None]:
     """The denoiser's forward (and the pipeline's ``encode_prompt``) replaced for a block, always put
     back; ValueError where an enclosing block of this thread already guides the denoiser."""
@@ -676,7 +720,9 @@ def _patched(
         recorder = CFGRecorder(encode)
         pipe.encode_prompt = recorder
     originals["forward"] = (module, module.__dict__.get("forward"))
-    module.forward = GuidedForward(module, module.forward, guider, pipe, cfg_layout, recorder, cfg_weight)
+    forward = GuidedForward(module, module.forward, guider, pipe, cfg_layout, recorder)
+    forward.cfg_weight, forward.at_step = given
+    module.forward = forward
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ import torch
 from ...engine.terms import AppParam
 from ...pipelines.schedulers import SCHEDULER_NAMES
 from ..loading import BUNDLED_MODEL
-from ..train.datasets import DATASETS
+from ..train.datasets import DATASETS, model_dataset
 from .distributed import setup_distributed
 from .experiments import (
     DEFAULT_CLASSIFIER_SCALE,
@@ -220,8 +220,9 @@ def _add_metric_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         choices=DATASETS,
-        default="mnist",
-        help="the data set of the reference images (default mnist; the primary protocol: fashion-mnist)",
+        default=None,
+        help="the data set of the reference images (default: the one the model was trained on, as its "
+        "training.json says; else mnist)",
     )
     p.add_argument("--data-dir", default=None, help="folder of Fashion-MNIST's IDX files (default: Debian's)")
     p.add_argument(
@@ -317,6 +318,7 @@ def run(argv: Sequence[str]) -> dict[str, Any] | None:
     """Run ``attnguide eval`` with ``argv``; returns the results on rank 0 (None on other ranks)."""
     args = build_parser().parse_args(list(argv))
     args.argv = list(argv)
+    args.dataset = args.dataset or model_dataset(args.model) or "mnist"
     names = experiment_names(args.experiment)
     scales, sigmas = _check_options(args, names)
     _set_threads(args.threads)

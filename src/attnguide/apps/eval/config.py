@@ -119,6 +119,7 @@ def eval_config(
         "bootstrap": args.bootstrap,
         "seed_blocks": args.seed_blocks,
         "num_reference": args.num_reference,
+        "dataset": args.dataset,
         "reference_part": args.reference_part,
         "second_classifier": args.second_classifier,
     }

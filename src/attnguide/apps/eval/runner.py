@@ -289,6 +289,8 @@ class Evaluation:
             config_digest=self.store.config_digest,
             part=a.reference_part,
             filename=filename,
+            dataset=a.dataset,
+            data_dir=a.data_dir,
         )
         return ref, {k: gaussian_stats(ref[k]) for k in ("pool", "spatial") if k in ref}
 
@@ -330,8 +332,8 @@ class Evaluation:
         ref, ref_stats, reference = None, {}, None
         if experiments:
             ref, ref_stats = self._reference(extractor, "reference_features.npz")
-            indices = reference_indices(a.reference_part, a.num_reference)
-            reference = reference_record(a.reference_part, indices)
+            indices = reference_indices(a.reference_part, a.num_reference, a.dataset, a.data_dir)
+            reference = reference_record(a.reference_part, indices, a.dataset, a.data_dir)
         used = [e for e in (extractor, second) if e is not None]
         add_reference(
             results, ref, inception=bool(a.inception), reference=reference, model=a.model, extractors=used

@@ -36,6 +36,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_split",
     "model_class_names",
+    "model_dataset",
     "read_idx",
     "training_images",
 ]
@@ -165,17 +166,24 @@ def class_names(dataset: str) -> tuple[str, ...]:
     return FASHION_CLASSES if dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
 
 
-def model_class_names(model: str | os.PathLike[str]) -> tuple[str, ...] | None:
-    """The class names of a model folder trained by ``attnguide train`` (its ``training.json`` names the
-    data set); None where it does not say."""
+def model_dataset(model: str | os.PathLike[str]) -> str | None:
+    """The data set a model folder was trained on by ``attnguide train`` (its ``training.json``; records
+    from before ``dataset_name`` was written are MNIST's); None where the folder has no record."""
     import json
 
     record = Path(model) / "training.json"
     try:
         dataset = json.loads(record.read_text(encoding="utf-8")).get("dataset_name", "mnist")
-        return class_names(dataset)
     except (OSError, ValueError):
         return None
+    return dataset if dataset in DATASETS else None
+
+
+def model_class_names(model: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The class names of a model folder trained by ``attnguide train`` (see :func:`model_dataset`); None
+    where it does not say."""
+    dataset = model_dataset(model)
+    return None if dataset is None else class_names(dataset)
 
 
 def _check_dataset(dataset: str) -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..checks import check_number
-from .base import AppSpec, StepContext, scale_param
-from .rule import CFGRule
+from .base import AppSpec, scale_param
+from .rule import CFGRule, RuleState
 
 __all__ = ["APG"]
 
@@ -61,13 +61,13 @@ class APG(CFGRule):
             check_number("apg_momentum", self.momentum, minimum=-1.0, maximum=1.0)
         check_number("apg_norm_threshold", self.norm_threshold, minimum=0.0)
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         diff = c - u
         dims = list(range(1, diff.ndim))
         if self.momentum is not None:
-            previous = ctx.memory.get(self.name)
+            previous = state.memory.get(self.name)
             diff = diff if previous is None else diff + self.momentum * previous
-            ctx.memory[self.name] = diff
+            state.memory[self.name] = diff
         if self.norm_threshold > 0:
             norm = torch.linalg.vector_norm(diff, dim=dims, keepdim=True)
             diff = diff * torch.minimum(torch.ones_like(norm), self.norm_threshold / norm)

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from ..checks import positive_int
-from .base import AppSpec, StepContext, scale_param
-from .rule import CFGRule
+from .base import AppSpec, scale_param
+from .rule import CFGRule, RuleState
 
 __all__ = ["CFGZeroStar", "optimised_scale"]
 
@@ -59,8 +59,8 @@ class CFGZeroStar(CFGRule):
         if self.zero_steps != 0:
             positive_int("zerostar_zero_steps", self.zero_steps)
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
-        if ctx.step < self.zero_steps:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
+        if state.step < self.zero_steps:
             return torch.zeros_like(c)
         scaled = u * optimised_scale(c, u)
         return scaled + w * (c - scaled)

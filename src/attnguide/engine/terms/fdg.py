@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_number
-from .base import AppSpec, StepContext, scale_param
-from .rule import CFGRule
+from .base import AppSpec, scale_param
+from .rule import CFGRule, RuleState
 
 __all__ = ["FDG", "build_laplacian_pyramid", "reconstruct"]
 
@@ -131,7 +131,7 @@ class FDG(CFGRule):
                 )
             object.__setattr__(self, "parallel_weights", weights)
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         video = c.ndim == 5
         if video:  # (B, C, F, H, W): every frame its own image
             b, ch, f, h, wd = c.shape

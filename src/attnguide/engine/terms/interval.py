@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..checks import check_number
 from ..combine import cfg
-from .base import AppSpec, StepContext, in_window, scale_param
-from .rule import CFGRule
+from .base import AppSpec, in_window, scale_param
+from .rule import CFGRule, RuleState
 
 __all__ = ["GuidanceInterval"]
 
@@ -60,5 +60,5 @@ class GuidanceInterval(CFGRule):
         low, high = self.sigmas
         return low < sigma() <= high
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         return cfg(c, u, w)

@@ -15,14 +15,27 @@ outside its window, the engine's own loop skips the unconditional rows of that s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ..combine import cfg
 from .base import StepContext, Term, in_window
 
-__all__ = ["CFGRule"]
+__all__ = ["CFGRule", "RuleState"]
+
+
+@dataclass
+class RuleState:
+    """What a rule reads of its step besides the predictions: its place (``step`` of ``num_steps``,
+    0-based), the run's ``memory`` (one dict per sampling run and thread: APG's momentum) and the noise
+    level ``sigma()`` = b / a of x_t = a x0 + b eps (computed when asked)."""
+
+    step: int = 0
+    num_steps: int = 1
+    memory: dict[str, Any] = field(default_factory=dict)
+    sigma: Callable[[], float] = lambda: 1.0
 
 
 class CFGRule(Term):
@@ -41,7 +54,7 @@ class CFGRule(Term):
                 f"`{self.name}_scale` must be >= 0 (1: the rule, 0: plain CFG), got {self.scale}"
             )
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         """The rule's guided prediction R(c, u, w) for the conditional and unconditional predictions."""
         raise NotImplementedError
 
@@ -50,16 +63,22 @@ class CFGRule(Term):
         noise level sigma = b / a, for rules defined on noise levels)."""
         return in_window(self.window, step, num_steps)
 
+    def guided(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
+        """The step's prediction under this rule: CFG + s (R - CFG) where the rule acts, CFG + s (c - CFG)
+        elsewhere (what the modular-pipeline guider returns; the engine adds the difference as a share)."""
+        plain = cfg(c, u, w)
+        if self.in_effect(state.step, state.num_steps, state.sigma):
+            target = self.combine(c, u, w, state)
+        else:
+            target = c
+        return target if self.scale == 1.0 else plain + self.scale * (target - plain)
+
     def delta(self, ctx: StepContext) -> Tensor | None:
         c, u, w = ctx.outputs.out_cond, ctx.outputs.out_uncond, ctx.guidance_scale
         if u is None or w is None:  # no unconditional rows this step: the output is c already
             return None
-        plain = cfg(c, u, w)
-        if self.in_effect(ctx.step, ctx.num_steps, lambda: _sigma(ctx)):
-            target = self.combine(c, u, w, ctx)
-        else:
-            target = c
-        return target - plain if self.scale == 1.0 else self.scale * (target - plain)
+        state = RuleState(ctx.step, ctx.num_steps, ctx.memory, lambda: _sigma(ctx))
+        return self.guided(c, u, w, state) - cfg(c, u, w)
 
 
 def _sigma(ctx: StepContext) -> float:

@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import AppSpec, StepContext, scale_param
-from .rule import CFGRule
+from .base import AppSpec, scale_param
+from .rule import CFGRule, RuleState
 
 __all__ = ["TCFG", "tangential_uncond"]
 
@@ -54,6 +54,6 @@ class TCFG(CFGRule):
     def __post_init__(self) -> None:
         self.check_scale_and_window()
 
-    def combine(self, c: Tensor, u: Tensor, w: float, ctx: StepContext) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         projected = tangential_uncond(c, u)
         return projected + w * (c - projected)
