@@ -301,7 +301,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     columns, mask_source, masks = _sample_columns(pipe, arms, args, labels)
 
     scale = max(1, 96 // columns[arms[0].name].shape[1])
-    row_labels = [f"{labels[i]}" for i in range(args.num_images)] if labels else None
+    from .train.datasets import model_class_names  # the train package is heavy: only where labels are
+
+    names = model_class_names(args.model) if labels else None
+    row_labels = [names[y] if names else str(y) for y in labels[: args.num_images]] if labels else None
     write_atomic(grid_path, _save_png(make_grid(columns, scale=scale, row_labels=row_labels)))
     written = [grid_path]
     if masks is not None:

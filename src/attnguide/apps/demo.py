@@ -33,6 +33,7 @@ from .arms import ALONE_METHODS, METHOD_TERMS, Arm
 from .defaults import CFG_DEFAULT, CFG_RANGE, DEMO_MAX_IMAGES, NUM_IMAGES, SCHEDULER, SEED, STEPS
 from .images import overlay_masks
 from .loading import BUNDLED_MODEL, load_pipeline, sample_arm
+from .train.datasets import model_class_names
 
 
 # The method dropdown: each method of the registry alone (its term's title in capitals, "blur" as it is),
@@ -260,9 +261,10 @@ def _refusal(denoiser: Any, method: str) -> str | None:
 
 
 class DemoModel:
-    """The pipeline, loaded once, and what the form offers for it."""
+    """The pipeline, loaded once, and what the form offers for it; ``class_names``: the names of its
+    class labels, where the model says (its training record), shown beside the numbers."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, class_names: Sequence[str] | None = None):
         from ..engine.layers import default_sag_layer, self_attention_layers
         from ..pipelines import DDPMSAGPipeline
 
@@ -278,9 +280,13 @@ class DemoModel:
         self.unavailable = {m: why for m in METHODS if (why := _refusal(pipe.unet, m)) is not None}
         self.methods = [m for m in METHODS if m not in self.unavailable]
         real = (self.num_classes or 1) - 1  # the last class embedding is the null label
-        self.label_choices = (
-            [CYCLE, *[str(i) for i in range(real)], UNCONDITIONAL] if self.num_classes else []
+        named = (
+            class_names is not None
+            and len(class_names) == real
+            and list(class_names) != [str(i) for i in range(real)]
         )
+        choices = [f"{i}: {class_names[i]}" if named else str(i) for i in range(real)]
+        self.label_choices = [CYCLE, *choices, UNCONDITIONAL] if self.num_classes else []
 
     def labels_for(self, s: Settings) -> list[int] | None:
         """The class label of each image (None: unconditional or a text model)."""
@@ -289,7 +295,7 @@ class DemoModel:
         real = self.num_classes - 1
         if s.label == CYCLE:
             return [i % real for i in range(s.num_images)]
-        return [int(s.label)] * s.num_images
+        return [int(s.label.split(":")[0])] * s.num_images
 
     def sample(
         self, s: Settings, arm: Arm, record_masks: bool, on_step: Callable[[int], None]
@@ -535,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: --port must be in 1..65535, got {args.port}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} on {device} ...", flush=True)
-    model = DemoModel(load_pipeline(args.model, device))
+    model = DemoModel(load_pipeline(args.model, device), model_class_names(args.model))
     app = build_app(model)
     print(f"open http://{args.host}:{args.port} in a browser (Ctrl+C stops the demo)", flush=True)
     app.queue(default_concurrency_limit=1).launch(
