@@ -72,9 +72,10 @@ class GuidanceState:
     """What the installed processors do in the current model call of one thread.
 
     ``groups``: the rows of the model's batch of ``batch_rows`` that each term's branch holds, by term
-    name: (start, stop); the processors and block hooks of a term act on its rows only. ``everywhere``:
-    the terms that act on every row of every model call of the step (``Term.acts_on == "all"``). ``capture``:
-    whether capture processors record their map; ``capture_rows``: how many leading rows of the model
+    name: (start, stop); the processors and block hooks of a term act on its rows only. ``cond_rows``:
+    the conditional branch's rows (NAG sets them inside attention). ``everywhere``: the terms that act
+    on every row of every model call of the step (``Term.acts_on == "all"``). ``capture``: whether
+    capture processors record their map; ``capture_rows``: how many leading rows of the model
     batch need it (0: all). A layer that sees k rows per model row (video frames, or spatial tokens in
     temporal layers) scales these by k. ``maps``: the aggregated maps recorded, per layer path: (rows, N)
     and the token grid (None where the layer saw tokens). ``thread``: the thread whose guided pass this
@@ -86,6 +87,7 @@ class GuidanceState:
     """
 
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cond_rows: tuple[int, int] | None = None
     everywhere: frozenset[str] = frozenset()
     image_tokens: int = 0
     image_size: tuple[int, int] | None = None
@@ -298,9 +300,15 @@ class GuidedAttention:
                 )
             else:
                 parts.append(F.scaled_dot_product_attention(*qkv, attn_mask=_rows(mask, rows, b), **options))
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p.to(parts[0].dtype) for p in parts])
+        out = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts])
+        text = k.shape[-2] != n or n != n_img  # the image attends to text here (cross or joint attention)
+        for name in acting:
+            term = self.terms[name]
+            if term.mixes_with_cond and text and st.cond_rows is not None and name in st.groups:
+                cond = slice(st.layer_rows(st.cond_rows[0], b), st.layer_rows(st.cond_rows[1], b))
+                own = slice(st.layer_rows(st.groups[name][0], b), st.layer_rows(st.groups[name][1], b))
+                out = term.mix(out, cond, own, dataclasses.replace(call, mask=None))
+        return out
 
     def _grid(self, st: GuidanceState, n_img: int) -> tuple[int, int]:
         """The token grid of a layer that sees tokens (not a 4-D feature map), from the latent's size."""

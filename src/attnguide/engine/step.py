@@ -303,11 +303,12 @@ class Guider:
         st = self.state
         b = x_in.shape[0]
         batched = [name for name, term in active.items() for _ in range(term.rows)]
-        branches = (["uncond"] if do_cfg else []) + ["cond"] * (1 + len(batched))
+        branches = (["uncond"] if do_cfg else []) + ["cond"] + [active[name].branch for name in batched]
         first = len(branches) - len(batched)
         x_main = torch.cat([x_in] * len(branches)) if len(branches) > 1 else x_in
         st.maps.clear()
         st.groups = {name: ((first + i) * b, (first + i + 1) * b) for i, name in enumerate(batched)}
+        st.cond_rows = ((first - 1) * b, first * b)
         st.capture = any(self.capture[name] for name in active)
         st.capture_rows = b  # the map of the reference branch, the first chunk, is all that is used
         st.batch_rows = x_main.shape[0]
@@ -318,6 +319,7 @@ class Guider:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:
             st.groups = {}
+            st.cond_rows = None
             st.capture = False
             st.capture_rows = 0
         layout = self.layout or LatentLayout.from_channels(

@@ -415,8 +415,14 @@ class GuidedForward:
         positions = {k: v for k, v in kwargs.items() if k in POSITION_ARGS}
         per_row = {k: v for k, v in kwargs.items() if k not in POSITION_ARGS}
 
+        own_branches = {t.branch: t for t in self.guider.terms.values() if t.branch != "cond"}
+
         def model_fn(x: Tensor, tt: Tensor, branches) -> Tensor:
-            kw = _select_rows(per_row, [rows[b] for b in branches], total, frames)
+            kw = _select_rows(per_row, [rows.get(b, rows["cond"]) for b in branches], total, frames)
+            for i, b in enumerate(branches):
+                if b not in rows:  # a term's own branch (NAG: the conditional rows, the negative prompt)
+                    uncond = branches.index("uncond") if "uncond" in branches else None
+                    kw = own_branches[b].branch_inputs(kw, i, len(branches), uncond)
             kw[self.timestep_arg] = tt.expand(x.shape[0]) if per_row_t else tt
             if grid is None:
                 return self.original(x, return_dict=False, **kw, **positions)[0]

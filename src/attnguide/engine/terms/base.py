@@ -260,6 +260,11 @@ class Term:
     default_on_in_pipelines: ClassVar[bool] = False
     #: the default of ``<name>_scale`` in the pipelines' keywords (0: off unless asked for)
     pipeline_scale: ClassVar[float] = 0.0
+    #: the branch its rows are conditioned as: "cond" (the conditional rows again), or its own name where
+    #: the model function gives its rows their own inputs (:meth:`branch_inputs`; NAG: "nag")
+    branch: ClassVar[str] = "cond"
+    #: whether, inside attention, it sets the conditional rows' output from theirs and its own (:meth:`mix`)
+    mixes_with_cond: ClassVar[bool] = False
     #: whether it is a CFG rule (:class:`attnguide.engine.terms.rule.CFGRule`): it combines the two CFG
     #: predictions its own way instead of u + w (c - u); it needs CFG, and a run takes at most one
     rule: ClassVar[bool] = False
@@ -299,6 +304,20 @@ class Term:
     def attend_linear(self, attn: Any, x: Tensor, layer: str) -> Tensor:
         """This term's output of a linear (ReLU-kernel, Sana) attention layer for its rows ``x``."""
         raise ValueError(f"`{self.name}`: layer {layer!r} is a linear attention, which has no {self.title}")
+
+    def branch_inputs(
+        self, kwargs: dict[str, Any], chunk: int, chunks: int, uncond: int | None
+    ) -> dict[str, Any]:
+        """The batched model inputs ``kwargs`` (``chunks`` equal chunks of rows, one per branch) with this
+        term's chunk ``chunk`` (a copy of the conditional rows) given the inputs of its own branch;
+        ``uncond``: the unconditional chunk, where the call has one (only for terms whose ``branch`` is
+        their own)."""
+        raise NotImplementedError(f"{type(self).__name__} has no branch of its own")
+
+    def mix(self, out: Tensor, cond: slice, own: slice, call: AttentionCall) -> Tensor:
+        """A layer's attention output (B, heads, N, d) with the conditional rows ``cond`` set from theirs
+        and this term's rows ``own`` (only for terms that ``mixes_with_cond``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not mix with the conditional rows")
 
     def before_block(self, tokens: Tensor, generator: Any) -> Tensor:
         """The tokens (B, N, C) entering a block, for this term's rows."""
