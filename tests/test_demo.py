@@ -262,6 +262,7 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(server, browser):
         "SLG",
         "PLADIS",
         "CFG",
+        "NAG",
         "APG",
         "CFG-Zero*",
         "TCFG",
@@ -462,9 +463,17 @@ def test_methods_table_lists_every_dropdown_term():
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]  # rows[0]: the header
     assert all(len(c) == 4 for c in cells), "a row of the table lost a cell"
     titles = [c[0].split(" (")[0] for c in cells]
-    rules = ["APG", "CFG-Zero*", "TCFG", "FDG", "guidance interval"]  # the CFG rules, after CFG
+    rules = ["NAG", "APG", "CFG-Zero*", "TCFG", "FDG", "guidance interval"]  # with CFG only, after CFG
     assert titles == ["SAG", "blur guidance", "PAG", "SEG", "TPG", "SLG", "PLADIS", "CFG", *rules]
-    names = [*(c[0].split()[0].lower() for c in cells[:8]), "apg", "zerostar", "tcfg", "fdg", "interval"]
+    names = [
+        *(c[0].split()[0].lower() for c in cells[:8]),
+        "nag",
+        "apg",
+        "zerostar",
+        "tcfg",
+        "fdg",
+        "interval",
+    ]
     offered = set().union(*(dropdown_terms(m) for m in METHODS))
     assert offered == set(names) == set(TERMS)
     passes = dict(zip(names, (c[2] for c in cells), strict=True))

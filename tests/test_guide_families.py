@@ -13,7 +13,7 @@ from conftest import in_threads
 from tiny_families import FAMILIES, cfg_kwargs, instantiate
 
 import attnguide
-from attnguide import APG, FDG, PAG, PLADIS, SAG, TCFG, CFGZeroStar, GuidanceInterval
+from attnguide import APG, FDG, NAG, PAG, PLADIS, SAG, TCFG, CFGZeroStar, GuidanceInterval
 from attnguide.engine.guidance import SEG, SLG, TPG
 from attnguide.engine.layers import cross_attention_layers
 
@@ -31,6 +31,8 @@ TERMS = {
     "tcfg": lambda s: {"tcfg": TCFG(scale=s)},
     "fdg": lambda s: {"fdg": FDG(scale=s)},
     "interval": lambda s: {"interval": GuidanceInterval(scale=s, sigmas=(0.0, 1e9), window=(0.5, 1.0))},
+    # NAG with CFG's negative prompt (tests/test_nag.py gives explicit ones and checks the authors' code)
+    "nag": lambda s: {"nag": NAG(scale=s)},
 }
 RULES = {name for name, make in TERMS.items() if next(iter(make(1.0).values())).rule}
 #: Families whose guidance weight is an embedding, not a CFG batch (a CFG rule has nothing to work on).
@@ -75,6 +77,17 @@ def _guided(pipe, spec, cfg: bool, **terms) -> torch.Tensor:
         return _call(pipe, spec, cfg)
 
 
+def _has_text(den) -> bool:
+    """Whether the image attends to a text input in ``den`` (cross-attention or joint attention)."""
+    import inspect
+
+    from attnguide.engine.layers import self_attention_layers
+
+    takes = "encoder_hidden_states" in inspect.signature(type(den).forward).parameters
+    joint = any(getattr(m, "add_k_proj", None) is not None for m in self_attention_layers(den).values())
+    return takes and (bool(cross_attention_layers(den)) or joint)
+
+
 CASES = [(name, cfg) for name in FAMILIES for cfg in (False, True)]
 
 
@@ -98,6 +111,14 @@ def test_guided_family(name, cfg):
         if term in RULES and (not cfg or spec["cfg_arg"] == "true_cfg_scale" or name in EMBEDDED_GUIDANCE):
             why = "separate denoiser calls" if spec["cfg_arg"] == "true_cfg_scale" else "is a CFG rule"
             with pytest.raises(ValueError, match=why):
+                _guided(pipe, spec, cfg, **make(1.0))
+            continue
+        if term == "nag" and not _has_text(den):
+            with pytest.raises(ValueError, match="NAG needs a text-conditioned model"):
+                _guided(pipe, spec, cfg, **make(1.0))
+            continue
+        if term == "nag" and (not cfg or spec["cfg_arg"] == "true_cfg_scale" or name in EMBEDDED_GUIDANCE):
+            with pytest.raises(ValueError, match="NAG needs a negative prompt"):  # no CFG negative here
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
         if term == "pladis" and not cross_attention_layers(den):  # joint attention, class embeddings
@@ -211,6 +232,8 @@ def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(
         and name not in EMBEDDED_GUIDANCE
     ):
         terms["apg"] = APG()  # a CFG rule with state across the steps (its momentum), per thread and call
+        if _has_text(_denoiser(pipe)):
+            terms["nag"] = NAG()  # a branch of its own (CFG's negative prompt) mixed into the cond rows
 
     def call(seed: int) -> torch.Tensor:
         kw = dict(spec["call"], generator=torch.Generator().manual_seed(seed), **cfg_kwargs(spec, True))

@@ -12,6 +12,7 @@ from .cfg_zero import CFGZeroStar
 from .classifier import ClassifierGuidance, GradFn, classifier_grad_fn, classifier_shift
 from .fdg import FDG
 from .interval import GuidanceInterval
+from .nag import NAG, nag_mix
 from .pag import PAG, identity_attention
 from .pladis import PLADIS
 from .rule import CFGRule
@@ -30,6 +31,7 @@ REGISTRY: tuple[type[Term], ...] = (
     SLG,
     ClassifierGuidance,
     PLADIS,
+    NAG,
     APG,
     CFGZeroStar,
     TCFG,
@@ -68,6 +70,7 @@ def check_terms(terms: dict[str, object | None]) -> dict[str, Term]:
 __all__ = [
     "APG",
     "FDG",
+    "NAG",
     "PAG",
     "PLADIS",
     "REGISTRY",
@@ -95,6 +98,7 @@ __all__ = [
     "classifier_shift",
     "identity_attention",
     "in_window",
+    "nag_mix",
     "sag_degraded_input",
     "sag_update",
     "seg_attention",
