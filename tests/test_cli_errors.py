@@ -219,6 +219,9 @@ def test_an_unreachable_hub_id_fails_at_once(monkeypatch, tmp_path, capsys):
     def refuse(*_a, **_k):
         raise OSError("network unreachable")
 
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # CI machines may set it
     monkeypatch.setattr(socket, "create_connection", refuse)
     t0 = time.perf_counter()
     with pytest.raises(SystemExit):
@@ -226,3 +229,14 @@ def test_an_unreachable_hub_id_fails_at_once(monkeypatch, tmp_path, capsys):
     assert time.perf_counter() - t0 < 20
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "--model" in errors[0] and "cannot be reached" in errors[0]
+
+
+def test_a_hub_id_with_hf_hub_offline_set_fails_at_once(monkeypatch, tmp_path, capsys):
+    """HF_HUB_OFFLINE set and the hub id not cached: one line naming --model and the variable."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "someone/not-cached-anywhere", "--out", str(tmp_path / "run")])
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "--model" in errors[0] and "HF_HUB_OFFLINE" in errors[0]
