@@ -37,6 +37,17 @@ TERMS = {
 RULES = {name for name, make in TERMS.items() if next(iter(make(1.0).values())).rule}
 #: Families whose guidance weight is an embedding, not a CFG batch (a CFG rule has nothing to work on).
 EMBEDDED_GUIDANCE = {"lcm"}
+NO_PAG = {
+    "dit",
+    "ddpm",
+    "lcm",
+    "sd_upscale",
+    "sd_latent_upscale",
+    "flux",
+    "flux_img2img",
+    "wan",
+    "wan_two_prompts",
+}
 PAG_SCALE = 2.0
 
 
@@ -108,8 +119,10 @@ def test_guided_family(name, cfg):
             with pytest.raises(ValueError, match="linear attention"):  # before any model call
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
-        if term in RULES and (not cfg or spec["cfg_arg"] == "true_cfg_scale" or name in EMBEDDED_GUIDANCE):
-            why = "separate denoiser calls" if spec["cfg_arg"] == "true_cfg_scale" else "is a CFG rule"
+        if term in RULES and (not cfg or spec["separate_cfg"] or name in EMBEDDED_GUIDANCE):
+            why = "is a CFG rule"  # without CFG; with CFG in two calls (Flux even without it: known ahead)
+            if spec["separate_cfg"]:
+                why = "separate denoiser calls" if cfg else "separate denoiser calls|is a CFG rule"
             with pytest.raises(ValueError, match=why):
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
@@ -117,7 +130,7 @@ def test_guided_family(name, cfg):
             with pytest.raises(ValueError, match="NAG needs a text-conditioned model"):
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
-        if term == "nag" and (not cfg or spec["cfg_arg"] == "true_cfg_scale" or name in EMBEDDED_GUIDANCE):
+        if term == "nag" and (not cfg or spec["separate_cfg"] or name in EMBEDDED_GUIDANCE):
             with pytest.raises(ValueError, match="NAG needs a negative prompt"):  # no CFG negative here
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
@@ -137,12 +150,7 @@ def test_guided_family(name, cfg):
     torch.testing.assert_close(_call(pipe, spec, cfg), unguided, rtol=0, atol=0)  # nothing left behind
 
 
-PAG_CASES = [
-    (name, cfg)
-    for name, build in FAMILIES.items()
-    for cfg in (False, True)
-    if name not in ("dit", "ddpm", "lcm", "sd_upscale", "sd_latent_upscale", "flux", "flux_img2img")
-]
+PAG_CASES = [(name, cfg) for name, build in FAMILIES.items() for cfg in (False, True) if name not in NO_PAG]
 
 
 @pytest.mark.parametrize(("name", "cfg"), PAG_CASES, ids=[f"{n}-cfg{int(c)}" for n, c in PAG_CASES])
@@ -226,11 +234,7 @@ def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(
     terms = {"pag": PAG(scale=1.0)}
     if name != "sd_latent_upscale":  # SAG cannot guide that one (tested above)
         terms["sag"] = SAG(scale=1.0)
-    if (
-        spec["cfg_scale"] is not None
-        and spec["cfg_arg"] != "true_cfg_scale"
-        and name not in EMBEDDED_GUIDANCE
-    ):
+    if spec["cfg_scale"] is not None and not spec["separate_cfg"] and name not in EMBEDDED_GUIDANCE:
         terms["apg"] = APG()  # a CFG rule with state across the steps (its momentum), per thread and call
         if _has_text(_denoiser(pipe)):
             terms["nag"] = NAG()  # a branch of its own (CFG's negative prompt) mixed into the cond rows

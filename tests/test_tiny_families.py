@@ -10,7 +10,17 @@ from conftest import gen
 from tiny_families import FAMILIES, build, instantiate
 
 #: the families diffusers has no PAG pipeline for (checked against the specs below)
-NO_PAG = {"sd_upscale", "sd_latent_upscale", "lcm", "dit", "ddpm", "flux", "flux_img2img"}
+NO_PAG = {
+    "sd_upscale",
+    "sd_latent_upscale",
+    "lcm",
+    "dit",
+    "ddpm",
+    "flux",
+    "flux_img2img",
+    "wan",
+    "wan_two_prompts",
+}
 SPEC_KEYS = {
     "components",
     "pipeline",
@@ -20,6 +30,7 @@ SPEC_KEYS = {
     "cfg_scale",
     "cfg_off",
     "pag_without_cfg",
+    "separate_cfg",
 }
 
 

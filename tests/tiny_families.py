@@ -13,6 +13,7 @@ Every builder in :data:`FAMILIES` returns a fresh spec (new random-weight models
         "cfg_scale": a CFG weight > 1 that works (None: the pipeline takes no guidance_scale),
         "cfg_off": the CFG weight that turns classifier-free guidance off (None: no such argument),
         "pag_without_cfg": whether diffusers' PAG pipeline runs with CFG off (False: only with CFG on),
+        "separate_cfg": whether CFG comes as two denoiser calls per step (Flux, Wan),
     }
 
 ``call`` holds neither ``generator`` nor the CFG weight nor ``pag_scale``: the caller adds them
@@ -317,6 +318,7 @@ def _spec(
     cfg_off=1.0,
     pag_without_cfg=True,
     cfg_arg="guidance_scale",
+    separate_cfg=False,
 ) -> dict[str, Any]:
     return {
         "components": components,
@@ -327,6 +329,7 @@ def _spec(
         "cfg_scale": cfg_scale,
         "cfg_off": cfg_off,
         "pag_without_cfg": pag_without_cfg and pag_pipeline is not None,
+        "separate_cfg": separate_cfg,
     }
 
 
@@ -847,7 +850,7 @@ def flux() -> dict[str, Any]:
         max_sequence_length=16,
         **_LATENT,
     )
-    return _spec(comps, FluxPipeline, None, call, cfg_scale=4.0, cfg_arg="true_cfg_scale")
+    return _spec(comps, FluxPipeline, None, call, cfg_scale=4.0, cfg_arg="true_cfg_scale", separate_cfg=True)
 
 
 def flux_img2img() -> dict[str, Any]:
@@ -856,7 +859,15 @@ def flux_img2img() -> dict[str, Any]:
     call = dict(spec["call"], image=_image(3), **_IMG2IMG)
     for key in ("height", "width"):
         call.pop(key)
-    return _spec(spec["components"], FluxImg2ImgPipeline, None, call, cfg_scale=4.0, cfg_arg="true_cfg_scale")
+    return _spec(
+        spec["components"],
+        FluxImg2ImgPipeline,
+        None,
+        call,
+        cfg_scale=4.0,
+        cfg_arg="true_cfg_scale",
+        separate_cfg=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------- Sana
@@ -994,6 +1005,68 @@ def ddpm() -> dict[str, Any]:
     return _spec(comps, DDPMPipeline, None, call, cfg_scale=None, cfg_off=None)
 
 
+# ---------------------------------------------------------------------------------------------- Wan
+
+
+def _wan(prompts: int) -> dict[str, Any]:
+    """Wan 2.1 text-to-video: a WanTransformer3DModel (2 blocks, patch (1, 2, 2)) on a tiny
+    AutoencoderKLWan, UniPC flow scheduler. CFG comes as two transformer calls per step (conditional,
+    then unconditional with the negative prompt's embeddings). The text embeddings are given (its UMT5
+    prompt cleaning needs ftfy), ``prompts`` of them. 32 x 48 pixels, 9 frames = 3 x 4 x 6 latents =
+    3 frames of 2 x 3 tokens in one sequence."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    vae = _seeded(
+        0,
+        lambda: AutoencoderKLWan(
+            base_dim=3,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+    )
+    transformer = _seeded(
+        0,
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=TEXT_DIM,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+    )
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    comps = dict(
+        vae=vae.eval(), transformer=transformer.eval(), scheduler=sched, tokenizer=None, text_encoder=None
+    )
+    g = torch.Generator().manual_seed(1)
+    call = dict(
+        prompt_embeds=torch.randn(prompts, 16, TEXT_DIM, generator=g),
+        negative_prompt_embeds=torch.randn(prompts, 16, TEXT_DIM, generator=g),
+        height=H,
+        width=W,
+        num_frames=9,
+        **_LATENT,
+    )
+    return _spec(comps, WanPipeline, None, call, separate_cfg=True)
+
+
+def wan() -> dict[str, Any]:
+    return _wan(1)
+
+
+def wan_two_prompts() -> dict[str, Any]:
+    return _wan(2)
+
+
 #: family name -> builder of its spec (see the module docstring), in priority order.
 FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "sd_controlnet": sd_controlnet,
@@ -1019,6 +1092,8 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "lcm": lcm,
     "dit": dit,
     "ddpm": ddpm,
+    "wan": wan,
+    "wan_two_prompts": wan_two_prompts,
 }
 
 

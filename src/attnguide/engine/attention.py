@@ -83,7 +83,9 @@ class GuidanceState:
     installed them). None: any thread (inside torch.compile). ``image_tokens``: how many image tokens the
     model call has, where a layer's own sequence can also hold text tokens (Flux's single-stream blocks:
     [text, image]); 0: a layer's own tokens are the image. ``image_size``: the (H, W) of the model
-    input's latent, from which a token layer's grid is read (SEG).
+    input's latent, from which a token layer's grid is read (SEG); ``frames``: the frames of a video
+    latent (B, C, F, H, W), which a video transformer's layers hold in one sequence (F x h x w tokens,
+    frame-major) where a video UNet's hold them as rows.
     """
 
     groups: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -91,6 +93,7 @@ class GuidanceState:
     everywhere: frozenset[str] = frozenset()
     image_tokens: int = 0
     image_size: tuple[int, int] | None = None
+    frames: int = 1
     thread: int | None = None
     capture: bool = False
     capture_rows: int = 0
@@ -282,7 +285,7 @@ class GuidedAttention:
         image = self._image_tokens(n, n_img, k.shape[-2])
         options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
         call = AttentionCall(
-            image, lambda: grid if grid is not None else self._grid(st, n_img), options, self.name
+            image, lambda: grid if grid is not None else self._grid(st, n_img, b), options, self.name
         )
         parts = []
         for rows, term in st.row_plan(b, acting):
@@ -310,11 +313,19 @@ class GuidedAttention:
                 out = term.mix(out, cond, own, dataclasses.replace(call, mask=None))
         return out
 
-    def _grid(self, st: GuidanceState, n_img: int) -> tuple[int, int]:
-        """The token grid of a layer that sees tokens (not a 4-D feature map), from the latent's size."""
+    def _grid(self, st: GuidanceState, n_img: int, layer_batch: int) -> tuple[int, int]:
+        """The token grid of one frame of a layer that sees tokens (not a 4-D feature map), from the
+        latent's size. A layer with one row per model row of a video holds its frames in one sequence
+        (Wan: F x h x w tokens); a layer with a row per frame (video UNets) holds one frame per row."""
         if st.image_size is None:
             raise ValueError(f"attnguide: the token grid of layer {self.name!r} is unknown (no image size)")
-        return infer_grid(n_img, *st.image_size)
+        frames = st.frames if st.frames > 1 and layer_batch == st.batch_rows else 1
+        if n_img % frames:
+            raise ValueError(
+                f"attnguide: layer {self.name!r} sees {n_img} image tokens per row, not a whole number of "
+                f"tokens for each of the latent's {frames} frames; choose another layer"
+            )
+        return infer_grid(n_img // frames, *st.image_size)
 
     def _attend_capturing(self, attn, st, qkv, mask, options: dict, tokens, grid, rows: int) -> Tensor:
         """The attention of the leading (unperturbed) rows, recording the SAG map of the first ``rows`` of
@@ -416,7 +427,7 @@ def _scores(attn: Attention, query: Tensor, key: Tensor, mask: Tensor | None, sc
     """diffusers' ``Attention.get_attention_scores`` (baddbmm, upcasts, softmax) with the scale of the
     intercepted call: the same probabilities as diffusers' ``AttnProcessor`` and SAG pipeline."""
     dtype = query.dtype
-    if attn.upcast_attention:
+    if getattr(attn, "upcast_attention", False):  # Attention has it; WanAttention and others do not
         query, key = query.float(), key.float()
     if mask is None:
         shape = (query.shape[0], query.shape[1], key.shape[1])
@@ -424,7 +435,7 @@ def _scores(attn: Attention, query: Tensor, key: Tensor, mask: Tensor | None, sc
     else:
         base, beta = mask, 1
     scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=scale)
-    if attn.upcast_softmax:
+    if getattr(attn, "upcast_softmax", False):
         scores = scores.float()
     return scores.softmax(dim=-1).to(dtype)
 

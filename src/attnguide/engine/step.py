@@ -315,6 +315,7 @@ class Guider:
         st.thread = None if torch.compiler.is_compiling() else threading.get_ident()
         st.image_tokens = image_tokens
         st.image_size = tuple(x_in.shape[-2:])
+        st.frames = x_in.shape[2] if x_in.ndim == 5 else 1
         try:
             out = self._call_model(model_fn, x_main, t, branches, inputs_key)
         finally:

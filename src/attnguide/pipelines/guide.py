@@ -171,6 +171,12 @@ def _call_argument(pipe: Any, name: str) -> float | None:
     return None
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values (``b`` cast to ``a``'s dtype and device: a pipeline may
+    cast its embeddings to the denoiser's dtype before the call)."""
+    return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
+
+
 class _Position(threading.local):
     """One thread's place in its current pipeline call: the schedule index where the call started and
     the last one seen (a new call starts where the index goes back), and a count of calls whose timestep
@@ -181,6 +187,7 @@ class _Position(threading.local):
     last: int | None = None
     count: int = 0
     separate: str = "none"
+    branch: str | None = None  # the CFG branch of this call, where CFG comes in two calls and it is known
     pending: _Pending | None = None
     memory: dict | None = None  # the CFG rule's state in this pipeline call
 
@@ -224,11 +231,20 @@ class CFGRecorder:
             self._local.flag = bool(flag)
         self._local.calls = getattr(self._local, "calls", 0) + 1
         with self._lock:
-            return self.original(*args, **kwargs)
+            result = self.original(*args, **kwargs)
+        if flag is not None:
+            parts = result if isinstance(result, (tuple, list)) else (result,)
+            self._local.returned = tuple(p for p in parts if isinstance(p, Tensor))
+        return result
 
     def flag(self) -> bool | None:
         """This thread's last recorded flag (None: none recorded)."""
         return getattr(self._local, "flag", None)
+
+    def returned(self) -> tuple[Tensor, ...]:
+        """The tensors this thread's last call with a recorded flag returned (the prompt's embeddings
+        first, then the negative prompt's and the rest, as diffusers' ``encode_prompt`` orders them)."""
+        return getattr(self._local, "returned", ())
 
     def take_calls(self) -> int:
         """How many ``encode_prompt`` calls this thread made since the last ``take_calls`` (a pipeline
@@ -328,6 +344,7 @@ class GuidedForward:
         """This call's CFG layout: the block's, else what the pipeline call showed (see module text).
         Pipelines with CFG as separate calls (:data:`SEPARATE_CFG_MODELS`) use "separate" where their
         call encoded two prompts (the prompt and the negative one), else "none"."""
+        self._position.branch = None
         if self.layout != "auto":
             return self.layout
         if self.separate_cfg:
@@ -336,7 +353,40 @@ class GuidedForward:
                 self._position.separate = "separate" if calls >= 2 else "none"
             return self._position.separate
         recorded = self.recorder.flag() if self.recorder is not None else None
+        if recorded and self._calls_per_branch(sample):
+            self._position.branch = self._branch_of_call(kwargs)
+            refuse_in_separate_calls(self.guider.terms, self.module)
+            return "separate"
         return resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs, recorded)
+
+    def _calls_per_branch(self, sample: Tensor) -> bool:
+        """Whether this pipeline call makes CFG as two denoiser calls per step (Wan, Lumina2, CogView4):
+        ``encode_prompt`` returned a negative of the prompt embeddings' shape, and the denoiser batch is
+        the prompt's, not twice it (a batched pipeline concatenates the two)."""
+        returned = self.recorder.returned()
+        if not returned:
+            return False
+        prompt = returned[0]
+        twins = [r for r in returned[1:] if r.shape == prompt.shape]
+        return bool(twins) and prompt.ndim > 0 and sample.shape[0] == prompt.shape[0]
+
+    def _branch_of_call(self, kwargs: dict) -> str | None:
+        """Which CFG branch this call of a two-call pipeline is, from the conditioning it carries: "cond"
+        (the prompt's embeddings), "uncond" (the negative's), None where both are equal (then the calls'
+        order says: conditional first). ValueError naming ``cfg_layout`` where the call carries neither."""
+        prompt, *rest = self.recorder.returned()
+        twins = [r for r in rest if r.shape == prompt.shape]
+        for value in kwargs.values():
+            if not isinstance(value, Tensor) or value.shape != prompt.shape:
+                continue
+            cond, uncond = _same(value, prompt), any(_same(value, r) for r in twins)
+            if cond or uncond:
+                return None if cond and uncond else ("cond" if cond else "uncond")
+        raise ValueError(
+            f"`cfg_layout`: {type(self.pipe).__name__} calls the denoiser once per CFG branch, and attnguide "
+            "cannot tell which call carries the prompt (its conditioning is not what encode_prompt "
+            "returned); pass cfg_layout='separate' if the conditional call comes first in each step"
+        )
 
     @staticmethod
     def _token_grid(sample: Tensor, kwargs: dict) -> tuple[int, int] | None:
@@ -357,7 +407,13 @@ class GuidedForward:
         pos = self._position
         pending = pos.pending
         pos.pending = None
-        if pending is None or pending.sample is not sample or not torch.equal(pending.t, t0):
+        twin = pending is not None and torch.equal(pending.t, t0) and _same(sample, pending.sample)
+        if pos.branch == "uncond" and not twin:
+            raise ValueError(
+                f"`cfg_layout`: {type(self.pipe).__name__} makes its unconditional call before the "
+                "conditional one; attnguide.guide needs the conditional call first"
+            )
+        if pos.branch == "cond" or not twin:
             r = passes(cfg=False, call="cond")
             delta = r.terms_delta() if r.deltas else None  # the perturbation terms: this call's only
             returned = pack(_with_variance(r.out_cond if delta is None else r.out_cond + delta, r.variance))
@@ -511,6 +567,17 @@ UNSUPPORTED = {
 }
 
 
+def refuse_in_separate_calls(terms: dict[str, Term], module: nn.Module) -> None:
+    """ValueError for a term that cannot ride where the CFG branches come in separate denoiser calls
+    (the classifier term, the CFG rules: the pipeline combines the two calls itself)."""
+    for key, term in terms.items():
+        if term.separate_call is None:
+            raise ValueError(
+                f"`{key}`: attnguide.guide cannot add {term.title} where the CFG branches come in separate "
+                f"denoiser calls ({type(module).__name__}); use a pipeline that batches them"
+            )
+
+
 def _check_terms(terms: dict[str, Term], pipe: Any, module: nn.Module, cfg_layout: str) -> None:
     """ValueError for a pipeline attnguide cannot guide and for a term that cannot act on this target:
     one that reads the prediction where the denoiser output is not the scheduler's, one that cannot ride
@@ -522,16 +589,13 @@ def _check_terms(terms: dict[str, Term], pipe: Any, module: nn.Module, cfg_layou
     separate = cfg_layout == "separate" or (
         cfg_layout == "auto" and type(getattr(module, "_orig_mod", module)).__name__ in SEPARATE_CFG_MODELS
     )
+    if separate:
+        refuse_in_separate_calls(terms, module)
     for key, term in terms.items():
         unreadable = [n for n in mro if n in PREDICTION_UNREADABLE]
         if term.reads_prediction and unreadable:
             why = PREDICTION_UNREADABLE[unreadable[0]]
             raise ValueError(f"`{key}`: {term.title} cannot guide {unreadable[0]}: {why}")
-        if separate and term.separate_call is None:
-            raise ValueError(
-                f"`{key}`: attnguide.guide cannot add {term.title} where the CFG branches come in separate "
-                f"denoiser calls ({type(module).__name__}); use a pipeline that batches them"
-            )
         if term.rule and cfg_layout == "none":
             raise ValueError(
                 f"`{key}`: {term.title} is a CFG rule: it needs classifier-free guidance, and cfg_layout is "

@@ -280,6 +280,9 @@ def _captured_maps(ctx: StepContext, b: int, size: tuple[int, int]) -> list:
         if name not in ctx.maps:
             raise RuntimeError(f"SAG layer {name!r} was not called during the model pass")
         agg, grid = ctx.maps[name]
+        frames = b // agg.shape[0] if agg.shape[0] < b and b % agg.shape[0] == 0 else 1
+        if grid is None and frames > 1 and agg.shape[1] % frames == 0:
+            agg = _per_frame(agg, frames)  # a video transformer's frames in one sequence
         if agg.shape[0] != b:
             raise ValueError(
                 f"`sag_layers`: layer {name!r} saw {agg.shape[0]} rows for {b} images; choose a "
@@ -287,3 +290,10 @@ def _captured_maps(ctx: StepContext, b: int, size: tuple[int, int]) -> list:
             )
         maps.append((agg, grid if grid is not None else infer_grid(agg.shape[1], *size)))
     return maps
+
+
+def _per_frame(agg: Tensor, frames: int) -> Tensor:
+    """The map of a layer holding a video's ``frames`` in one sequence (frame-major tokens), as one row
+    per frame, each renormalised to mean 1 over its keys (psi = 1 stays each frame's mean)."""
+    rows = agg.reshape(agg.shape[0] * frames, agg.shape[1] // frames)
+    return rows / rows.mean(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)

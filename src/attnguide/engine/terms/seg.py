@@ -39,9 +39,15 @@ def blur_queries(q: Tensor, grid: tuple[int, int], sigma: float) -> Tensor:
     """SEG's smoothed queries (arXiv:2408.00760, Sec. 3): each query channel, laid out on the (h, w) token
     grid, blurred by a 2-D Gaussian of ``sigma`` tokens (reflect padding, kernel of
     :func:`seg_kernel_size`, capped to the grid); ``sigma`` = infinity makes every query the mean query.
-    q: (B, heads, h * w, d)."""
+    q: (B, heads, h * w, d), or (B, heads, F * h * w, d) for the F frames of a video in one sequence
+    (frame-major): each frame blurred over its own grid."""
     b, heads, n, d = q.shape
     h, w = grid
+    if n != h * w and n % (h * w) == 0:
+        f = n // (h * w)
+        frames = q.reshape(b, heads, f, h * w, d).transpose(1, 2).reshape(b * f, heads, h * w, d)
+        blurred = blur_queries(frames, grid, sigma)
+        return blurred.reshape(b, f, heads, h * w, d).transpose(1, 2).reshape(b, heads, n, d)
     if h * w != n:
         raise ValueError(f"SEG: {n} query tokens are not a {h}x{w} grid")
     if math.isinf(sigma):
