@@ -47,6 +47,7 @@ NO_PAG = {
     "flux_img2img",
     "wan",
     "wan_two_prompts",
+    "cogview4",
 }
 PAG_SCALE = 2.0
 

@@ -20,6 +20,7 @@ NO_PAG = {
     "flux_img2img",
     "wan",
     "wan_two_prompts",
+    "cogview4",
 }
 SPEC_KEYS = {
     "components",

@@ -1067,6 +1067,51 @@ def wan_two_prompts() -> dict[str, Any]:
     return _wan(2)
 
 
+# ------------------------------------------------------------------------------------------ CogView4
+
+
+def cogview4() -> dict[str, Any]:
+    """CogView4: a CogView4Transformer2DModel (2 blocks, joint attention with the text first, blocks
+    returning (image, text)), the SD-style tiny VAE, a dynamic-shift flow scheduler. CFG comes as two
+    transformer calls per step. Text embeddings are given (its GLM tokenizer is on the hub only), two
+    prompts' worth. 32 x 48 pixels = 16 x 24 latents = 8 x 12 tokens."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel
+
+    transformer = _seeded(
+        0,
+        lambda: CogView4Transformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=4,
+            num_attention_heads=4,
+            out_channels=4,
+            text_embed_dim=TEXT_DIM,
+            time_embed_dim=8,
+            condition_dim=4,
+        ),
+    )
+    sched = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25,
+        max_shift=0.75,
+        base_image_seq_len=256,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
+    )
+    comps = dict(
+        transformer=transformer.eval(), vae=_vae(0), scheduler=sched, tokenizer=None, text_encoder=None
+    )
+    g = torch.Generator().manual_seed(1)
+    call = dict(
+        prompt_embeds=torch.randn(2, 16, TEXT_DIM, generator=g),
+        negative_prompt_embeds=torch.randn(2, 16, TEXT_DIM, generator=g),
+        height=H,
+        width=W,
+        **_LATENT,
+    )
+    return _spec(comps, CogView4Pipeline, None, call, separate_cfg=True)
+
+
 #: family name -> builder of its spec (see the module docstring), in priority order.
 FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "sd_controlnet": sd_controlnet,
@@ -1094,6 +1139,7 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "ddpm": ddpm,
     "wan": wan,
     "wan_two_prompts": wan_two_prompts,
+    "cogview4": cogview4,
 }
 
 

@@ -229,6 +229,7 @@ class GuidedAttention:
         # in their place during guided calls, where the attention call must be intercepted.
         twin = SDPA_TWINS.get(type(inner).__name__)
         self._guided_inner = twin() if twin is not None else inner
+        self._order: str | None = None  # where a joint processor of unknown order puts the image tokens
 
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st = self.state
@@ -242,7 +243,9 @@ class GuidedAttention:
         own = grid[0] * grid[1] if grid is not None else hidden_states.shape[1]  # the layer's own tokens
         n_img = st.image_tokens if 0 < st.image_tokens < own else own  # [text, image] in one sequence
         mode = _SDPAIntercept(
-            lambda *a, **kw: self._attention(attn, st, capture, acting, grid, n_img, _sdpa_arguments(a, kw))
+            lambda *a, **kw: self._attention(
+                attn, st, capture, acting, grid, (n_img, hidden_states), _sdpa_arguments(a, kw)
+            )
         )
         with mode:
             out = self._guided_inner(attn, hidden_states, *args, **kwargs)
@@ -254,10 +257,10 @@ class GuidedAttention:
             )
         return out
 
-    def _image_tokens(self, n: int, n_img: int, k_len: int) -> slice:
+    def _image_tokens(self, n: int, n_img: int, k_len: int, order: Callable[[], str | None]) -> slice:
         """Where the ``n_img`` image tokens sit among the ``n`` query tokens of one attention call: all of
         them (self-attention; cross-attention, whose keys are another sequence's), else the joint-attention
-        order of the inner processor."""
+        order of the inner processor (known, else ``order()``: read from the call's values)."""
         if n == n_img:
             return slice(0, n)
         if k_len != n or n < n_img:
@@ -267,22 +270,48 @@ class GuidedAttention:
             )
         if n == n_img:
             return slice(0, n)
-        where = joint_image_position(self.inner)
+        where = joint_image_position(self.inner) or order()
         if where is None:
             raise ValueError(
                 f"attnguide: layer {self.name!r} attends over {n} tokens of which {n_img} are the image's, "
-                f"and attnguide does not know where {type(self.inner).__name__} puts them (known: "
-                "diffusers' SD3 joint processors, image first; Flux's, image last)"
+                f"and where {type(self.inner).__name__} puts them cannot be read (its values are not the "
+                "layer's value projection of its own tokens at either end); choose another layer"
             )
         return slice(0, n_img) if where == "first" else slice(n - n_img, n)
 
-    def _attention(self, attn, st: GuidanceState, capture, acting, grid, n_img: int, a: dict) -> Tensor:
+    def _joint_order(self, attn: Attention, hidden_states: Tensor, v: Tensor, n_img: int) -> str | None:
+        """Where a joint-attention processor put the layer's own ``n_img`` tokens in the sequence: "first"
+        or "last", read once per layer by comparing the first row's values at each end with the layer's
+        value projection of its input (``to_v``: a linear map per token, before any positional
+        embedding); None where neither end (or both) matches."""
+        if self._order is not None:
+            return self._order
+        to_v = getattr(attn, "to_v", None)
+        if to_v is None or hidden_states.ndim != 3 or hidden_states.shape[1] != n_img:
+            return None
+        heads = v.shape[1]
+        own = to_v(hidden_states[:1]).reshape(1, n_img, heads, -1).transpose(1, 2).to(v.dtype)
+        tol = 1e-3 * float(own.abs().max()) + 1e-6
+
+        def near(part: Tensor) -> bool:
+            return part.shape == own.shape and bool(((part - own).abs() <= tol).all())
+
+        first, last = near(v[:1, :, :n_img]), near(v[:1, :, -n_img:])
+        if first != last:
+            self._order = "first" if first else "last"
+        return self._order
+
+    def _attention(self, attn, st: GuidanceState, capture, acting, grid, own: tuple, a: dict) -> Tensor:
         """One intercepted ``scaled_dot_product_attention(query, key, value, ...)`` on (B, heads, N, d)
-        tensors: each acting term's attention for its rows, map capture for the leading rows. ``n_img``:
-        the image tokens; a longer sequence is joint attention (SD3: image tokens first; Flux: text first)."""
+        tensors: each acting term's attention for its rows, map capture for the leading rows. ``own``:
+        (the number of image tokens, the layer's input); a longer sequence is joint attention (SD3: image
+        tokens first; Flux: text first)."""
         q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
         b, n = q.shape[0], q.shape[-2]
-        image = self._image_tokens(n, n_img, k.shape[-2])
+        n_img, hidden_states = own
+        image = self._image_tokens(
+            n, n_img, k.shape[-2], lambda: self._joint_order(attn, hidden_states, v, n_img)
+        )
         options = {name: a[name] for name in _SDPA_ARGS[4:] if name in a}
         call = AttentionCall(
             image, lambda: grid if grid is not None else self._grid(st, n_img, b), options, self.name
@@ -298,7 +327,7 @@ class GuidedAttention:
                 rows_map = st.layer_rows(st.capture_rows, b) if st.capture_rows else rows.stop
                 parts.append(
                     self._attend_capturing(
-                        attn, st, qkv, _rows(mask, rows, b), options, (n, n_img), grid, rows_map
+                        attn, st, qkv, _rows(mask, rows, b), options, (n, n_img, image), grid, rows_map
                     )
                 )
             else:
@@ -331,14 +360,13 @@ class GuidedAttention:
         """The attention of the leading (unperturbed) rows, recording the SAG map of the first ``rows`` of
         them in ``st.maps``. ``tokens``: (all tokens, image tokens) of the call."""
         q, k, v = qkv
-        n, n_img = tokens
+        n, n_img, image = tokens
         if k.shape[-2] != n:
             raise ValueError(
                 f"`sag_layers`: layer {self.name!r} is a cross-attention ({n} queries, {k.shape[-2]} keys); "
                 "SAG's map is a self-attention's"
             )
         rows = min(rows, q.shape[0])
-        image = self._image_tokens(n, n_img, k.shape[-2])
         if n == n_img:
             out, agg = self._attend_and_map(attn, q, k, v, mask, options, rows)
         else:  # joint: image queries x image keys, rows renormalised over the image keys

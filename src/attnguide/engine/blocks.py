@@ -17,12 +17,7 @@ from torch import Tensor, nn
 from .attention import GuidanceState
 from .terms.base import Term
 
-__all__ = ["PAIR_OUTPUT_BLOCKS", "BlockHooks"]
-
-#: Blocks whose forward returns (encoder_hidden_states, hidden_states) instead of hidden_states.
-PAIR_OUTPUT_BLOCKS = frozenset(
-    {"JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"}
-)
+__all__ = ["BlockHooks"]
 
 
 def _input(args: tuple, kwargs: dict, name: str, position: int) -> Any:
@@ -90,15 +85,34 @@ class BlockHooks:
         rows = self._rows(name, x.shape[0]) if isinstance(x, Tensor) else None
         if rows is None:
             return None
-        if type(module).__name__ not in PAIR_OUTPUT_BLOCKS:
+        if isinstance(output, Tensor):
             out = output.clone()
             out[rows] = term.after_block(x[rows], output[rows])
             return out
-        enc_in = _input(args, kwargs, "encoder_hidden_states", 1)
-        enc_out, hid_out = output
-        hid_out = hid_out.clone()
-        hid_out[rows] = term.after_block(x[rows], hid_out[rows])
-        if enc_out is not None and isinstance(enc_in, Tensor):
-            enc_out = enc_out.clone()
-            enc_out[rows] = term.after_block(enc_in[rows], enc_out[rows])
-        return enc_out, hid_out
+        return self._after_streams(
+            name, term, x, _input(args, kwargs, "encoder_hidden_states", 1), rows, output
+        )
+
+    @staticmethod
+    def _after_streams(name: str, term: Term, x: Tensor, enc_in: Any, rows: slice, output: Any):
+        """A block returning several streams (joint blocks: (text, image) as SD3, Flux, AuraFlow, or
+        (image, text) as CogView4): each output placed by its shape against the block's inputs, the
+        image stream and the text stream each continuing its own input. ValueError where the order
+        cannot be read (no output of the image's shape, or text and image of the same shape)."""
+        inputs = [v for v in (x, enc_in) if isinstance(v, Tensor)]
+        if not isinstance(output, (tuple, list)) or not any(
+            isinstance(p, Tensor) and p.shape == x.shape for p in output
+        ):
+            raise ValueError(f"`{term.name}_layers`: block {name!r} returns no output of its input's shape")
+        if len(inputs) == 2 and inputs[0].shape == inputs[1].shape:
+            raise ValueError(
+                f"`{term.name}_layers`: block {name!r} takes text and image streams of the same shape "
+                f"{tuple(x.shape)}, so which output continues which cannot be read; choose another layer"
+            )
+        parts = list(output)
+        for i, part in enumerate(parts):
+            source = next((v for v in inputs if isinstance(part, Tensor) and v.shape == part.shape), None)
+            if source is not None:
+                parts[i] = part.clone()
+                parts[i][rows] = term.after_block(source[rows], part[rows])
+        return type(output)(parts)
