@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..checks import check_number
-from .base import AppSpec, scale_param
-from .rule import CFGRule, RuleState
+from .base import AppSpec
+from .rule import CFGRule, RuleState, rule_app
 
 __all__ = ["APG"]
 
@@ -36,26 +36,22 @@ class APG(CFGRule):
     ``momentum`` beta of the running average of c - u over the steps (None: none), ``norm_threshold`` r
     the cap on the update's norm (0: none); ``scale``: the rule's weight over plain CFG (1: APG)."""
 
-    scale: float = 1.0
     eta: float = 0.0
     momentum: float | None = -0.5
     norm_threshold: float = 15.0
-    window: tuple[float, float] = (0.0, 1.0)
 
     name: ClassVar[str] = "apg"
     title: ClassVar[str] = "APG"
     paper: ClassVar[str] = "arXiv:2410.02416"
-    app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("apg", "APG", 1.0),),
-        needs_cfg=True,
-        eval_scale=1.0,
-        passes="none (a rule for CFG's two predictions)",
-        weak="CFG's update with its part parallel to c damped (eta 0), its norm capped at 15, with "
+    app: ClassVar[AppSpec] = rule_app(
+        "apg",
+        "APG",
+        "CFG's update with its part parallel to c damped (eta 0), its norm capped at 15, with "
         "momentum -0.5 over the steps",
     )
 
     def __post_init__(self) -> None:
-        self.check_scale_and_window()
+        super().__post_init__()
         check_number("apg_eta", self.eta)
         if self.momentum is not None:
             check_number("apg_momentum", self.momentum, minimum=-1.0, maximum=1.0)

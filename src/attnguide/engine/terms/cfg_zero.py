@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from ..checks import positive_int
-from .base import AppSpec, scale_param
-from .rule import CFGRule, RuleState
+from .base import AppSpec
+from .rule import CFGRule, RuleState, rule_app
 
 __all__ = ["CFGZeroStar", "optimised_scale"]
 
@@ -39,23 +39,17 @@ class CFGZeroStar(CFGRule):
     """CFG-Zero*: the unconditional prediction scaled by alpha*, and ``zero_steps`` zero-init steps (0:
     none); ``scale``: the rule's weight over plain CFG (1: CFG-Zero*)."""
 
-    scale: float = 1.0
     zero_steps: int = 1
-    window: tuple[float, float] = (0.0, 1.0)
 
     name: ClassVar[str] = "zerostar"
     title: ClassVar[str] = "CFG-Zero*"
     paper: ClassVar[str] = "arXiv:2503.18886"
-    app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("zerostar", "CFG-Zero*", 1.0),),
-        needs_cfg=True,
-        eval_scale=1.0,
-        passes="none (a rule for CFG's two predictions)",
-        weak="the unconditional prediction scaled by <c, u> / <u, u>; the first step zero",
+    app: ClassVar[AppSpec] = rule_app(
+        "zerostar", "CFG-Zero*", "the unconditional prediction scaled by <c, u> / <u, u>; the first step zero"
     )
 
     def __post_init__(self) -> None:
-        self.check_scale_and_window()
+        super().__post_init__()
         if self.zero_steps != 0:
             positive_int("zerostar_zero_steps", self.zero_steps)
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_number
-from .base import AppSpec, scale_param
-from .rule import CFGRule, RuleState
+from .base import AppSpec
+from .rule import CFGRule, RuleState, rule_app
 
 __all__ = ["FDG", "build_laplacian_pyramid", "reconstruct"]
 
@@ -103,24 +103,18 @@ class FDG(CFGRule):
     first (their number is the number of levels), ``parallel_weights`` the weight of each level's update
     part parallel to c (None: 1 everywhere); ``scale``: the rule's weight over plain CFG (1: FDG)."""
 
-    scale: float = 1.0
     guidance_scales: tuple[float, ...] = (10.0, 5.0)
     parallel_weights: tuple[float, ...] | None = None
-    window: tuple[float, float] = (0.0, 1.0)
 
     name: ClassVar[str] = "fdg"
     title: ClassVar[str] = "FDG"
     paper: ClassVar[str] = "arXiv:2506.19713"
-    app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("fdg", "FDG", 1.0),),
-        needs_cfg=True,
-        eval_scale=1.0,
-        passes="none (a rule for CFG's two predictions)",
-        weak="CFG per Laplacian-pyramid level: weight 10 on the fine level, 5 on the coarse one",
+    app: ClassVar[AppSpec] = rule_app(
+        "fdg", "FDG", "CFG per Laplacian-pyramid level: weight 10 on the fine level, 5 on the coarse one"
     )
 
     def __post_init__(self) -> None:
-        self.check_scale_and_window()
+        super().__post_init__()
         scales = _numbers("fdg_guidance_scales", self.guidance_scales)
         object.__setattr__(self, "guidance_scales", scales)
         if self.parallel_weights is not None:

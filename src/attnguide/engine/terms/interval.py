@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..checks import check_number
 from ..combine import cfg
-from .base import AppSpec, in_window, scale_param
-from .rule import CFGRule, RuleState
+from .base import AppSpec, in_window
+from .rule import CFGRule, RuleState, rule_app
 
 __all__ = ["GuidanceInterval"]
 
@@ -31,23 +31,20 @@ class GuidanceInterval(CFGRule):
     """CFG only where the noise level sigma is in ``sigmas`` = (low, high] (and the step in ``window``);
     ``scale``: the rule's weight over plain CFG (1: CFG off outside the interval)."""
 
-    scale: float = 1.0
     sigmas: tuple[float, float] = (0.28, 5.42)
-    window: tuple[float, float] = (0.0, 1.0)
 
     name: ClassVar[str] = "interval"
     title: ClassVar[str] = "guidance interval"
     paper: ClassVar[str] = "arXiv:2404.07724"
-    app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("interval", "Interval", 1.0),),
-        needs_cfg=True,
-        eval_scale=1.0,
+    app: ClassVar[AppSpec] = rule_app(
+        "interval",
+        "Interval",
+        "the conditional prediction where sigma is outside (0.28, 5.42]",
         passes="none (CFG off outside the interval)",
-        weak="the conditional prediction where sigma is outside (0.28, 5.42]",
     )
 
     def __post_init__(self) -> None:
-        self.check_scale_and_window()
+        super().__post_init__()
         if not isinstance(self.sigmas, (tuple, list)) or len(self.sigmas) != 2:
             raise ValueError(f"`interval_sigmas` must be a pair (low, high), got {self.sigmas!r}")
         low = check_number("interval_sigmas[0]", self.sigmas[0], minimum=0.0)

@@ -21,9 +21,19 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ..combine import cfg
-from .base import StepContext, Term, in_window
+from .base import AppSpec, StepContext, Term, in_window, scale_param
 
-__all__ = ["CFGRule", "RuleState"]
+__all__ = ["CFGRule", "RuleState", "rule_app"]
+
+RULE_PASSES = "none (a rule for CFG's two predictions)"
+
+
+def rule_app(name: str, label: str, weak: str, passes: str = RULE_PASSES) -> AppSpec:
+    """The applications' spec of a CFG rule: its scale (default 1, the rule itself), offered with CFG
+    only ("cfg+<name>"), evaluated at scale 1; ``weak`` says what replaces CFG's combination."""
+    return AppSpec(
+        params=(scale_param(name, label, 1.0),), needs_cfg=True, eval_scale=1.0, passes=passes, weak=weak
+    )
 
 
 @dataclass
@@ -38,14 +48,22 @@ class RuleState:
     sigma: Callable[[], float] = lambda: 1.0
 
 
+@dataclass(frozen=True)
 class CFGRule(Term):
-    """Base of the CFG rules (see the module text); a subclass is a frozen dataclass with ``scale``
-    (default 1: the rule itself) and ``window`` fields and implements :meth:`combine`."""
+    """Base of the CFG rules (see the module text); a subclass is a frozen dataclass (its fields after
+    ``scale``) and implements :meth:`combine`. ``scale``: the rule's weight over plain CFG (1: the rule
+    itself, 0: plain CFG); ``window`` (keyword only): the fraction of the steps where it acts."""
+
+    scale: float = 1.0
+    window: tuple[float, float] = field(default=(0.0, 1.0), kw_only=True)
 
     rows: ClassVar[int] = 0
     rule: ClassVar[bool] = True
     #: the rules read both CFG predictions of one step: not where the branches come in two calls
     separate_call: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        self.check_scale_and_window()
 
     def check_scale_and_window(self) -> None:
         super().check_scale_and_window()

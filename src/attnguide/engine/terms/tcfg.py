@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import AppSpec, scale_param
-from .rule import CFGRule, RuleState
+from .base import AppSpec
+from .rule import CFGRule, RuleState, rule_app
 
 __all__ = ["TCFG", "tangential_uncond"]
 
@@ -37,22 +37,12 @@ def tangential_uncond(c: Tensor, u: Tensor) -> Tensor:
 class TCFG(CFGRule):
     """Tangential damping CFG; ``scale``: the rule's weight over plain CFG (1: TCFG)."""
 
-    scale: float = 1.0
-    window: tuple[float, float] = (0.0, 1.0)
-
     name: ClassVar[str] = "tcfg"
     title: ClassVar[str] = "TCFG"
     paper: ClassVar[str] = "arXiv:2503.18137"
-    app: ClassVar[AppSpec] = AppSpec(
-        params=(scale_param("tcfg", "TCFG", 1.0),),
-        needs_cfg=True,
-        eval_scale=1.0,
-        passes="none (a rule for CFG's two predictions)",
-        weak="the unconditional prediction projected on the dominant singular direction of [c; u]",
+    app: ClassVar[AppSpec] = rule_app(
+        "tcfg", "TCFG", "the unconditional prediction projected on the dominant singular direction of [c; u]"
     )
-
-    def __post_init__(self) -> None:
-        self.check_scale_and_window()
 
     def combine(self, c: Tensor, u: Tensor, w: float, state: RuleState) -> Tensor:
         projected = tangential_uncond(c, u)
