@@ -21,6 +21,7 @@ NO_PAG = {
     "wan",
     "wan_two_prompts",
     "cogview4",
+    "lumina2",
 }
 SPEC_KEYS = {
     "components",

@@ -1112,6 +1112,51 @@ def cogview4() -> dict[str, Any]:
     return _spec(comps, CogView4Pipeline, None, call, separate_cfg=True)
 
 
+# ------------------------------------------------------------------------------------------- Lumina2
+
+
+def lumina2() -> dict[str, Any]:
+    """Lumina2: a Lumina2Transformer2DModel (2 noise- and 2 caption-refiner blocks, 3 trunk blocks over
+    [caption, image] in one sequence), the SD-style tiny VAE, a flow scheduler. CFG comes as two
+    transformer calls per step. Text embeddings are given (its Gemma text encoder is large), two
+    prompts' worth. 32 x 48 pixels = 4 x 6 latents (the pipeline divides by 8) = 2 x 3 tokens."""
+    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+
+    transformer = _seeded(
+        0,
+        lambda: Lumina2Transformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=8,
+            num_layers=3,
+            num_attention_heads=1,
+            num_kv_heads=1,
+            multiple_of=16,
+            axes_dim_rope=[4, 2, 2],
+            cap_feat_dim=8,
+        ),
+    )
+    comps = dict(
+        transformer=transformer.eval(),
+        vae=_vae(0),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        tokenizer=None,
+        text_encoder=None,
+    )
+    g = torch.Generator().manual_seed(1)
+    call = dict(
+        prompt_embeds=torch.randn(2, 16, 8, generator=g),
+        negative_prompt_embeds=torch.randn(2, 16, 8, generator=g),
+        prompt_attention_mask=torch.ones(2, 16, dtype=torch.bool),
+        negative_prompt_attention_mask=torch.ones(2, 16, dtype=torch.bool),
+        height=H,
+        width=W,
+        **_LATENT,
+    )
+    return _spec(comps, Lumina2Pipeline, None, call, separate_cfg=True)
+
+
 #: family name -> builder of its spec (see the module docstring), in priority order.
 FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "sd_controlnet": sd_controlnet,
@@ -1140,6 +1185,7 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "wan": wan,
     "wan_two_prompts": wan_two_prompts,
     "cogview4": cogview4,
+    "lumina2": lumina2,
 }
 
 

@@ -140,6 +140,26 @@ def spatial_layers(model: nn.Module) -> list[str]:
     return [name for name in layers if not TEMPORAL_LAYER.search(name)] or list(layers)
 
 
+_LIST_INDEX = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+
+def middle_layer(layers: list[str]) -> str:
+    """The middle of ``layers`` (module paths in model order), taken in the model's trunk: the longest
+    list of numbered blocks (``layers.0`` ... ``layers.25``), where the model also has shorter lists
+    (Lumina2's ``noise_refiner`` and ``context_refiner``, whose caption refiner never sees the image);
+    where the longest lists tie, the middle of all."""
+    lists: dict[str, set[str]] = {}
+    for name in layers:
+        m = _LIST_INDEX.match(name)
+        if m:
+            lists.setdefault(m.group(1), set()).add(m.group(2))
+    sizes = sorted((len(v) for v in lists.values()), reverse=True)
+    if len(sizes) > 1 and sizes[0] > sizes[1]:
+        trunk = max(lists, key=lambda k: len(lists[k]))
+        layers = [n for n in layers if (m := _LIST_INDEX.match(n)) and m.group(1) == trunk]
+    return layers[len(layers) // 2]
+
+
 def default_sag_layer(model: nn.Module) -> str:
     """The SAG layer used when none is named: the first spatial self-attention of the mid block
     (diffusers' choice for Stable Diffusion), else the middle spatial self-attention layer of the model
@@ -148,7 +168,7 @@ def default_sag_layer(model: nn.Module) -> str:
     for name in layers:
         if name.startswith("mid_block."):
             return name
-    return layers[len(layers) // 2]
+    return middle_layer(layers)
 
 
 #: Where diffusers' PAG pipeline of a model family chooses other default layers than the rules below, and
@@ -174,7 +194,7 @@ def default_pag_layers(model: nn.Module) -> list[str]:
         return mid
     rx = bounded_pattern(r"blocks.1")
     hits = [name for name in layers if rx.search(name)]
-    return hits or [layers[len(layers) // 2]]
+    return hits or [middle_layer(layers)]
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -195,7 +215,7 @@ def middle_block(model: nn.Module) -> list[str]:
     """The mid block's transformer blocks (UNets), else the model's middle transformer block."""
     blocks = list(transformer_blocks(model))
     mid = [b for b in blocks if b.startswith("mid_block.")]
-    return mid or [blocks[len(blocks) // 2]]
+    return mid or [middle_layer(blocks)]
 
 
 def resolve_blocks(model: nn.Module, layers: Sequence[int | str], *, argument: str) -> list[str]:
