@@ -266,7 +266,8 @@ def test_flux_joint_attention_map_and_identity_by_hand():
 
 def test_joint_attention_of_an_unknown_processor_is_refused():
     """A processor attnguide does not know the token order of, asked for a map of a sequence longer than
-    its image: ValueError naming it (not a map of the wrong tokens)."""
+    its image, whose values do not tell (no value projection here): ValueError naming it (not a map of
+    the wrong tokens)."""
     from attnguide.engine.attention import GuidanceState, GuidedAttention
 
     class MyMixedAttention:
@@ -276,5 +277,5 @@ def test_joint_attention_of_an_unknown_processor_is_refused():
 
     state = GuidanceState(capture=True)
     proc = GuidedAttention(MyMixedAttention(), "layer", state, capture=True)
-    with pytest.raises(ValueError, match="does not know where MyMixedAttention"):
+    with pytest.raises(ValueError, match="where MyMixedAttention puts them cannot be read"):
         proc(None, torch.randn(1, 4, 8), torch.randn(1, 2, 8))
