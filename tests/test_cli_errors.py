@@ -186,7 +186,18 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, ca
 
     monkeypatch.setattr(data, "_mnist_arrays", missing)
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--skip-classifier", "--steps", "1", "--out", "/tmp/attnguide-never-written"])
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--skip-classifier",
+                "--steps",
+                "1",
+                "--out",
+                "/tmp/attnguide-never-written",
+            ]
+        )
     assert exc.value.code == 2
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and '".[train]"' in errors[0] and "mlxtend" in errors[0]

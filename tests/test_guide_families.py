@@ -49,7 +49,11 @@ NO_PAG = {
     "wan_two_prompts",
     "cogview4",
     "lumina2",
+    "auraflow",
 }
+#: Families whose default layer holds text and image tokens in one sequence, in an order attnguide does
+#: not read yet (Lumina2's trunk, AuraFlow's single-stream blocks): SAG and SEG are refused there.
+MIXED_SEQUENCE = {"lumina2", "auraflow"}
 PAG_SCALE = 2.0
 
 
@@ -117,7 +121,7 @@ def test_guided_family(name, cfg):
             with pytest.raises(ValueError, match="SAG cannot guide"):  # before any model call
                 _guided(pipe, spec, cfg, **make(0.75))
             continue
-        if term in ("sag", "seg") and name == "lumina2":  # its image tokens share one sequence with text
+        if term in ("sag", "seg") and name in MIXED_SEQUENCE:
             with pytest.raises(ValueError, match="cannot place"):
                 _guided(pipe, spec, cfg, **make(1.0))
             continue
@@ -238,7 +242,7 @@ def test_two_threads_on_one_pipeline_of_each_family_give_the_sequential_results(
     momentum), and nothing stays installed."""
     spec, pipe = _family(name)
     terms = {"pag": PAG(scale=1.0)}
-    if name not in ("sd_latent_upscale", "lumina2"):  # SAG cannot guide that one (tested above)
+    if name != "sd_latent_upscale" and name not in MIXED_SEQUENCE:  # SAG cannot guide that one (tested above)
         terms["sag"] = SAG(scale=1.0)
     if spec["cfg_scale"] is not None and not spec["separate_cfg"] and name not in EMBEDDED_GUIDANCE:
         terms["apg"] = APG()  # a CFG rule with state across the steps (its momentum), per thread and call

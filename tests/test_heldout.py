@@ -5,6 +5,7 @@ the evaluation's reference is the held-out part, and its held-out check against 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 
 from attnguide.apps.eval.results import held_out_status
 from attnguide.apps.eval.scoring import mnist_split, reference_indices, reference_record
-from attnguide.apps.loading import BUNDLED_MODEL
 from attnguide.apps.train.data import (
     SPLIT_NAME,
     indices_digest,
@@ -21,6 +21,9 @@ from attnguide.apps.train.data import (
     split_digits,
     training_digits,
 )
+
+#: the MNIST model of the first evaluations (bundled until the Fashion-MNIST model replaced it)
+MNIST_MODEL = Path(__file__).resolve().parents[1] / "runs" / "mnist-ddpm"
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +97,9 @@ def test_reference_is_the_held_out_part_balanced_by_class():
 
 def test_held_out_status_compares_the_training_record():
     reference = reference_record("held-out", reference_indices("held-out"))
-    bundled = json.loads((BUNDLED_MODEL / "training.json").read_text())
+    bundled = json.loads((MNIST_MODEL / "training.json").read_text())
     status = held_out_status(bundled, reference, "the model")
-    assert status["held_out"] is False and "5000" in status["why"]  # the bundled model saw every digit
+    assert status["held_out"] is False and "5000" in status["why"]  # the MNIST model saw every digit
     trained = {"data_split": mnist_split().record("train")}
     assert held_out_status(trained, reference, "the model")["held_out"] is True
     assert held_out_status({"data_split": mnist_split().record("all")}, reference, "m")["held_out"] is False
@@ -107,12 +110,12 @@ def test_held_out_status_compares_the_training_record():
     assert held_out_status(trained, whole, "m")["held_out"] is False  # the reference holds train digits
 
 
-def test_bundled_second_classifier_trained_on_the_train_part():
+def test_mnist_second_classifier_trained_on_the_train_part():
     reference = reference_record("held-out", reference_indices("held-out"))
     for folder, expected in (("classifier", False), ("classifier-2", True)):
-        path = BUNDLED_MODEL / folder / "config.json"
+        path = MNIST_MODEL / folder / "config.json"
         if not path.exists():
-            pytest.skip(f"no {folder} in the bundled model")
+            pytest.skip(f"no {folder} in the MNIST model")
         assert held_out_status(json.loads(path.read_text()), reference, folder)["held_out"] is expected
 
 

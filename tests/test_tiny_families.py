@@ -22,6 +22,7 @@ NO_PAG = {
     "wan_two_prompts",
     "cogview4",
     "lumina2",
+    "auraflow",
 }
 SPEC_KEYS = {
     "components",

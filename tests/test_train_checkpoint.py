@@ -47,7 +47,18 @@ def test_crafted_checkpoint_is_not_run(tmp_path, capsys, torch_format):
     out, marker = tmp_path / "model", tmp_path / "ran"
     out.mkdir()
     _crafted(out / CHECKPOINT_NAME, marker, torch_format=torch_format)
-    argv = ["train", "--out", str(out), "--skip-classifier", "--steps", "2", "--batch-size", "2"]
+    argv = [
+        "train",
+        "--out",
+        str(out),
+        "--dataset",
+        "mnist",
+        "--skip-classifier",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     with pytest.raises(SystemExit) as err:
         main(argv)
     message = str(err.value)

@@ -1157,6 +1157,57 @@ def lumina2() -> dict[str, Any]:
     return _spec(comps, Lumina2Pipeline, None, call, separate_cfg=True)
 
 
+# ------------------------------------------------------------------------------------------ AuraFlow
+
+
+def auraflow() -> dict[str, Any]:
+    """AuraFlow: an AuraFlowTransformer2DModel (one joint MMDiT block returning (text, image), three
+    single-stream blocks over [registers + text, image]), the SD-style tiny VAE, a flow scheduler; CFG
+    batched [uncond, cond]. Text embeddings are given (its UMT5 encoder is large), one prompt.
+    32 x 48 pixels = 16 x 24 latents = 8 x 12 tokens."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+    transformer = _seeded(
+        0,
+        lambda: AuraFlowTransformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=4,
+            num_mmdit_layers=1,
+            num_single_dit_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=TEXT_DIM,
+            out_channels=4,
+            pos_embed_max_size=256,
+        ),
+    )
+    with torch.no_grad():  # its random adaLN gates are tiny: wake the blocks up
+        for block in [*transformer.joint_transformer_blocks, *transformer.single_transformer_blocks]:
+            for norm in (block.norm1, getattr(block, "norm1_context", None)):
+                if norm is not None:
+                    norm.linear.weight.mul_(30.0)
+    comps = dict(
+        transformer=transformer.eval(),
+        vae=_vae(0),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        tokenizer=None,
+        text_encoder=None,
+    )
+    g = torch.Generator().manual_seed(1)
+    call = dict(
+        prompt_embeds=torch.randn(1, 16, TEXT_DIM, generator=g),
+        negative_prompt_embeds=torch.randn(1, 16, TEXT_DIM, generator=g),
+        prompt_attention_mask=torch.ones(1, 16),
+        negative_prompt_attention_mask=torch.ones(1, 16),
+        height=H,
+        width=W,
+        **_LATENT,
+    )
+    return _spec(comps, AuraFlowPipeline, None, call)
+
+
 #: family name -> builder of its spec (see the module docstring), in priority order.
 FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "sd_controlnet": sd_controlnet,
@@ -1186,6 +1237,7 @@ FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
     "wan_two_prompts": wan_two_prompts,
     "cogview4": cogview4,
     "lumina2": lumina2,
+    "auraflow": auraflow,
 }
 
 
