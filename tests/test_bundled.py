@@ -1,5 +1,5 @@
-"""The shipped MNIST model: it loads offline, samples quickly, and is really trained (its conditional
-samples are recognised as their labels by the shipped digit classifier far above chance)."""
+"""The shipped Fashion-MNIST model: it loads offline, samples quickly, and is really trained (its
+conditional samples are recognised as their labels by the shipped classifier far above chance)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 for every prediction type (a toy classifier whose gradient is known in closed form), the scheduler's step
 seeing the shifted prediction, scale 0 / 1e-6 giving the unguided output, its combination with CFG and
 SAG in one step (engine, ``attnguide.guide`` and the DDPM pipeline), argument checks before any model
-call, and the noise-aware digit classifier shipped with the bundled model."""
+call, and the noise-aware classifier shipped with the bundled model."""
 
 from __future__ import annotations
 
@@ -352,7 +352,7 @@ def test_noisy_classifier_cond_fn_on_the_bundled_model_input():
     assert math.isclose(numeric, float((grad.double() * v).sum()), rel_tol=1e-4)
     record = json.loads((BUNDLED_NOISY_CLASSIFIER / "config.json").read_text())
     acc = record["held_out_accuracy_by_timestep"]
-    assert acc["0"] > 0.9 and acc["0"] > acc["999"]  # recorded on held-out digits, clean beats pure noise
+    assert acc["0"] > 0.75 and acc["0"] > acc["999"]  # recorded on held-out images, clean beats pure noise
     size = sum(p.stat().st_size for p in BUNDLED_NOISY_CLASSIFIER.iterdir())
     assert size < 2**20
 

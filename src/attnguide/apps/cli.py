@@ -32,7 +32,7 @@ from .loading import BUNDLED_MODEL, load_pipeline, model_kind, sample_arm
 MASK_COLUMNS = ("sag", "cfg+sag")
 # subcommands that live in their own module, each with main(argv): name -> (module, help)
 SUBCOMMANDS = {
-    "train": (".train", "train the bundled MNIST model and digit classifier (attnguide train --help)"),
+    "train": (".train", "train the bundled Fashion-MNIST model and its classifiers (attnguide train --help)"),
     "bench": (".bench", "time attnguide against diffusers' pipelines (attnguide bench --help)"),
     "eval": (".eval", "reproduce the SAG paper's tables on the bundled model (attnguide eval --help)"),
     "demo": (

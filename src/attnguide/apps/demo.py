@@ -76,7 +76,7 @@ FORM_FIELDS = (
 )
 UNCONDITIONAL = "unconditional (null label)"
 CYCLE = "cycle (one label per image)"
-TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 digits are visible
+TILE_PIXELS = 112  # small images are upscaled (nearest) to about this size, so 28x28 images are visible
 
 
 def _defaults_cell(cls: type[Term]) -> str:
@@ -105,7 +105,7 @@ def _methods_table() -> str:
         (rules if cls.app.needs_cfg else rows).append(row)
     cfg = (
         "| CFG | the unconditional prediction (the null label; text models: the empty prompt) | +1 row block "
-        f"| CFG scale {CFG_DEFAULT} (the CLI's: w = 3 distorts the bundled model's digits) |"
+        f"| CFG scale {CFG_DEFAULT} (the CLI's: w = 3 distorts the bundled model's samples) |"
     )
     return "\n".join([*rows, cfg, *rules])
 
@@ -241,7 +241,7 @@ def validate(model: DemoModel, *form: Any) -> Settings:
         if settings.label not in model.label_choices:
             raise InputError(f"Unknown class label {settings.label!r}: choose one of the list.")
         if cfg and settings.label == UNCONDITIONAL:
-            raise InputError("CFG needs a class label: pick a digit or 'cycle', or a method without CFG.")
+            raise InputError("CFG needs a class label: pick a class or 'cycle', or a method without CFG.")
     elif model.pixel and cfg:
         raise InputError("This model is unconditional, so CFG is not available: pick a method without CFG.")
     return settings

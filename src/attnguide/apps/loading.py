@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BUNDLED_MODEL", "check_hub_reachable", "load_pipeline", "model_kind", "sample_arm"]
 
-BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "mnist-ddpm"
+BUNDLED_MODEL = Path(__file__).parent.parent / "assets" / "fashion-ddpm"
 
 
 def _one_line(err: BaseException) -> str:

@@ -14,10 +14,10 @@ train part by default (``--data train``), keeping the held-out part for the eval
 
 Usage::
 
-    attnguide train --steps 1500            # trains the classifier, then the diffusion model
+    attnguide train                         # the bundled model's recipe: classifiers, then 10,000 steps
     attnguide train --help                  # (or python -m attnguide.apps.train)
 
-The output folder (default ``src/attnguide/assets/mnist-ddpm``) is a diffusers model folder::
+The output folder (default ``src/attnguide/assets/fashion-ddpm``) is a diffusers model folder::
 
     model_index.json            {"_class_name": ["attnguide", "DDPMSAGPipeline"], ...}
     unet/                       EMA weights, safetensors

