@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from conftest import in_threads
-from tiny_families import FAMILIES, cfg_kwargs, instantiate
+from tiny_families import FAMILIES, NO_PAG, cfg_kwargs, instantiate
 
 import attnguide
 from attnguide import APG, FDG, NAG, PAG, PLADIS, SAG, TCFG, CFGZeroStar, GuidanceInterval
@@ -37,20 +37,6 @@ TERMS = {
 RULES = {name for name, make in TERMS.items() if next(iter(make(1.0).values())).rule}
 #: Families whose guidance weight is an embedding, not a CFG batch (a CFG rule has nothing to work on).
 EMBEDDED_GUIDANCE = {"lcm"}
-NO_PAG = {
-    "dit",
-    "ddpm",
-    "lcm",
-    "sd_upscale",
-    "sd_latent_upscale",
-    "flux",
-    "flux_img2img",
-    "wan",
-    "wan_two_prompts",
-    "cogview4",
-    "lumina2",
-    "auraflow",
-}
 #: Families whose default layer holds text and image tokens in one sequence, in an order attnguide does
 #: not read yet (Lumina2's trunk, AuraFlow's single-stream blocks): SAG and SEG are refused there.
 MIXED_SEQUENCE = {"lumina2", "auraflow"}

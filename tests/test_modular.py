@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 from conftest import in_threads
-from tiny_families import sdxl_components
+from tiny_families import sdxl_components, wan
 
 import attnguide
 from attnguide import APG, PAG, SAG, TCFG, CFGZeroStar
@@ -142,40 +142,18 @@ def test_two_modular_pipelines_on_one_denoiser_in_two_threads():
 # ----------------------------------------------------------------------------------------------- Wan
 @functools.cache
 def _wan():
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    """The tiny Wan 2.1 of the family tests as a modular pipeline and a classic one, and its embeddings."""
+    from diffusers import WanPipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    comps = dict(vae=vae, transformer=transformer, scheduler=sched)
+    spec = wan()
+    comps = {k: spec["components"][k] for k in ("vae", "transformer", "scheduler")}
     blocks = modular.WanBlocks()
     blocks.sub_blocks.pop("text_encoder")  # its prompt cleaning needs ftfy; the tests pass embeddings
     pipe = blocks.init_pipeline()
     pipe.update_components(**comps)
     classic = WanPipeline(tokenizer=None, text_encoder=None, **comps)
     classic.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(1)
-    embeds = dict(
-        prompt_embeds=torch.randn(1, 16, 32, generator=g),
-        negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-    )
+    embeds = {k: spec["call"][k] for k in ("prompt_embeds", "negative_prompt_embeds")}
     return pipe, classic, embeds
 
 

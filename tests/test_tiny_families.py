@@ -7,23 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import gen
-from tiny_families import FAMILIES, build, instantiate
+from tiny_families import FAMILIES, NO_PAG, build, instantiate
 
-#: the families diffusers has no PAG pipeline for (checked against the specs below)
-NO_PAG = {
-    "sd_upscale",
-    "sd_latent_upscale",
-    "lcm",
-    "dit",
-    "ddpm",
-    "flux",
-    "flux_img2img",
-    "wan",
-    "wan_two_prompts",
-    "cogview4",
-    "lumina2",
-    "auraflow",
-}
 SPEC_KEYS = {
     "components",
     "pipeline",

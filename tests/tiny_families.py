@@ -121,7 +121,7 @@ from attnguide.tiny_models import (
     tiny_unet_2d,
 )
 
-__all__ = ["FAMILIES", "build", "cfg_kwargs", "instantiate", "sdxl_components"]
+__all__ = ["FAMILIES", "NO_PAG", "build", "cfg_kwargs", "instantiate", "sdxl_components", "wan"]
 
 PROMPT = "a cat"
 STEPS = 2
@@ -1207,6 +1207,24 @@ def auraflow() -> dict[str, Any]:
     )
     return _spec(comps, AuraFlowPipeline, None, call)
 
+
+#: The families diffusers has no PAG pipeline for.
+NO_PAG = frozenset(
+    {
+        "sd_upscale",
+        "sd_latent_upscale",
+        "lcm",
+        "dit",
+        "ddpm",
+        "flux",
+        "flux_img2img",
+        "wan",
+        "wan_two_prompts",
+        "cogview4",
+        "lumina2",
+        "auraflow",
+    }
+)
 
 #: family name -> builder of its spec (see the module docstring), in priority order.
 FAMILIES: dict[str, Callable[[], dict[str, Any]]] = {
