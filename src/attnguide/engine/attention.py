@@ -268,8 +268,6 @@ class GuidedAttention:
                 f"attnguide: layer {self.name!r} is neither a self-attention nor a joint attention over its "
                 f"own {n_img} tokens (queries {n}, keys {k_len}); choose a self-attention layer"
             )
-        if n == n_img:
-            return slice(0, n)
         where = joint_image_position(self.inner) or order()
         if where is None:
             raise ValueError(
@@ -338,8 +336,8 @@ class GuidedAttention:
             term = self.terms[name]
             if term.mixes_with_cond and text and st.cond_rows is not None and name in st.groups:
                 cond = slice(st.layer_rows(st.cond_rows[0], b), st.layer_rows(st.cond_rows[1], b))
-                own = slice(st.layer_rows(st.groups[name][0], b), st.layer_rows(st.groups[name][1], b))
-                out = term.mix(out, cond, own, dataclasses.replace(call, mask=None))
+                mine = slice(st.layer_rows(st.groups[name][0], b), st.layer_rows(st.groups[name][1], b))
+                out = term.mix(out, cond, mine, dataclasses.replace(call, mask=None))
         return out
 
     def _grid(self, st: GuidanceState, n_img: int, layer_batch: int) -> tuple[int, int]:

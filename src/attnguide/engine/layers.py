@@ -148,15 +148,13 @@ def middle_layer(layers: list[str]) -> str:
     list of numbered blocks (``layers.0`` ... ``layers.25``), where the model also has shorter lists
     (Lumina2's ``noise_refiner`` and ``context_refiner``, whose caption refiner never sees the image);
     where the longest lists tie, the middle of all."""
+    owner = {name: m.groups() for name in layers if (m := _LIST_INDEX.match(name))}
     lists: dict[str, set[str]] = {}
-    for name in layers:
-        m = _LIST_INDEX.match(name)
-        if m:
-            lists.setdefault(m.group(1), set()).add(m.group(2))
-    sizes = sorted((len(v) for v in lists.values()), reverse=True)
-    if len(sizes) > 1 and sizes[0] > sizes[1]:
-        trunk = max(lists, key=lambda k: len(lists[k]))
-        layers = [n for n in layers if (m := _LIST_INDEX.match(n)) and m.group(1) == trunk]
+    for parent, index in owner.values():
+        lists.setdefault(parent, set()).add(index)
+    ranked = sorted(lists, key=lambda k: len(lists[k]), reverse=True)
+    if len(ranked) > 1 and len(lists[ranked[0]]) > len(lists[ranked[1]]):
+        layers = [n for n in layers if n in owner and owner[n][0] == ranked[0]]
     return layers[len(layers) // 2]
 
 

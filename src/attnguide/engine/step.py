@@ -41,6 +41,7 @@ from .parameterization import (
     uses_sigma_schedule,
 )
 from .terms import TERMS, StepContext, StepOutputs, Term, check_terms, in_window
+from .terms.rule import edm_sigma, rule_of
 
 __all__ = [
     "Guider",
@@ -129,7 +130,7 @@ class Guider:
         self._sigma_schedule: bool | None = None
         self._abar_table: Tensor | None = None
         self._memory = threading.local()  # each thread's run memory (CFG rules' state across steps)
-        self.rule: Term | None = next((t for t in self.terms.values() if t.rule), None)
+        self.rule: Term | None = rule_of(self.terms)
         #: the last step's StepOutputs (of whichever thread ran it last)
         self.last_outputs: StepOutputs | None = None
 
@@ -264,7 +265,7 @@ class Guider:
             return do_cfg
         self.check_rule(do_cfg, w)
         if cfg is None and rule.scale == 1.0:
-            return rule.in_effect(step, num_steps, lambda: float(self._level(t).b / self._level(t).a))
+            return rule.in_effect(step, num_steps, lambda: edm_sigma(self._level(t)))
         return True
 
     def _passes(

@@ -359,23 +359,27 @@ class GuidedForward:
             return "separate"
         return resolve_cfg_layout(self.layout, self.pipe, self.module, sample, kwargs, recorded)
 
+    def _prompt_and_twins(self) -> tuple[Tensor | None, list[Tensor]]:
+        """What this thread's ``encode_prompt`` returned: the prompt's embeddings (first) and the tensors
+        of their shape beside them (the negative prompt's)."""
+        returned = self.recorder.returned()
+        if not returned:
+            return None, []
+        prompt = returned[0]
+        return prompt, [r for r in returned[1:] if r.shape == prompt.shape]
+
     def _calls_per_branch(self, sample: Tensor) -> bool:
         """Whether this pipeline call makes CFG as two denoiser calls per step (Wan, Lumina2, CogView4):
         ``encode_prompt`` returned a negative of the prompt embeddings' shape, and the denoiser batch is
         the prompt's, not twice it (a batched pipeline concatenates the two)."""
-        returned = self.recorder.returned()
-        if not returned:
-            return False
-        prompt = returned[0]
-        twins = [r for r in returned[1:] if r.shape == prompt.shape]
+        prompt, twins = self._prompt_and_twins()
         return bool(twins) and prompt.ndim > 0 and sample.shape[0] == prompt.shape[0]
 
     def _branch_of_call(self, kwargs: dict) -> str | None:
         """Which CFG branch this call of a two-call pipeline is, from the conditioning it carries: "cond"
         (the prompt's embeddings), "uncond" (the negative's), None where both are equal (then the calls'
         order says: conditional first). ValueError naming ``cfg_layout`` where the call carries neither."""
-        prompt, *rest = self.recorder.returned()
-        twins = [r for r in rest if r.shape == prompt.shape]
+        prompt, twins = self._prompt_and_twins()
         for value in kwargs.values():
             if not isinstance(value, Tensor) or value.shape != prompt.shape:
                 continue

@@ -33,7 +33,7 @@ from ..engine.attention import model_lock
 from ..engine.checks import check_scale
 from ..engine.parameterization import noise_level, uses_sigma_schedule
 from ..engine.terms import TERMS, Term, check_terms
-from ..engine.terms.rule import CFGRule, RuleState
+from ..engine.terms.rule import CFGRule, RuleState, edm_sigma, rule_of
 from .guide import guided_call
 
 __all__ = ["AttnGuidance"]
@@ -124,7 +124,7 @@ class AttnGuidance(BaseGuidance):
         self.terms: dict[str, Term] = check_terms({n: _term_of(n, v) for n, v in given.items()})
         self.guidance_scale = check_scale("guidance_scale", guidance_scale)
         self.guidance_rescale = check_scale("guidance_rescale", guidance_rescale)
-        self.rule: CFGRule | None = next((t for t in self.terms.values() if t.rule), None)  # type: ignore[misc]
+        self.rule: CFGRule | None = rule_of(self.terms)  # type: ignore[assignment]
         config = {n: _config_of(t) for n, t in self.terms.items()}
         self.register_to_config(
             guidance_scale=guidance_scale,
@@ -231,10 +231,9 @@ class AttnGuidance(BaseGuidance):
             if scheduler is None:
                 raise ValueError(f"`{self.rule.name}`: the noise level needs the pipeline's scheduler")
             t = torch.as_tensor(self._timestep)
-            level = noise_level(
-                scheduler, t, sigma_schedule=uses_sigma_schedule(scheduler, scheduler.timesteps)
+            return edm_sigma(
+                noise_level(scheduler, t, sigma_schedule=uses_sigma_schedule(scheduler, scheduler.timesteps))
             )
-            return float(level.b / level.a)
 
         return RuleState(self._step or 0, self._num_inference_steps or 1, self._local.memory, sigma)
 

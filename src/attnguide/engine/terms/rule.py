@@ -14,7 +14,7 @@ outside its window, the engine's own loop skips the unconditional rows of that s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,7 +23,7 @@ from torch import Tensor
 from ..combine import cfg
 from .base import AppSpec, StepContext, Term, in_window, scale_param
 
-__all__ = ["CFGRule", "RuleState", "rule_app"]
+__all__ = ["CFGRule", "RuleState", "edm_sigma", "rule_app", "rule_of"]
 
 RULE_PASSES = "none (a rule for CFG's two predictions)"
 
@@ -99,7 +99,16 @@ class CFGRule(Term):
         return self.guided(c, u, w, state) - cfg(c, u, w)
 
 
-def _sigma(ctx: StepContext) -> float:
-    """The step's noise level as the EDM sigma: x_in = a x0 + b eps, sigma = b / a."""
-    level = ctx.level()
+def edm_sigma(level: Any) -> float:
+    """A noise level (x_t = a x0 + b eps) as the EDM sigma b / a."""
     return float(level.b / level.a)
+
+
+def _sigma(ctx: StepContext) -> float:
+    """The step's noise level as the EDM sigma."""
+    return edm_sigma(ctx.level())
+
+
+def rule_of(terms: Mapping[str, Term]) -> Term | None:
+    """The CFG rule among ``terms`` (a run takes at most one: :func:`check_terms`), or None."""
+    return next((t for t in terms.values() if t.rule), None)
